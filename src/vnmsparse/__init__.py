@@ -1,0 +1,33 @@
+"""vnmsparse: V:N:M structured sparsity for transformers on GPU Sparse Tensor Cores.
+
+The data path, top to bottom: weights -> scores (`scores`) -> mask (`masks`) -> compressed tensor
+(`format`) -> matmul (`reference`, and the GPU kernels in `ops`) -> module.
+"""
+
+from .format import VNMTensor, compress, fold_input_permutation
+from .masks import check_vnm, is_vnm, vnm_mask
+from .pattern import VNMPattern
+from .reference import vnm_linear
+from .scores import magnitude_scores, ria_scores
+from .select import SpeedTable, analytic_speedups, candidate_patterns, mask_diversity, pareto_patterns, select_pattern
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VNMPattern",
+    "VNMTensor",
+    "SpeedTable",
+    "analytic_speedups",
+    "candidate_patterns",
+    "check_vnm",
+    "compress",
+    "fold_input_permutation",
+    "is_vnm",
+    "magnitude_scores",
+    "mask_diversity",
+    "pareto_patterns",
+    "ria_scores",
+    "select_pattern",
+    "vnm_linear",
+    "vnm_mask",
+]

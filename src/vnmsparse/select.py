@@ -1,0 +1,110 @@
+"""Choosing V and M: mask diversity, the Pareto front against speed, and the best pattern for a target.
+
+Mask diversity counts the choices a pattern leaves per V x M block: one set of 4 kept columns, C(M, 4)
+ways, shared by all V rows, then 2 of those 4 in each row, C(4, 2) = 6 ways, independently:
+
+    K(V, M) = C(M, 4) * 6**V  per block,  reported as log K / (V * M)  per weight.
+
+The brief writes C(M, 4)**4; that would count four independent column choices per block, but the
+column step picks a single set of 4 columns for the whole block, so the exponent is 1. Normalising per
+weight makes patterns comparable whatever the layer shapes (the brief's observation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .pattern import KEPT_COLUMNS, KEPT_PER_ROW, VNMPattern
+
+KERNEL_VS = (16, 32, 64, 128)
+KERNEL_MS = tuple(range(4, 33))
+ANALYTIC_SOURCE = "analytic estimate (weight-bytes ratio, the memory-bound ceiling; not a measurement)"
+
+
+def candidate_patterns(vs: Iterable[int] = KERNEL_VS, ms: Iterable[int] = KERNEL_MS) -> list[VNMPattern]:
+    """Every V:2:M the GPU kernels serve (V in 16..128, M in 4..32)."""
+    return [VNMPattern(V=v, M=m) for v in vs for m in ms]
+
+
+def mask_diversity(pattern: VNMPattern | str) -> float:
+    """log K(V, M) per weight: (log C(M, 4) + V log C(4, 2)) / (V * M), natural log."""
+    p = VNMPattern.parse(pattern)
+    per_block = math.log(math.comb(p.M, KEPT_COLUMNS)) + p.V * math.log(math.comb(KEPT_COLUMNS, KEPT_PER_ROW))
+    return per_block / (p.V * p.M)
+
+
+def analytic_speedups(patterns: Iterable[VNMPattern | str] | None = None, value_bytes: float = 2.0) -> dict[VNMPattern, float]:
+    """Dense bytes over compressed bytes per weight: what a perfectly memory-bound kernel could gain.
+
+    An estimate only, used until a speed table measured on the GPU at hand exists.
+    """
+    pats = candidate_patterns() if patterns is None else [VNMPattern.parse(p) for p in patterns]
+    return {p: value_bytes / p.bytes_per_weight(value_bytes) for p in pats}
+
+
+@dataclass(frozen=True)
+class SpeedTable:
+    """Speedups over dense per pattern, and where they come from (a GPU name, or the analytic estimate)."""
+
+    speedups: dict[VNMPattern, float]
+    source: str
+
+    @classmethod
+    def analytic(cls) -> SpeedTable:
+        return cls(analytic_speedups(), ANALYTIC_SOURCE)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SpeedTable:
+        """Read {"source" or "gpu": ..., "speedups": {"64:2:8": 2.1, ...}} from JSON."""
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"speed table {os.fspath(path)!r} is not valid JSON: {error}") from error
+        if not isinstance(data, dict) or not isinstance(data.get("speedups"), dict):
+            raise ValueError(f"speed table {os.fspath(path)!r} needs a 'speedups' object mapping 'V:2:M' to a number")
+        source = str(data.get("source") or data.get("gpu") or os.fspath(path))
+        return cls(_normalise(data["speedups"]), source)
+
+
+def _normalise(speedups: Mapping[VNMPattern | str, float]) -> dict[VNMPattern, float]:
+    if not isinstance(speedups, Mapping) or not speedups:
+        raise ValueError("speedups must be a non-empty mapping of pattern -> speedup")
+    table = {}
+    for key, value in speedups.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+            raise ValueError(f"speedup for {key} must be a finite positive number, got {value!r}")
+        table[VNMPattern.parse(key)] = float(value)
+    return table
+
+
+def pareto_patterns(speedups: Mapping[VNMPattern | str, float]) -> list[VNMPattern]:
+    """Patterns no other beats on both speedup and diversity, fastest first."""
+    table = _normalise(speedups)
+    ranked = sorted(table, key=lambda p: (-table[p], -mask_diversity(p), str(p)))
+    front, best_diversity = [], -math.inf
+    for p in ranked:
+        if mask_diversity(p) > best_diversity:
+            front.append(p)
+            best_diversity = mask_diversity(p)
+    return front
+
+
+def select_pattern(target_speedup: float, speedups: Mapping[VNMPattern | str, float] | None = None) -> VNMPattern:
+    """The most diverse pattern whose speedup meets the target (the brief's heuristic).
+
+    `speedups` maps patterns to speedups over dense measured on the target GPU; without it the analytic
+    estimate is used (see `analytic_speedups`). Raises ValueError when no pattern is fast enough.
+    """
+    if isinstance(target_speedup, bool) or not isinstance(target_speedup, (int, float)) or not target_speedup > 0:
+        raise ValueError(f"target_speedup must be a positive number, got {target_speedup!r}")
+    table = _normalise(speedups) if speedups is not None else analytic_speedups()
+    fast_enough = [p for p, s in table.items() if s >= target_speedup]
+    if not fast_enough:
+        best = max(table.values())
+        raise ValueError(f"no pattern reaches speedup {target_speedup}; the fastest in the table gives {best:.2f}")
+    return max(fast_enough, key=lambda p: (mask_diversity(p), table[p], -p.M, -p.V))
