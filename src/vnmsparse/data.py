@@ -1,0 +1,101 @@
+"""Real data for calibration, training and evaluation, read from Debian packages' files.
+
+`scripts/fetch_data.sh` unpacks them (without installing R) into ./data, or $VNMSPARSE_DATA:
+Jane Austen's novels (r-cran-janeaustenr), Moby Dick (r-cran-tokenizers), Fashion-MNIST
+(dataset-fashion-mnist). R's lazy-load databases (.rdx index + .rdb records, each record a zlib-compressed
+serialized R object) are read with the `rdata` package.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import warnings
+import zlib
+from pathlib import Path
+
+import torch
+
+AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
+FETCH_HINT = "run `bash scripts/fetch_data.sh` (or set VNMSPARSE_DATA to where it put the files)"
+
+
+def data_dir() -> Path:
+    """Where the fetched data lives: $VNMSPARSE_DATA, else ./data."""
+    return Path(os.environ.get("VNMSPARSE_DATA", "data")).expanduser()
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {FETCH_HINT}")
+    return path
+
+
+def read_r_lazyload(base: Path) -> dict[str, object]:
+    """All objects of an R lazy-load database `base`.rdx/.rdb, converted to Python by `rdata`."""
+    import rdata
+
+    with warnings.catch_warnings():  # rdata warns that a bare record has no file-type header
+        warnings.simplefilter("ignore", UserWarning)
+        index = rdata.read_rds(_require(base.with_suffix(".rdx")))
+        blob = _require(base.with_suffix(".rdb")).read_bytes()
+        objects = {}
+        for name, (offset, length) in index["variables"].items():
+            record = zlib.decompress(blob[offset + 4 : offset + length])  # 4-byte length prefix, then zlib
+            objects[str(name)] = rdata.conversion.convert(rdata.parser.parse_data(record))
+    return objects
+
+
+def austen_text(novels: tuple[str, ...] = AUSTEN_NOVELS) -> str:
+    """Jane Austen's novels as one text (the calibration and training default)."""
+    books = read_r_lazyload(data_dir() / "janeaustenr" / "Rdata")
+    unknown = [n for n in novels if n not in books]
+    if unknown:
+        raise ValueError(f"unknown novels {unknown}; choose from {sorted(books)}")
+    return "\n\n".join("\n".join(str(line) for line in books[n]) for n in novels)
+
+
+def moby_dick_text() -> str:
+    """Herman Melville's Moby Dick (the evaluation default), Project Gutenberg header and licence removed."""
+    text = str(read_r_lazyload(data_dir() / "tokenizers" / "Rdata")["mobydick"][0]).replace("\r\n", "\n")
+    start = text.find("CHAPTER 1. Loomings.")
+    end = text.find("End of Project Gutenberg")
+    return text[start if start >= 0 else 0 : end if end > 0 else len(text)].strip()
+
+
+def read_text(name_or_path: str) -> str:
+    """'austen', 'mobydick', or a path to a UTF-8 text file."""
+    if name_or_path == "austen":
+        return austen_text()
+    if name_or_path == "mobydick":
+        return moby_dick_text()
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {name_or_path!r} not found (or use 'austen' / 'mobydick')")
+    return path.read_text(encoding="utf-8")
+
+
+def token_chunks(tokenizer, text: str, seq_len: int, max_chunks: int | None = None) -> torch.Tensor:
+    """Tokenize `text` once and cut it into (n, seq_len) consecutive, non-overlapping chunks."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n = len(ids) // seq_len if max_chunks is None else min(max_chunks, len(ids) // seq_len)
+    if n < 1:
+        raise ValueError(f"text has {len(ids)} tokens, fewer than one chunk of {seq_len}")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def fashion_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST images (n, 28, 28) uint8 and labels (n,) int64; split 'train' or 't10k'."""
+    if split not in ("train", "t10k"):
+        raise ValueError(f"split must be 'train' or 't10k', got {split!r}")
+    root = data_dir() / "fashion-mnist"
+
+    def idx(name: str, header: int) -> torch.Tensor:
+        raw = gzip.decompress(_require(root / name).read_bytes())
+        return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8)
+
+    images = idx(f"{split}-images-idx3-ubyte.gz", 16).view(-1, 28, 28)
+    labels = idx(f"{split}-labels-idx1-ubyte.gz", 8).to(torch.int64)
+    return images, labels
