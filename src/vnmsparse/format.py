@@ -144,14 +144,15 @@ class VNMTensor:
 
     # --- files ----------------------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
-        return {
+        """What a file needs beside the tensors: format, version, pattern, shape, dtype, and a checksum."""
+        described = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "pattern": str(self.pattern),
             "shape": json.dumps(list(self.shape)),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "sha256": _checksum(self.state_tensors()),
         }
+        return {**described, "sha256": _checksum(self.state_tensors(), described)}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).contiguous() for name in _TENSOR_NAMES}
@@ -179,7 +180,7 @@ class VNMTensor:
             raise ValueError(f"{FORMAT_NAME} metadata is damaged: {error}") from error
         if str(tensors["values"].dtype).removeprefix("torch.") != metadata.get("dtype"):
             raise ValueError(f"values dtype {tensors['values'].dtype} does not match metadata dtype {metadata.get('dtype')!r}")
-        if _checksum(tensors) != metadata.get("sha256"):
+        if _checksum(tensors, metadata) != metadata.get("sha256"):
             raise ValueError(f"{FORMAT_NAME} record fails its sha256 check: the file was altered or damaged")
         return cls(**{n: tensors[n] for n in _TENSOR_NAMES}, pattern=pattern, shape=shape)
 
@@ -199,9 +200,11 @@ class VNMTensor:
         return cls.from_state(tensors, metadata)
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the raw bytes of the three tensors, so that a tampered value cannot load silently."""
+def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 over the metadata fields and the tensors' raw bytes: a tampered record cannot load silently."""
     digest = hashlib.sha256()
+    for key in ("format", "version", "pattern", "shape", "dtype"):
+        digest.update(f"{key}={metadata.get(key)};".encode())
     for name in _TENSOR_NAMES:
         digest.update(tensors[name].detach().contiguous().cpu().view(torch.uint8).numpy())
     return digest.hexdigest()
