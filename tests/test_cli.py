@@ -33,3 +33,10 @@ def test_errors_exit_2_with_a_message(capsys):
     assert "N must be 2" in capsys.readouterr().err
     assert main(["select", "--target", "100"]) == 2
     assert "no pattern reaches" in capsys.readouterr().err
+
+
+def test_select_writes_a_plot(tmp_path, capsys):
+    png = tmp_path / "front.png"
+    assert main(["select", "--target", "2", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000

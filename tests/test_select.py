@@ -104,3 +104,57 @@ def test_speed_table_file(tmp_path):
     with pytest.raises(ValueError, match="'speedups'"):
         SpeedTable.load(path)
     assert SpeedTable.analytic().source == ANALYTIC_SOURCE
+
+
+def plan_by_brute_force(layers, target, other_time):
+    dense_total = other_time + sum(layer.dense_time for layer in layers)
+    best = None
+    for combo in itertools.product(*[list(layer.speedups) for layer in layers]):
+        time = other_time + sum(layer.dense_time / layer.speedups[p] for layer, p in zip(layers, combo))
+        value = sum(layer.weights * mask_diversity(p) for layer, p in zip(layers, combo))
+        if dense_total / time >= target and (best is None or value > best[0]):
+            best = (value, combo)
+    return best
+
+
+@given(
+    speeds=st.lists(st.dictionaries(st.sampled_from(["64:2:5", "64:2:8", "128:2:8", "64:2:16", "32:2:6"]),
+                                    st.floats(1.0, 4.0), min_size=1), min_size=1, max_size=4),
+    sizes=st.lists(st.integers(1, 1000), min_size=4, max_size=4),
+    target=st.floats(1.0, 3.0),
+    other=st.floats(0.0, 0.5),
+)
+def test_layer_plan_meets_the_target_and_is_near_optimal(speeds, sizes, target, other):
+    from vnmsparse.select import LayerCost, select_layer_patterns
+
+    layers = [LayerCost(f"l{i}", sizes[i], 0.1 + sizes[i] / 100, s) for i, s in enumerate(speeds)]
+    brute = plan_by_brute_force(layers, target, other)
+    if brute is None:
+        with pytest.raises(ValueError, match="no plan reaches|out of reach"):
+            select_layer_patterns(layers, target, other_time=other)
+        return
+    resolution = 20000
+    dense_total = other + sum(layer.dense_time for layer in layers)
+    budget = dense_total / target - other
+    # the DP rounds each layer's cost up by less than one step, so every plan with that much slack is open to it
+    slack_target = dense_total / (other + budget * (1 - len(layers) / resolution))
+    reachable = plan_by_brute_force(layers, slack_target, other)
+    if reachable is None:
+        return
+    plan = select_layer_patterns(layers, target, other_time=other, resolution=resolution)
+    assert plan.speedup >= target * (1 - 1e-9)
+    assert reachable[0] - 1e-9 <= plan.log_diversity <= brute[0] + 1e-9
+
+
+def test_layer_plan_bad_input():
+    from vnmsparse.select import LayerCost, select_layer_patterns
+
+    layer = LayerCost("a", 10, 1.0, {"64:2:8": 2.0})
+    with pytest.raises(ValueError, match="non-empty"):
+        select_layer_patterns([], 1.5)
+    with pytest.raises(ValueError, match="out of reach"):
+        select_layer_patterns([layer], 2.0, other_time=1.0)
+    with pytest.raises(ValueError, match="no plan reaches"):
+        select_layer_patterns([layer], 3.0)
+    with pytest.raises(ValueError, match="dense_time"):
+        select_layer_patterns([LayerCost("a", 10, 0.0, {"64:2:8": 2.0})], 1.5)

@@ -29,6 +29,11 @@ def _select(args: argparse.Namespace) -> int:
     choice = select_pattern(args.target, table.speedups)
     print(f"choice for target {args.target}x: {choice} (speedup {table.speedups[choice]:.2f}, "
           f"log K/weight {mask_diversity(choice):.4f}, sparsity {choice.sparsity:.3f})")
+    if args.plot:
+        from .plot import plot_patterns
+
+        plot_patterns(table.speedups, choice, args.plot, f"target {args.target}x; speedups: {table.source}")
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -43,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel = sub.add_parser("select", help="the Pareto front and the most diverse pattern meeting a speedup target")
     sel.add_argument("--target", type=float, required=True, help="required speedup over dense, e.g. 1.5")
     sel.add_argument("--table", help="JSON speed table measured on your GPU (default: the analytic estimate)")
+    sel.add_argument("--plot", metavar="PNG", help="also write the Pareto picture to this PNG file")
     sel.set_defaults(run=_select)
     return parser
 

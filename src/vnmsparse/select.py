@@ -108,3 +108,87 @@ def select_pattern(target_speedup: float, speedups: Mapping[VNMPattern | str, fl
         best = max(table.values())
         raise ValueError(f"no pattern reaches speedup {target_speedup}; the fastest in the table gives {best:.2f}")
     return max(fast_enough, key=lambda p: (mask_diversity(p), table[p], -p.M, -p.V))
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One linear layer in a per-layer choice: its weight count, its dense time, and its speedups."""
+
+    name: str
+    weights: int
+    dense_time: float
+    speedups: Mapping[VNMPattern | str, float]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """A pattern per layer, the end-to-end speedup it gives, and its total log mask diversity."""
+
+    patterns: dict[str, VNMPattern]
+    speedup: float
+    log_diversity: float
+
+
+def select_layer_patterns(
+    layers: list[LayerCost], target_speedup: float, other_time: float = 0.0, resolution: int = 4000
+) -> LayerPlan:
+    """The pattern per layer with the highest total diversity whose end-to-end time meets the target.
+
+    A multiple-choice knapsack: each layer picks one pattern; its value is weights * log K per weight,
+    its cost the layer's sparse time dense_time / speedup; the budget is (other_time + sum of dense
+    times) / target - other_time, where other_time is what pruning does not touch (attention, norms).
+    Solved exactly by dynamic programming over the budget cut into `resolution` steps, each layer's cost
+    rounded up, so the plan never misses the target (it may, rarely, miss a plan that meets it by less
+    than one step). Only each layer's Pareto-optimal patterns are considered: the others never help.
+    """
+    import numpy as np
+
+    if not layers:
+        raise ValueError("layers must be a non-empty list of LayerCost")
+    if isinstance(target_speedup, bool) or not isinstance(target_speedup, (int, float)) or not target_speedup > 0:
+        raise ValueError(f"target_speedup must be a positive number, got {target_speedup!r}")
+    if other_time < 0 or resolution < 1:
+        raise ValueError("other_time must be >= 0 and resolution >= 1")
+    for layer in layers:
+        if layer.weights < 1 or not layer.dense_time > 0:
+            raise ValueError(f"layer {layer.name!r} needs weights >= 1 and dense_time > 0")
+    dense_total = other_time + sum(layer.dense_time for layer in layers)
+    budget = dense_total / target_speedup - other_time
+    if budget <= 0:
+        raise ValueError(f"target {target_speedup}x is out of reach: the untouched time alone takes {other_time / dense_total:.0%}")
+    step = budget / resolution
+
+    options = []  # per layer: [(cost in steps, value, pattern)]
+    for layer in layers:
+        table = _normalise(layer.speedups)
+        options.append([(math.ceil(layer.dense_time / table[p] / step - 1e-9), layer.weights * mask_diversity(p), p)
+                        for p in pareto_patterns(table)])
+
+    best = np.full(resolution + 1, -np.inf)  # best[b]: best value of the layers so far using exactly b steps
+    best[0] = 0.0
+    choices = []
+    for layer_options in options:
+        new = np.full(resolution + 1, -np.inf)
+        pick = np.full(resolution + 1, -1)
+        for index, (cost, value, _) in enumerate(layer_options):
+            if cost > resolution:
+                continue
+            candidate = np.full(resolution + 1, -np.inf)
+            candidate[cost:] = best[: resolution + 1 - cost] + value
+            better = candidate > new
+            new[better], pick[better] = candidate[better], index
+        best = new
+        choices.append(pick)
+    if not np.isfinite(best).any():
+        fastest = sum(layer.dense_time / max(_normalise(layer.speedups).values()) for layer in layers)
+        raise ValueError(f"no plan reaches {target_speedup}x: the fastest patterns give {dense_total / (other_time + fastest):.2f}x")
+
+    spent = int(np.argmax(best))
+    patterns = {}
+    for layer, layer_options, pick in zip(reversed(layers), reversed(options), reversed(choices)):
+        cost, _, pattern = layer_options[pick[spent]]
+        patterns[layer.name] = pattern
+        spent -= cost
+    sparse_time = other_time + sum(layer.dense_time / _normalise(layer.speedups)[patterns[layer.name]] for layer in layers)
+    log_div = sum(layer.weights * mask_diversity(patterns[layer.name]) for layer in layers)
+    return LayerPlan({layer.name: patterns[layer.name] for layer in layers}, dense_total / sparse_time, log_div)
