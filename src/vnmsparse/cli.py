@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .pattern import VNMPattern
-from .select import SpeedTable, mask_diversity, pareto_patterns, select_pattern
+from .select import SpeedTable, candidate_patterns, mask_diversity, pareto_patterns, select_pattern
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -20,8 +22,23 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_tables() -> Path:
+    return Path(os.environ.get("VNMSPARSE_TABLES", Path.home() / ".cache" / "vnmsparse" / "tables"))
+
+
+def _current_gpu() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def _select(args: argparse.Namespace) -> int:
-    table = SpeedTable.load(args.table) if args.table else SpeedTable.analytic()
+    if args.table:
+        table = SpeedTable.load(args.table)
+    else:
+        from .profile import SHIPPED_TABLES
+
+        table = SpeedTable.find(_current_gpu(), args.tokens, [_user_tables(), SHIPPED_TABLES])
     print(f"speedups from: {table.source}")
     print(f"{'pattern':>10} {'speedup':>8} {'log K/weight':>13} {'sparsity':>9}")
     for p in pareto_patterns(table.speedups):
@@ -37,6 +54,37 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from . import profile
+
+    if (args.model is None) == (args.shapes is None):
+        raise ValueError("give exactly one of --model or --shapes")
+    if args.shapes:
+        shapes = profile.parse_shapes(args.shapes)
+    else:
+        from .models import load_causal_lm
+
+        shapes = profile.model_shapes(load_causal_lm(args.model)[0])
+    vs = [int(v) for v in args.vs.split(",")]
+    low, _, high = args.ms.partition("-")
+    patterns = candidate_patterns(vs, range(int(low), int(high or low) + 1))
+    dtype = {"bf16": torch_dtype("bfloat16"), "fp16": torch_dtype("float16")}[args.dtype]
+    table = profile.profile(shapes, args.tokens, patterns, dtype, args.repeats)
+    path = profile.write_table(table, Path(args.out) if args.out else _user_tables())
+    best = sorted(table["speedups"].items(), key=lambda kv: -kv[1])[:10]
+    print(f"{table['source']}; fastest patterns:")
+    for name, speedup in best:
+        print(f"  {name:>9} {speedup:6.2f}x")
+    print(f"table written to {path}")
+    return 0
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vnm", description="V:N:M sparsity for transformers on Sparse Tensor Cores")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,9 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     sel = sub.add_parser("select", help="the Pareto front and the most diverse pattern meeting a speedup target")
     sel.add_argument("--target", type=float, required=True, help="required speedup over dense, e.g. 1.5")
-    sel.add_argument("--table", help="JSON speed table measured on your GPU (default: the analytic estimate)")
+    sel.add_argument("--table", help="JSON speed table (default: the one `vnm profile` measured on this GPU, "
+                     "else the table shipped for it, else the analytic estimate)")
+    sel.add_argument("--tokens", type=int, default=None, help="pick the table measured nearest this token count")
     sel.add_argument("--plot", metavar="PNG", help="also write the Pareto picture to this PNG file")
     sel.set_defaults(run=_select)
+
+    prof = sub.add_parser("profile", help="measure every V:2:M pattern against dense cuBLAS on this GPU")
+    prof.add_argument("--model", help="take the layer shapes from this model ('smollm2-135m', HF folder, .gguf)")
+    prof.add_argument("--shapes", help="layer shapes as RxC,RxC (e.g. 4096x4096,11008x4096)")
+    prof.add_argument("--tokens", type=int, default=16, help="tokens per matmul (N); 16 = decode (default)")
+    prof.add_argument("--vs", default="16,32,64,128", help="V values to sweep")
+    prof.add_argument("--ms", default="4-32", help="M range to sweep, e.g. 4-32")
+    prof.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    prof.add_argument("--repeats", type=int, default=30, help="timed calls per case (median)")
+    prof.add_argument("--out", help="folder for the table (default ~/.cache/vnmsparse/tables)")
+    prof.set_defaults(run=_profile)
+
     return parser
 
 
@@ -57,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
         print(f"vnm {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -15,14 +15,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from .pattern import KEPT_COLUMNS, KEPT_PER_ROW, VNMPattern
 
 KERNEL_VS = (16, 32, 64, 128)
 KERNEL_MS = tuple(range(4, 33))
 ANALYTIC_SOURCE = "analytic estimate (weight-bytes ratio, the memory-bound ceiling; not a measurement)"
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3', for speed-table file names."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def candidate_patterns(vs: Iterable[int] = KERNEL_VS, ms: Iterable[int] = KERNEL_MS) -> list[VNMPattern]:
@@ -69,6 +76,21 @@ class SpeedTable:
             raise ValueError(f"speed table {os.fspath(path)!r} needs a 'speedups' object mapping 'V:2:M' to a number")
         source = str(data.get("source") or data.get("gpu") or os.fspath(path))
         return cls(_normalise(data["speedups"]), source)
+
+    @classmethod
+    def find(cls, gpu: str | None, n_tokens: int | None, roots: Iterable[str | os.PathLike]) -> SpeedTable:
+        """The measured table for this GPU (token count nearest `n_tokens`), searched in `roots` in order;
+        the analytic estimate when there is no GPU or no table for it."""
+        if gpu is None:
+            return cls.analytic()
+        for root in roots:
+            found = sorted(Path(root).glob(f"speed-{gpu_slug(gpu)}-n*.json"))
+            if found:
+                def distance(path: Path) -> float:
+                    n = int(path.stem.rsplit("-n", 1)[1])
+                    return 0.0 if n_tokens is None else abs(math.log(n / n_tokens))
+                return cls.load(min(found, key=distance))
+        return cls.analytic()
 
 
 def _normalise(speedups: Mapping[VNMPattern | str, float]) -> dict[VNMPattern, float]:
