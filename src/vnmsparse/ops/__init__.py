@@ -1,0 +1,28 @@
+"""GPU kernels for V:N:M linear layers, behind one custom op.
+
+    from vnmsparse.ops import linear
+    y = linear(x, vnm_tensor, bias)          # CUDA kernels on sm_80+, the plain-torch reference elsewhere
+
+Importing this needs no compiler and no GPU: kernels are built just in time (`build.extension`) on the
+first CUDA call. `pack_for_device` is what `VNMTensor.pack(device)` calls (and caches).
+"""
+
+from .build import extension, unavailable_reason
+from .dispatch import choose, override
+from .instantiations import KERNELS
+from .op import kernel_unavailable_reason, linear
+from .pack import PackedVNM, check_packable, pack_for_device, unpack_dense
+
+__all__ = [
+    "KERNELS",
+    "PackedVNM",
+    "check_packable",
+    "choose",
+    "extension",
+    "kernel_unavailable_reason",
+    "linear",
+    "override",
+    "pack_for_device",
+    "unavailable_reason",
+    "unpack_dense",
+]

@@ -1,0 +1,124 @@
+// Thin torch binding: checks the inputs (messages prefixed with the op name), fills VnmParams, and calls
+// the kernel table entry Python chose. No kernel logic here.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "vnm_params.h"
+
+namespace {
+
+constexpr const char* kOp = "vnmsparse::linear";
+
+vnm::ElemType elem_type(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, kOp,
+              ": x must be bfloat16 or float16, got ", t.scalar_type());
+  return t.scalar_type() == at::kBFloat16 ? vnm::ElemType::kBf16 : vnm::ElemType::kFp16;
+}
+
+void check_cuda_contiguous(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.is_cuda(), kOp, ": ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == x.device(), kOp, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
+}
+
+// y = x @ W^T + bias with W given by its packed parts; x is (N, C) (leading dims already flattened).
+at::Tensor run(const at::Tensor& x, const at::Tensor& a_vals, const at::Tensor& a_meta, const at::Tensor& cols,
+               const c10::optional<at::Tensor>& bias, int64_t R, int64_t C, int64_t V, int64_t kernel,
+               const c10::optional<at::Tensor>& out) {
+  TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D (N, C) here, got ", x.dim(), " dims");
+  TORCH_CHECK(x.size(1) == C, kOp, ": x has ", x.size(1), " columns but the weight has in_features=", C);
+  TORCH_CHECK(x.stride(1) == 1 && x.stride(0) >= C, kOp, ": x rows must be contiguous");
+  TORCH_CHECK(x.is_cuda(), kOp, ": x must be a CUDA tensor");
+  const vnm::ElemType et = elem_type(x);
+  check_cuda_contiguous(a_vals, "a_vals", x);
+  check_cuda_contiguous(a_meta, "a_meta", x);
+  check_cuda_contiguous(cols, "cols", x);
+  TORCH_CHECK(a_vals.scalar_type() == x.scalar_type(), kOp, ": weight dtype ", a_vals.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(a_meta.scalar_type() == at::kInt && cols.scalar_type() == at::kInt, kOp,
+              ": a_meta and cols must be int32");
+  TORCH_CHECK(R >= 1 && C >= 1, kOp, ": R and C must be positive");
+  TORCH_CHECK(V == 16 || V == 32 || V == 64 || V == 128, kOp, ": V must be 16, 32, 64 or 128, got ", V);
+  const int64_t Rt = (R + 15) / 16, Bn = (R + V - 1) / V;
+  TORCH_CHECK(a_vals.dim() == 4 && a_vals.size(0) == Rt && a_vals.size(2) == 32 && a_vals.size(3) == 8, kOp,
+              ": a_vals must be (", Rt, ", Kc, 32, 8), got ", a_vals.sizes());
+  const int64_t Kc = a_vals.size(1);
+  TORCH_CHECK(a_meta.dim() == 3 && a_meta.size(0) == Rt && a_meta.size(1) == Kc && a_meta.size(2) == 16, kOp,
+              ": a_meta must be (", Rt, ", ", Kc, ", 16), got ", a_meta.sizes());
+  TORCH_CHECK(cols.dim() == 3 && cols.size(0) == Bn && cols.size(1) == 8 * Kc && cols.size(2) == 4, kOp,
+              ": cols must be (", Bn, ", ", 8 * Kc, ", 4), got ", cols.sizes());
+  if (bias.has_value()) {
+    check_cuda_contiguous(*bias, "bias", x);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == R, kOp, ": bias must have shape (", R, ",)");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), kOp, ": bias dtype must match x");
+  }
+  const int64_t N = x.size(0);
+  TORCH_CHECK(N < (int64_t(1) << 31) && R * 16 < (int64_t(1) << 31), kOp, ": sizes too large");
+
+  int count = 0;
+  const vnm::KernelEntry* table = vnm::kernel_table(&count);
+  TORCH_CHECK(kernel >= 0 && kernel < count, kOp, ": kernel index ", kernel, " outside the table of ", count);
+  const vnm::KernelEntry& entry = table[kernel];
+  TORCH_CHECK(entry.dtype == et, kOp, ": kernel ", entry.name, " is for another dtype");
+  TORCH_CHECK(entry.V == 0 || entry.V == V, kOp, ": kernel ", entry.name, " is built for V=", entry.V, ", got V=", V);
+  TORCH_CHECK(N <= entry.max_n, kOp, ": kernel ", entry.name, " takes at most N=", entry.max_n, " tokens, got ", N);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y;
+  if (out.has_value()) {  // tests poison it first; every element must be written
+    check_cuda_contiguous(*out, "out", x);
+    TORCH_CHECK(out->dim() == 2 && out->size(0) == N && out->size(1) == R && out->scalar_type() == x.scalar_type(),
+                kOp, ": out must be (", N, ", ", R, ") of x's dtype");
+    y = *out;
+  } else {
+    y = at::empty({N, R}, x.options());
+  }
+  if (N == 0) return y;
+
+  vnm::VnmParams p{};
+  p.x = x.data_ptr();
+  p.a_vals = reinterpret_cast<const uint4*>(a_vals.data_ptr());
+  p.a_meta = reinterpret_cast<const uint32_t*>(a_meta.data_ptr<int32_t>());
+  p.cols = cols.data_ptr<int32_t>();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  p.N = static_cast<int>(N);
+  p.R = static_cast<int>(R);
+  p.C = static_cast<int>(C);
+  p.V = static_cast<int>(V);
+  p.Rt = static_cast<int>(Rt);
+  p.Kc = static_cast<int>(Kc);
+  p.Gp = static_cast<int>(8 * Kc);
+  p.Bn = static_cast<int>(Bn);
+  p.Np = static_cast<int>((N + 7) / 8 * 8);
+  p.ldx = x.stride(0);
+  p.ldy = R;
+  at::Tensor xt;
+  if (entry.kind == vnm::KernelKind::kGemm) {
+    xt = at::empty({C, p.Np}, x.options());
+    p.xt = xt.data_ptr();
+  }
+  const cudaError_t err = entry.launch(p, c10::cuda::getCurrentCUDAStream(x.device().index()));
+  TORCH_CHECK(err == cudaSuccess, kOp, ": kernel ", entry.name, " failed to launch: ", cudaGetErrorString(err));
+  return y;
+}
+
+// (name, kind, dtype, V, max_n) of every compiled kernel, in table order: Python checks it matches its list.
+std::vector<std::tuple<std::string, int, int, int, int64_t>> table() {
+  int count = 0;
+  const vnm::KernelEntry* t = vnm::kernel_table(&count);
+  std::vector<std::tuple<std::string, int, int, int, int64_t>> out;
+  for (int i = 0; i < count; ++i)
+    out.emplace_back(t[i].name, static_cast<int>(t[i].kind), static_cast<int>(t[i].dtype), t[i].V, t[i].max_n);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("run", &run, "V:N:M linear with a chosen kernel (see vnmsparse.ops)", py::arg("x"), py::arg("a_vals"),
+        py::arg("a_meta"), py::arg("cols"), py::arg("bias"), py::arg("R"), py::arg("C"), py::arg("V"),
+        py::arg("kernel"), py::arg("out") = py::none());
+  m.def("table", &table, "the compiled kernel table");
+}

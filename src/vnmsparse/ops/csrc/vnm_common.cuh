@@ -1,0 +1,117 @@
+// Device helpers shared by the V:N:M kernels: element types, the sparse MMA, ldmatrix, cp.async, loads.
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "vnm_params.h"
+
+namespace vnm {
+
+// ---- element types --------------------------------------------------------------------------------
+template <typename T> struct Elem;
+
+template <> struct Elem<__nv_bfloat16> {
+  static constexpr ElemType kType = ElemType::kBf16;
+  static __device__ __forceinline__ float to_float(uint16_t bits) {
+    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+  }
+  static __device__ __forceinline__ uint16_t from_float(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+};
+
+template <> struct Elem<__half> {
+  static constexpr ElemType kType = ElemType::kFp16;
+  static __device__ __forceinline__ float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+  static __device__ __forceinline__ uint16_t from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+
+// ---- sparse tensor-core MMA -------------------------------------------------------------------------
+// d += A(16x32, 2:4 sparse, stored as 16x16) * B(32x8), fp32 accumulate. Fragment layout (lane = 4*gid + t):
+//   a[0] = row gid,   group t    (k 4t..4t+3):    the two kept values, first (lower slot) in the low half
+//   a[1] = row gid+8, group t
+//   a[2] = row gid,   group t+4  (k 16+4t..)
+//   a[3] = row gid+8, group t+4
+//   b[j] = B[k = 8j + 2t, 8j + 2t + 1][n = gid] (low half: the even k)
+//   e    = metadata (sparsity selector 0: lanes with t = 0 hold groups 0-3, t = 1 groups 4-7;
+//          bits 0-15 are row gid, bits 16-31 row gid+8, one nibble p0 | p1 << 2 per group)
+//   d[0..1] = D[row gid][n = 2t, 2t+1], d[2..3] = D[row gid+8][n = 2t, 2t+1]
+template <typename T> struct MmaSp;
+
+template <> struct MmaSp<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4],
+                                             uint32_t e) {
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+  }
+};
+
+template <> struct MmaSp<__half> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4],
+                                             uint32_t e) {
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+  }
+};
+
+// ---- loads ------------------------------------------------------------------------------------------
+// Streamed once: read-only path, not kept in L1 (leaves L1 to the gathered activations).
+__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t ldg_u32(const uint32_t* p) { return __ldg(p); }
+__device__ __forceinline__ int2 ldg_int2(const int* p) { return __ldg(reinterpret_cast<const int2*>(p)); }
+__device__ __forceinline__ uint32_t ldg_u16(const uint16_t* p) { return static_cast<uint32_t>(__ldg(p)); }
+
+// ---- shared memory ----------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; with valid == false the destination is zero-filled and no global
+// byte is read (src must still be a mapped address).
+__device__ __forceinline__ void cp_async_cg16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+// Same, but cached in L1: row blocks of one CTA often gather the same activation rows.
+__device__ __forceinline__ void cp_async_ca16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// Four 8x8 b16 matrices, transposed: lanes 8j..8j+7 give the row addresses of matrix j.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 r;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr));
+  return r;
+}
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t r;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(addr));
+  return r;
+}
+
+}  // namespace vnm

@@ -1,0 +1,56 @@
+// Host-visible contract between the binding (vnm_binding.cpp) and the kernels: one plain params struct,
+// the kernel table entry, and the table accessor the generated vnm_table.cu defines.
+// No device code and no torch here, so both the host compiler and nvcc read it.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace vnm {
+
+// Everything a V:N:M linear kernel reads or writes. Shapes are logical; the packed arrays are
+// padded (see src/vnmsparse/ops/pack.py for their exact layout).
+struct VnmParams {
+  const void* x;          // (N, C) activations, row-major, row stride ldx elements, bf16 or fp16
+  void* xt;               // (C, Np) workspace: x transposed and zero-padded to Np columns (tensor-core path only)
+  const uint4* a_vals;    // (Rt, Kc, 32 lanes) x 16 bytes: mma.sp A fragments, 8 values per lane
+  const uint32_t* a_meta; // (Rt, Kc, 16) 2:4 metadata words, word gid*2+h for lane 4*gid+h (h in {0,1})
+  const int* cols;        // (Bn, Gp, 4) kept-column indices per row block and group, all in [0, C)
+  const void* bias;       // (R,) same dtype as x, or nullptr
+  void* y;                // (N, R) output, row-major, row stride ldy elements, same dtype as x
+  int N;                  // tokens: rows of x and of y
+  int R;                  // out_features: rows of W
+  int C;                  // in_features: columns of W and of x
+  int V;                  // rows per V:N:M block (16, 32, 64 or 128)
+  int Rt;                 // ceil(R / 16): packed 16-row tiles
+  int Kc;                 // ceil(G / 8): packed 8-group chunks (k = 32 kept columns each)
+  int Gp;                 // Kc * 8: padded group count of `cols`
+  int Bn;                 // ceil(R / V): row blocks in `cols`
+  int Np;                 // N rounded up to a multiple of 8: row stride of xt (tensor-core path only)
+  int64_t ldx;            // row stride of x in elements (>= C)
+  int64_t ldy;            // row stride of y in elements (>= R)
+};
+
+enum class KernelKind : int { kDecode = 0, kGemm = 1 };
+enum class ElemType : int { kBf16 = 0, kFp16 = 1 };
+
+using LaunchFn = cudaError_t (*)(const VnmParams&, cudaStream_t);
+
+// One instantiated kernel. The table is generated (vnmsparse/ops/instantiations.py) in the same order
+// as the Python list, so Python picks an entry by index and the binding checks that it fits.
+struct KernelEntry {
+  const char* name;  // e.g. "gemm_bf16_v64_m128n128s4"
+  KernelKind kind;
+  ElemType dtype;
+  int V;             // 0: any V (decode)
+  int max_n;         // largest N this entry accepts (decode: 8 * n-tiles; gemm: no limit)
+  LaunchFn launch;
+};
+
+// x (N, C) -> p.xt (C, Np), zero-padded; defined in vnm_transpose.cu.
+cudaError_t launch_transpose(const VnmParams& p, cudaStream_t stream);
+
+// Defined in the generated vnm_table.cu.
+const KernelEntry* kernel_table(int* count);
+
+}  // namespace vnm

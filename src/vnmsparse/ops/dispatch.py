@@ -1,0 +1,87 @@
+"""Which compiled kernel runs a given problem: a small table of rules over the generated list.
+
+Decode (N <= 16) is the memory-bound kernel with the fewest 8-token tiles that cover N. For larger N the
+tensor-core kernel for the weight's V is chosen by `DISPATCH_RULES`: the first rule whose conditions hold
+names a tile by its fields; tile sizes themselves come only from `instantiations.KERNELS`. `override`
+pins a kernel by name (benchmarks and tuning use it to time every variant).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+from .instantiations import DECODE_MAX_N, KERNELS, Decode, Gemm, Kernel
+
+_BY_NAME = {k.name: k for k in KERNELS}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Use the gemm tile with `BM` x `BN` when the large tile would launch fewer than `min_waves` waves."""
+
+    BM: int
+    BN: int
+    max_large_waves: float  # choose this tile if (CTAs of the 128x128 tile) / SMs is below this
+
+
+# Mid-size problems (few CTAs of the large tile) run the small tile; measured on the H100 (bench/NOTES-kernels.md).
+DISPATCH_RULES: tuple[Rule, ...] = (Rule(BM=64, BN=64, max_large_waves=1.0),)
+
+_override: str | None = os.environ.get("VNMSPARSE_KERNEL") or None
+
+
+def override(name: str | None) -> None:
+    """Force kernel `name` (an `instantiations.KERNELS` name) for every later call, or None to undo."""
+    global _override
+    if name is not None and name not in _BY_NAME:
+        raise ValueError(f"unknown kernel {name!r}; known: {sorted(_BY_NAME)}")
+    _override = name
+
+
+def dtype_tag(dtype) -> str:
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def candidates(N: int, V: int, dtype: str) -> list[Kernel]:
+    """Every compiled kernel that can run this problem."""
+    out = []
+    for k in KERNELS:
+        if k.dtype != dtype:
+            continue
+        if isinstance(k.variant, Decode) and N <= k.variant.max_n:
+            out.append(k)
+        elif isinstance(k.variant, Gemm) and k.variant.V == V:
+            out.append(k)
+    return out
+
+
+def choose(N: int, R: int, V: int, dtype: str, sm_count: int) -> Kernel:
+    """The kernel for an (N tokens) x (R rows) problem with block height V and element type dtype."""
+    return _choose(N, R, V, dtype, sm_count, _override)
+
+
+@functools.lru_cache(maxsize=4096)  # called on every matmul: keep it off the launch path's CPU time
+def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, _override: str | None) -> Kernel:
+    if _override is not None:
+        k = _BY_NAME[_override]
+        if k.dtype == dtype and k in candidates(N, V, dtype):
+            return k
+    if N <= DECODE_MAX_N:
+        decodes = [k for k in candidates(N, V, dtype) if isinstance(k.variant, Decode)]
+        return min(decodes, key=lambda k: k.variant.n_tiles)
+    gemms = [k for k in candidates(N, V, dtype) if isinstance(k.variant, Gemm)]
+    if not gemms:
+        raise ValueError(f"no tensor-core kernel compiled for V={V}, dtype={dtype}")
+    large = max(gemms, key=lambda k: k.variant.BM * k.variant.BN)
+    waves = math.ceil(R / large.variant.BM) * math.ceil(N / large.variant.BN) / max(sm_count, 1)
+    for rule in DISPATCH_RULES:
+        if waves < rule.max_large_waves:
+            for k in gemms:
+                if (k.variant.BM, k.variant.BN) == (rule.BM, rule.BN):
+                    return k
+    return large

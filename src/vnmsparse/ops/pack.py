@@ -1,0 +1,126 @@
+"""Packing: the canonical `VNMTensor` -> the layout the CUDA kernels read (and back, for tests and CPU).
+
+With R x C logical, G = ceil(C/M) groups, Rt = ceil(R/16) row tiles, Kc = ceil(G/8) chunks of 8 groups
+(one mma.sp k=32 step: 8 groups x 4 kept columns), Gp = 8*Kc, Bn = ceil(R/V):
+
+- `a_vals` (Rt, Kc, 32, 8), the weight dtype: the mma.sp A fragment of each 16-row x 8-group record, lane
+  l = 4*gid + t holding 4 registers of 2 values: (row gid, group t), (row gid+8, group t),
+  (row gid, group t+4), (row gid+8, group t+4); the first value (lower slot) in the low half. A lane reads
+  its 16 bytes with one load; a warp reads one 512-byte record.
+- `a_meta` (Rt, Kc, 16) int32 (bit pattern of uint32): word 2*gid + h is the metadata of lanes 4*gid + h
+  (sparsity selector 0): groups 4h..4h+3 of row gid in bits 0-15 and of row gid+8 in bits 16-31, one
+  nibble p0 | p1 << 2 per group (exactly the canonical `positions` nibble).
+- `cols` (Bn, Gp, 4) int32: the canonical kept columns, with padding slots (index >= C) remapped to
+  column C-1 and padding groups (g >= G) set to 0, so a kernel never reads x out of bounds.
+  Values there are zero, so what is read does not matter.
+
+Padding rows and groups hold zero values and the valid metadata nibble 0b0100 (slots 0 and 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .instantiations import SUPPORTED_V
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+M_RANGE = (4, 32)
+_PAD_NIBBLE = 0b0100  # p0 = 0, p1 = 1: a valid ordered 2:4 index pair
+
+
+@dataclass(frozen=True)
+class PackedVNM:
+    """Kernel layout of one V:N:M weight on one device. Build with `pack_for_device`."""
+
+    a_vals: torch.Tensor  # (Rt, Kc, 32, 8) weight dtype
+    a_meta: torch.Tensor  # (Rt, Kc, 16) int32
+    cols: torch.Tensor  # (Bn, Gp, 4) int32
+    shape: tuple[int, int]  # logical (R, C)
+    V: int
+    M: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a_vals.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.a_vals.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a_vals, self.a_meta, self.cols))
+
+
+def check_packable(V: int, M: int, dtype: torch.dtype) -> None:
+    """Raise ValueError (naming what is supported) if the kernels cannot run this pattern/dtype."""
+    if V not in SUPPORTED_V:
+        raise ValueError(f"vnmsparse kernels support V in {SUPPORTED_V}, got V={V}")
+    if not M_RANGE[0] <= M <= M_RANGE[1]:
+        raise ValueError(f"vnmsparse kernels support M in {M_RANGE[0]}..{M_RANGE[1]}, got M={M}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"vnmsparse kernels support bf16 and fp16 weights, got {dtype}; convert with tensor.to(dtype=torch.bfloat16)")
+
+
+def pack_for_device(tensor, device: torch.device | str) -> PackedVNM:
+    """Build the kernel layout of a `VNMTensor` on `device` (called and cached by `VNMTensor.pack`)."""
+    V, M = tensor.pattern.V, tensor.pattern.M
+    check_packable(V, M, tensor.values.dtype)
+    device = torch.device(device)
+    R, C = tensor.shape
+    G = tensor.groups
+    Rt, Kc = -(-R // 16), -(-G // 8)
+    Gp = 8 * Kc
+    Bn = -(-R // V)
+
+    values = tensor.values.to(device)
+    positions = tensor.positions.to(device)
+    columns = tensor.columns.to(device)
+
+    # Values: (R, G, 2) -> zero-padded (Rt*16, Gp, 2) -> fragment order.
+    vals = torch.zeros(Rt * 16, Gp, 2, dtype=values.dtype, device=device)
+    vals[:R, :G] = values.view(R, G, 2)
+    # (Rt, hi, gid, Kc, gh, t, k) -> (Rt, Kc, gid, t, gh, hi, k): lane = 4*gid + t, register = 2*gh + hi.
+    a_vals = vals.view(Rt, 2, 8, Kc, 2, 4, 2).permute(0, 3, 2, 5, 4, 1, 6).reshape(Rt, Kc, 32, 8).contiguous()
+
+    # Metadata nibbles (R, G) from the canonical positions, padded with a valid pair.
+    p = positions.to(torch.int64)
+    nib = torch.stack((p & 0xF, p >> 4), dim=-1).flatten(1)[:, :G]
+    nibbles = torch.full((Rt * 16, Gp), _PAD_NIBBLE, dtype=torch.int64, device=device)
+    nibbles[:R, :G] = nib
+    # (Rt, hi, gid, Kc, h, j) -> word(Rt, Kc, gid, h) = sum_j,hi nibble << (16*hi + 4*j).
+    nb = nibbles.view(Rt, 2, 8, Kc, 2, 4)
+    shifts = (16 * torch.arange(2, device=device).view(1, 2, 1, 1, 1, 1) + 4 * torch.arange(4, device=device))
+    words = (nb << shifts).sum(dim=(1, 5))  # (Rt, gid, Kc, h)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # uint32 bit pattern in int32
+    a_meta = words.permute(0, 2, 1, 3).reshape(Rt, Kc, 16).to(torch.int32).contiguous()
+
+    # Column indices: padding slots -> C-1, padding groups -> 0.
+    cols = torch.zeros(Bn, Gp, 4, dtype=torch.int32, device=device)
+    cols[:, :G] = torch.where(columns >= C, torch.full_like(columns, C - 1), columns)
+
+    return PackedVNM(a_vals=a_vals, a_meta=a_meta, cols=cols, shape=(R, C), V=V, M=M)
+
+
+def unpack_dense(a_vals: torch.Tensor, a_meta: torch.Tensor, cols: torch.Tensor, R: int, C: int, V: int) -> torch.Tensor:
+    """The dense (R, C) weight a packed layout encodes, in a_vals' dtype: the inverse of `pack_for_device`.
+
+    Reads only the packed tensors (not the canonical form), so it checks the layout independently and
+    serves as the CPU implementation of the custom op.
+    """
+    Rt, Kc = a_vals.shape[:2]
+    Gp = 8 * Kc
+    vals = a_vals.view(Rt, Kc, 8, 4, 2, 2, 2).permute(0, 5, 2, 1, 4, 3, 6).reshape(Rt * 16, Gp, 2)
+    words = a_meta.to(torch.int64) & 0xFFFFFFFF  # (Rt, Kc, 16), word 2*gid + h
+    w = words.view(Rt, Kc, 8, 2).permute(0, 2, 1, 3)  # (Rt, gid, Kc, h)
+    shifts = 16 * torch.arange(2, device=a_meta.device).view(2, 1) + 4 * torch.arange(4, device=a_meta.device)
+    nib = (w[..., None, None] >> shifts) & 0xF  # (Rt, gid, Kc, h, hi, j)
+    nib = nib.permute(0, 4, 1, 2, 3, 5).reshape(Rt * 16, Gp)  # row hi*8 + gid, group 4*h + j
+    slots = torch.stack((nib & 0x3, nib >> 2), dim=-1)[:R]  # (R, Gp, 2)
+    block_cols = cols.to(torch.int64).repeat_interleave(V, dim=0)[:R]  # (R, Gp, 4)
+    kept = block_cols.gather(2, slots).view(R, 2 * Gp)
+    dense = torch.zeros(R, C, dtype=torch.float32, device=a_vals.device)
+    dense.scatter_add_(1, kept, vals[:R].reshape(R, 2 * Gp).float())
+    return dense.to(a_vals.dtype)

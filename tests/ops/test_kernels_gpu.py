@@ -1,0 +1,160 @@
+"""The CUDA kernels against a float64 reference, on fresh random data, output poisoned with NaN first.
+
+Every compiled kernel variant is run directly (by its table index) over odd shapes: R not a multiple of
+any tile, C not a multiple of M (padding slots), N = 1, 3, 9, 16, 17, 100, 4095, folded input permutations.
+Then the public path: `vnmsparse.ops.linear` with leading dims and bias, CUDA graphs, torch.compile, and
+the logged fallbacks. Skipped without CUDA; bench/run_gpu.sh runs them (and once under compute-sanitizer).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from opshelp import fp64_reference, random_vnm, rel_err
+
+import vnmsparse as vs
+from vnmsparse import ops
+from vnmsparse.ops import instantiations, op
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = ops.extension("cuda")
+    if module is None:
+        pytest.fail(f"kernels did not build: {ops.unavailable_reason('cuda')}")
+    return module
+
+
+def _run_kernel(ext, kernel, t, x, bias=None):
+    """Run one table entry with a NaN-poisoned output; return it."""
+    p = t.pack(x.device)
+    R, C = t.shape
+    out = torch.full((x.shape[0], R), float("nan"), dtype=x.dtype, device=x.device)
+    y = ext.run(x, p.a_vals, p.a_meta, p.cols, bias, R, C, t.pattern.V, kernel.index, out)
+    torch.cuda.synchronize()
+    assert y.data_ptr() == out.data_ptr()
+    return out
+
+
+def _check(y, ref, dtype, what):
+    assert torch.isfinite(y).all(), f"{what}: output not fully written (NaN poison left) or non-finite"
+    err = rel_err(y, ref)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.0e}"
+
+
+DECODE_SHAPES = [(1, 4, "16:2:4"), (17, 37, "16:2:5"), (100, 1001, "32:2:8"), (300, 250, "64:2:16"), (130, 77, "128:2:32"), (64, 4096, "64:2:8")]
+DECODE_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "decode"]
+GEMM_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "gemm"]
+
+
+@pytest.mark.parametrize("kernel", DECODE_KERNELS, ids=lambda k: k.name)
+@pytest.mark.parametrize("R,C,pattern", DECODE_SHAPES)
+def test_decode_kernel(ext, kernel, R, C, pattern):
+    dtype = DTYPES[kernel.dtype]
+    ns = [1, 3, 8] if kernel.variant.max_n == 8 else [9, 16]
+    for i, N in enumerate(ns):
+        t = random_vnm(R, C, pattern, dtype=dtype, device="cuda", permute=i % 2 == 1, seed=R * 7 + N)
+        x = torch.randn(N, C, device="cuda").to(dtype)
+        bias = torch.randn(R, device="cuda").to(dtype) if i == 0 else None
+        y = _run_kernel(ext, kernel, t, x, bias)
+        _check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern}")
+
+
+def _gemm_shapes(V):
+    return [(2 * V + 3, 77, f"{V}:2:5"), (300, 1001, f"{V}:2:8"), (17, 40, f"{V}:2:4"), (1, 33, f"{V}:2:32"), (V * 3, 512, f"{V}:2:16")]
+
+
+@pytest.mark.parametrize("kernel", GEMM_KERNELS, ids=lambda k: k.name)
+def test_gemm_kernel(ext, kernel):
+    dtype = DTYPES[kernel.dtype]
+    V = kernel.V
+    for s, (R, C, pattern) in enumerate(_gemm_shapes(V)):
+        for i, N in enumerate((17, 100, 4095) if s < 2 else (33,)):
+            t = random_vnm(R, C, pattern, dtype=dtype, device="cuda", permute=(s + i) % 2 == 1, seed=R + C + N)
+            x = torch.randn(N, C, device="cuda").to(dtype)
+            bias = torch.randn(R, device="cuda").to(dtype) if i == 1 else None
+            y = _run_kernel(ext, kernel, t, x, bias)
+            _check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern}")
+
+
+def test_strided_rows_of_x(ext):
+    t = random_vnm(200, 300, "64:2:8", device="cuda", seed=4)
+    wide = torch.randn(40, 320, device="cuda").to(torch.bfloat16)
+    for N in (5, 40):
+        x = wide[:N, :300]  # row stride 320: taken as it comes, no copy
+        y = ops.linear(x, t)
+        _check(y, fp64_reference(x, t), torch.bfloat16, f"strided x N={N}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 8), (4, 300)])
+def test_public_linear(dtype, lead):
+    t = random_vnm(1000, 700, "64:2:8", dtype=dtype, device="cuda", permute=True, seed=9)
+    x = torch.randn(*lead, 700, device="cuda").to(dtype)
+    bias = torch.randn(1000, device="cuda").to(dtype)
+    y = ops.linear(x, t, bias)
+    assert y.shape == (*lead, 1000) and y.dtype == dtype
+    _check(y.reshape(-1, 1000), fp64_reference(x.reshape(-1, 700), t, bias), dtype, f"linear {lead}")
+
+
+@pytest.mark.parametrize("N", [4, 256])
+def test_cuda_graph_replay(N):
+    t = random_vnm(512, 384, "64:2:5", device="cuda", seed=2)
+    static_x = torch.randn(N, 384, device="cuda").to(torch.bfloat16)
+    ops.linear(static_x, t)  # build, pack and warm up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = ops.linear(static_x, t)
+    for seed in range(3):
+        static_x.copy_(torch.randn(N, 384, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(static_y, fp64_reference(static_x, t), torch.bfloat16, f"graph replay N={N}")
+
+
+def test_torch_compile_on_cuda():
+    t = random_vnm(256, 200, "128:2:8", device="cuda", seed=6)
+    p = t.pack("cuda")
+    f = torch.compile(lambda x: torch.ops.vnmsparse.linear(x, p.a_vals, p.a_meta, p.cols, None, 256, 200, 128), fullgraph=True)
+    for N in (2, 64):
+        x = torch.randn(N, 200, device="cuda").to(torch.bfloat16)
+        torch.testing.assert_close(f(x), ops.linear(x, t), rtol=0, atol=0)
+
+
+def test_unsupported_cases_fall_back_and_log_once(caplog):
+    op._logged.clear()
+    x = torch.randn(3, 40, device="cuda").to(torch.bfloat16)
+    t8 = vs.compress(torch.randn(16, 40, device="cuda").to(torch.bfloat16), "8:2:8")  # V=8: no kernel
+    with caplog.at_level(logging.WARNING, logger="vnmsparse.ops"):
+        for _ in range(2):
+            y = ops.linear(x, t8)
+    assert torch.equal(y, vs.vnm_linear(x, t8))
+    assert len([r for r in caplog.records if "V in" in r.getMessage()]) == 1
+    t16 = random_vnm(32, 40, "16:2:8", device="cuda")
+    xh = x.to(torch.float16)  # dtype differs from the weight's: reference, logged
+    assert torch.equal(ops.linear(xh, t16), vs.vnm_linear(xh, t16))
+
+
+def test_disabled_kernels_fall_back_in_a_fresh_process():
+    code = (
+        "import logging, torch, vnmsparse as vs, vnmsparse.ops as ops\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "t = vs.compress(torch.randn(64, 64, device='cuda').bfloat16(), '16:2:8')\n"
+        "x = torch.randn(2, 64, device='cuda').bfloat16()\n"
+        "assert torch.equal(ops.linear(x, t), vs.vnm_linear(x, t))\n"
+        "assert ops.extension('cuda') is None and 'VNMSPARSE_NO_KERNELS' in ops.unavailable_reason('cuda')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "VNMSPARSE_NO_KERNELS": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("plain-torch reference") == 1

@@ -1,0 +1,164 @@
+"""The custom op, its fake impl, the CPU fallback, dispatch and the generated kernel list (all on CPU)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from opshelp import fp64_reference, random_vnm, rel_err
+
+import vnmsparse as vs
+from vnmsparse import ops
+from vnmsparse.ops import dispatch, instantiations, op
+
+
+def test_importing_needs_no_compiler_or_gpu():
+    # No nvcc on PATH, no CUDA_HOME: importing and running on CPU must neither build nor load a compiler.
+    code = (
+        "import sys, torch, vnmsparse as vs, vnmsparse.ops as ops\n"
+        "t = vs.compress(torch.randn(20, 30), '16:2:5')\n"
+        "ops.linear(torch.randn(2, 30), t)\n"
+        "assert 'torch.utils.cpp_extension' not in sys.modules\n"
+        "from vnmsparse.ops import build\n"
+        "assert not any(k.startswith('sm') for k in build._modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "HOME", "VIRTUAL_ENV")}
+    subprocess.run([sys.executable, "-c", code], check=True, env={**env, "CUDA_HOME": "/nonexistent", "PATH": "/nonexistent"})
+
+
+@pytest.mark.parametrize("lead", [(), (1,), (3, 5), (2, 1, 4)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_on_cpu_is_the_reference(lead, with_bias):
+    t = random_vnm(70, 45, "16:2:6", seed=1)
+    x = torch.randn(*lead, 45).to(torch.bfloat16)
+    bias = torch.randn(70).to(torch.bfloat16) if with_bias else None
+    y = ops.linear(x, t, bias)
+    assert y.shape == (*lead, 70) and y.dtype == x.dtype
+    assert torch.equal(y, vs.vnm_linear(x, t, bias))
+
+
+def test_cpu_fallback_is_logged_once(caplog):
+    op._logged.clear()
+    t = random_vnm(20, 30, "16:2:5")
+    x = torch.randn(2, 30).to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="vnmsparse.ops"):
+        ops.linear(x, t)
+        ops.linear(x, t)
+    hits = [r for r in caplog.records if "plain-torch reference" in r.getMessage()]
+    assert len(hits) == 1 and "cpu" in hits[0].getMessage()
+
+
+@pytest.mark.parametrize("pattern,permute", [("16:2:5", False), ("32:2:8", True), ("128:2:4", False)])
+def test_op_on_cpu_computes_from_packed_parts(pattern, permute):
+    t = random_vnm(150, 83, pattern, permute=permute, seed=5)
+    p = t.pack("cpu")
+    x = torch.randn(4, 83).to(torch.bfloat16)
+    b = torch.randn(150).to(torch.bfloat16)
+    y = torch.ops.vnmsparse.linear(x, p.a_vals, p.a_meta, p.cols, b, 150, 83, t.pattern.V)
+    assert rel_err(y, fp64_reference(x, t, b)) < 1e-2
+    assert torch.equal(y, vs.vnm_linear(x, t, b))
+
+
+def test_fake_impl_and_opcheck():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t = random_vnm(40, 50, "16:2:5")
+    p = t.pack("cpu")
+    x = torch.randn(2, 3, 50).to(torch.bfloat16)
+    mode = FakeTensorMode()
+    fakes = [mode.from_tensor(a) for a in (x, p.a_vals, p.a_meta, p.cols)]
+    with mode:
+        out = torch.ops.vnmsparse.linear(*fakes, None, 40, 50, 16)
+    assert out.shape == (2, 3, 40) and out.dtype == torch.bfloat16
+    torch.library.opcheck(torch.ops.vnmsparse.linear.default, (x, p.a_vals, p.a_meta, p.cols, None, 40, 50, 16))
+
+
+def test_torch_compile_fullgraph():
+    t = random_vnm(40, 50, "16:2:5")
+    p = t.pack("cpu")
+    x = torch.randn(6, 50).to(torch.bfloat16)
+    f = torch.compile(lambda x: torch.ops.vnmsparse.linear(x, p.a_vals, p.a_meta, p.cols, None, 40, 50, 16), fullgraph=True)
+    assert torch.equal(f(x), vs.vnm_linear(x, t))
+
+
+def test_wrong_inputs_raise():
+    t = random_vnm(40, 50, "16:2:5")
+    with pytest.raises(ValueError, match="in_features=50"):
+        ops.linear(torch.randn(2, 49).to(torch.bfloat16), t)
+    with pytest.raises(TypeError, match="VNMTensor"):
+        ops.linear(torch.randn(2, 50), t.to_dense())
+
+
+def test_unsupported_pattern_falls_back_on_cuda_reason():
+    t = vs.compress(torch.randn(16, 40), "8:2:8")  # V=8: no kernel, fp32: no kernel
+    reason = op.kernel_unavailable_reason(torch.device("cuda"), torch.float32, t)
+    assert reason is not None and "V in" in reason
+    assert "cpu" in op.kernel_unavailable_reason(torch.device("cpu"), torch.float32, t)
+
+
+# ---- dispatch and the generated list ------------------------------------------------------------------------
+@pytest.mark.parametrize("N,expect", [(1, 1), (8, 1), (9, 2), (16, 2)])
+def test_decode_for_small_n(N, expect):
+    k = dispatch.choose(N, 4096, 64, "bf16", 132)
+    assert k.variant.kind == "decode" and k.variant.n_tiles == expect and k.dtype == "bf16"
+
+
+@pytest.mark.parametrize("V", instantiations.SUPPORTED_V)
+@pytest.mark.parametrize("dtype", instantiations.DTYPES)
+def test_gemm_for_large_n_matches_v(V, dtype):
+    for N in (17, 128, 1024, 8192):
+        k = dispatch.choose(N, 4096, V, dtype, 132)
+        assert k.variant.kind == "gemm" and k.variant.V == V and k.dtype == dtype
+
+
+def test_large_problems_get_the_large_tile_and_small_ones_the_small():
+    big = dispatch.choose(8192, 8192, 64, "bf16", 132)
+    small = dispatch.choose(128, 768, 64, "bf16", 132)
+    assert big.variant.BM * big.variant.BN > small.variant.BM * small.variant.BN
+
+
+def test_override_pins_a_kernel():
+    name = next(k.name for k in instantiations.KERNELS if k.variant.kind == "gemm" and k.V == 64 and k.dtype == "bf16")
+    try:
+        dispatch.override(name)
+        assert dispatch.choose(4096, 4096, 64, "bf16", 132).name == name
+        assert dispatch.choose(4096, 4096, 32, "bf16", 132).V == 32  # does not apply: normal choice
+    finally:
+        dispatch.override(None)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        dispatch.override("nope")
+
+
+def test_generated_sources_follow_the_list(tmp_path):
+    names = [k.name for k in instantiations.KERNELS]
+    assert len(set(names)) == len(names)
+    files = instantiations.write(tmp_path)
+    assert files[-1].name == "vnm_table.cu"
+    table = (tmp_path / "vnm_table.cu").read_text()
+    positions = [table.index(f'"{n}"') for n in names]
+    assert positions == sorted(positions)  # table order is list order: Python indexes it
+    traits = (tmp_path / "vnm_tiles.h").read_text()
+    for v in instantiations.VARIANTS:
+        assert f"_{v.tag} {{" in traits
+    assert {f.name for f in files} == {f"gen_{n}.cu" for n in names} | {"vnm_table.cu"}
+    # Writing again changes nothing on disk (incremental builds stay incremental).
+    before = {f: f.stat().st_mtime_ns for f in files}
+    instantiations.write(tmp_path)
+    assert before == {f: f.stat().st_mtime_ns for f in files}
+
+
+def test_every_supported_v_has_a_gemm_for_each_dtype():
+    for V in instantiations.SUPPORTED_V:
+        for dtype in instantiations.DTYPES:
+            assert any(k.variant.kind == "gemm" and k.V == V and k.dtype == dtype for k in instantiations.KERNELS)
+
+
+def test_module_reload_free_registration():
+    # The op is registered at import; importing again must not re-register (it would raise).
+    importlib.import_module("vnmsparse.ops.op")
+    assert hasattr(torch.ops.vnmsparse, "linear")

@@ -1,0 +1,118 @@
+"""Packing (CPU): the kernel layout holds exactly the canonical weight, in the registers the kernels read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opshelp import fp64_reference, random_vnm, rel_err
+
+import vnmsparse as vs
+from vnmsparse.ops import check_packable, pack_for_device, unpack_dense
+
+SHAPES_PATTERNS = [
+    (1, 4, "16:2:4"),
+    (17, 9, "16:2:5"),  # short last group: padding slots
+    (100, 37, "16:2:5"),
+    (130, 77, "32:2:7"),
+    (64, 64, "64:2:8"),
+    (65, 130, "64:2:8"),
+    (300, 1001, "128:2:16"),
+    (40, 95, "32:2:32"),
+    (257, 250, "64:2:4"),
+]
+
+
+@pytest.mark.parametrize("R,C,pattern", SHAPES_PATTERNS)
+@pytest.mark.parametrize("permute", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pack_roundtrip_is_exact(R, C, pattern, permute, dtype):
+    t = random_vnm(R, C, pattern, dtype=dtype, permute=permute, seed=R + C)
+    p = pack_for_device(t, "cpu")
+    V = t.pattern.V
+    assert p.a_vals.dtype == dtype and p.a_meta.dtype == torch.int32 and p.cols.dtype == torch.int32
+    Rt, Kc = -(-R // 16), -(-t.groups // 8)
+    assert p.a_vals.shape == (Rt, Kc, 32, 8) and p.a_meta.shape == (Rt, Kc, 16) and p.cols.shape == (-(-R // V), 8 * Kc, 4)
+    assert torch.equal(unpack_dense(p.a_vals, p.a_meta, p.cols, R, C, V), t.to_dense())
+
+
+@pytest.mark.parametrize("R,C,pattern", SHAPES_PATTERNS)
+def test_packed_indices_are_in_bounds_and_metadata_valid(R, C, pattern):
+    p = pack_for_device(random_vnm(R, C, pattern, seed=3), "cpu")
+    assert int(p.cols.min()) >= 0 and int(p.cols.max()) < C  # a kernel never gathers past x
+    words = p.a_meta.to(torch.int64) & 0xFFFFFFFF
+    nibbles = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1)
+    assert ((nibbles & 3) < (nibbles >> 2)).all()  # every nibble an ordered pair (0b0000 etc. are invalid)
+
+
+def test_pack_is_cached_per_device():
+    t = random_vnm(50, 60, "16:2:6")
+    assert t.pack("cpu") is t.pack(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "pattern,dtype,match",
+    [
+        ("8:2:8", torch.bfloat16, "V in"),
+        ("256:2:8", torch.bfloat16, "V in"),
+        ("48:2:8", torch.bfloat16, "V in"),
+        ("16:2:33", torch.bfloat16, "M in"),
+        ("64:2:8", torch.float32, "bf16 and fp16"),
+    ],
+)
+def test_unsupported_patterns_raise_at_pack_time(pattern, dtype, match):
+    V, _, M = (int(v) for v in pattern.split(":"))
+    R, C = 2 * V, 3 * M
+    t = vs.compress(torch.randn(R, C, dtype=dtype), pattern)
+    with pytest.raises(ValueError, match=match):
+        pack_for_device(t, "cpu")
+    with pytest.raises(ValueError, match=match):
+        check_packable(V, M, dtype)
+
+
+# ---- the registers the decode kernel assembles, emulated lane by lane ------------------------------------
+def _emulate_decode(p, x: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T computed the way vnm_decode.cuh reads the packed arrays, with mma.sp's documented semantics.
+
+    Per lane (gid = lane // 4, t = lane % 4) the kernel loads a_vals[mt, kc, lane] (4 registers), metadata word
+    a_meta[mt, kc, 2*gid + (t & 1)], and for B register j the columns cols[blk, 8kc + 2j + (t >> 1), 2(t & 1) + {0,1}].
+    The MMA then places A values by metadata (selector 0: lane 4*(r%8) + g//4 holds row r's group g nibble at bit
+    16*(r//8) + 4*(g%4)) and B[k][n] from lane 4n + (k%8)//2, register k//8, half k%2.
+    """
+    R, C = p.shape
+    V = p.V
+    Rt, Kc = p.a_vals.shape[:2]
+    N = x.shape[0]
+    xs = x.to(torch.float64)
+    y = torch.zeros(N, Rt * 16, dtype=torch.float64)
+    vals = p.a_vals.to(torch.float64)
+    words = p.a_meta.to(torch.int64) & 0xFFFFFFFF
+    for mt in range(Rt):
+        blk = (mt * 16) // V
+        for kc in range(Kc):
+            A = torch.zeros(16, 32, dtype=torch.float64)
+            for r in range(16):
+                for g in range(8):
+                    lane_v = 4 * (r % 8) + (g % 4)
+                    reg = 2 * (g // 4) + (r // 8)
+                    v0, v1 = vals[mt, kc, lane_v, 2 * reg], vals[mt, kc, lane_v, 2 * reg + 1]
+                    lane_e = 4 * (r % 8) + (g // 4)
+                    word = int(words[mt, kc, 2 * (lane_e // 4) + ((lane_e % 4) & 1)])
+                    nib = (word >> (16 * (r // 8) + 4 * (g % 4))) & 0xF
+                    A[r, 4 * g + (nib & 3)] = v0
+                    A[r, 4 * g + (nib >> 2)] = v1
+            B = torch.zeros(32, N, dtype=torch.float64)
+            for k in range(32):
+                t, j, half = (k % 8) // 2, k // 8, k % 2
+                col = int(p.cols[blk, 8 * kc + 2 * j + (t >> 1), 2 * (t & 1) + half])
+                B[k] = xs[:, col]
+            y[:, mt * 16 : mt * 16 + 16] += (A @ B).T
+    return y[:, :R]
+
+
+@pytest.mark.parametrize("R,C,pattern,permute", [(17, 9, "16:2:5", False), (40, 70, "32:2:6", True), (64, 45, "64:2:5", True)])
+def test_fragment_emulation_matches_reference(R, C, pattern, permute):
+    t = random_vnm(R, C, pattern, permute=permute, seed=11)
+    p = pack_for_device(t, "cpu")
+    x = torch.randn(3, C).to(torch.bfloat16)
+    ref = fp64_reference(x, t)
+    assert rel_err(_emulate_decode(p, x), ref) < 1e-12
