@@ -1,0 +1,376 @@
+"""`sparsify(model, config, calib)`: prune a model's nn.Linear layers to V:N:M and swap in `VNMLinear`s.
+
+In the style of torchao's `sparsify_` and llm-compressor's `oneshot`: a validated config dataclass, an optional
+`filter_fn(module, name)`, and calibration data for RIA. Everything the config says is checked against the model
+before the first weight is touched, so a bad config leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import BlockRunner, block_index, calibration_mode, collect_act_sq_mean, find_blocks, recording
+from .format import VALUE_DTYPES
+from .nn import VNMLinear
+from .pattern import VNMPattern
+from .scores import magnitude_scores, ria_scores
+
+CONFIG_VERSION = 1
+# Left dense unless named in `layers`: output heads and anything called an embedding.
+DEFAULT_EXCLUDE = (r"(.*\.)?(lm_head|head|classifier)", r".*embed.*")
+
+Calib = torch.Tensor | Mapping[str, Any] | Iterable[torch.Tensor | Mapping[str, Any]]
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+class Method(str, Enum):
+    """Importance criterion: RIA (needs calibration activations) or plain |W|."""
+
+    RIA = "ria"
+    MAGNITUDE = "magnitude"
+
+
+def _pattern_or_none(value: Any, what: str) -> VNMPattern | None:
+    if value is None:
+        return None
+    try:
+        return VNMPattern.parse(value)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{what}: {error}") from None
+
+
+@dataclass
+class SparsifyConfig:
+    """What to prune and how.
+
+    pattern:    V:N:M for every selected nn.Linear (None: only the layers named in `layers`).
+    layers:     per-layer patterns, {name or regex (full match): pattern or None}; None leaves a layer dense. An
+                exact name wins over regexes, then the first matching regex; named layers ignore `exclude`.
+    method:     "ria" or "magnitude"; None picks RIA when calibration data is given, else magnitude.
+    a:          RIA's activation exponent.
+    sequential: calibrate block by block, each block seeing the already-pruned ones before it (Wanda-style);
+                False: one pass over the dense model. Only used by RIA.
+    blocks:     name of the nn.ModuleList / nn.Sequential of blocks for sequential mode (None: found).
+    permute:    reorder channels to keep more importance (vnmsparse.permute).
+    exclude:    regexes (full match) of layer names left dense unless named in `layers`.
+    calib_batch_size: rows per forward when `calib` is one tensor.
+    """
+
+    pattern: VNMPattern | str | None = "64:2:8"
+    layers: Mapping[str, VNMPattern | str | None] = field(default_factory=dict)
+    method: Method | str | None = None
+    a: float = 0.5
+    sequential: bool = True
+    blocks: str | None = None
+    permute: bool = False
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    calib_batch_size: int = 8
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        self.pattern = _pattern_or_none(self.pattern, "SparsifyConfig.pattern")
+        if not isinstance(self.layers, Mapping):
+            raise TypeError(f"SparsifyConfig.layers must be a mapping {{name or regex: pattern}}, got {type(self.layers).__name__}")
+        self.layers = {_regex(key, "SparsifyConfig.layers key").pattern: _pattern_or_none(value, f"SparsifyConfig.layers[{key!r}]")
+                       for key, value in self.layers.items()}
+        if self.method is not None:
+            try:
+                self.method = Method(self.method)
+            except ValueError:
+                raise ValueError(f"SparsifyConfig.method must be one of {[m.value for m in Method]} or None, "
+                                 f"got {self.method!r}") from None
+        if isinstance(self.a, bool) or not isinstance(self.a, (int, float)) or not 0 <= self.a < float("inf"):
+            raise ValueError(f"SparsifyConfig.a must be a finite number >= 0, got {self.a!r}")
+        for name in ("sequential", "permute"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SparsifyConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.blocks is not None and not isinstance(self.blocks, str):
+            raise TypeError(f"SparsifyConfig.blocks must be a module name or None, got {self.blocks!r}")
+        if isinstance(self.exclude, str) or not isinstance(self.exclude, Iterable):
+            raise TypeError(f"SparsifyConfig.exclude must be a tuple of regexes, got {self.exclude!r}")
+        self.exclude = tuple(_regex(r, "SparsifyConfig.exclude entry").pattern for r in self.exclude)
+        if isinstance(self.calib_batch_size, bool) or not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1:
+            raise ValueError(f"SparsifyConfig.calib_batch_size must be a positive int, got {self.calib_batch_size!r}")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"SparsifyConfig.version {self.version!r} is not supported; this build reads {CONFIG_VERSION}")
+        if self.pattern is None and not any(p is not None for p in self.layers.values()):
+            raise ValueError("SparsifyConfig selects nothing: give a pattern, or patterns in layers")
+
+    def resolve_method(self, calib: Calib | None) -> Method:
+        """The method to use with this calibration data (RIA by default when there is some)."""
+        method = self.method or (Method.RIA if calib is not None else Method.MAGNITUDE)
+        if method is Method.RIA and calib is None:
+            raise ValueError("method 'ria' needs calibration data: pass calib=, or use method='magnitude'")
+        return method
+
+
+def _regex(text: Any, what: str) -> re.Pattern:
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        return re.compile(text)
+    except re.error as error:
+        raise ValueError(f"{what} {text!r} is not a valid regex: {error}") from None
+
+
+def plan_layers(model: nn.Module, config: SparsifyConfig, filter_fn: FilterFn | None = None) -> dict[str, VNMPattern]:
+    """{layer name: pattern} for every nn.Linear the config prunes; raises on anything it cannot do."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable (module, name) -> bool, got {type(filter_fn).__name__}")
+    modules = dict(model.named_modules())
+    linears = {name: m for name, m in modules.items() if type(m) is nn.Linear}
+    explicit: dict[str, str] = {}  # layer name -> the config.layers key that decides it
+    for key in config.layers:
+        if key in modules:
+            if key not in linears:
+                raise ValueError(f"SparsifyConfig.layers[{key!r}] names a {type(modules[key]).__name__}, not an nn.Linear")
+            explicit[key] = key
+            continue
+        matched = [name for name in linears if re.fullmatch(key, name)]
+        if not matched:
+            raise ValueError(f"SparsifyConfig.layers[{key!r}] matches no nn.Linear in the model "
+                             f"(layers look like {list(linears)[:3]})")
+        for name in matched:
+            explicit.setdefault(name, key)
+    plan = {}
+    for name, linear in linears.items():
+        if filter_fn is not None and not filter_fn(linear, name):
+            continue
+        if name in explicit:
+            pattern = config.layers[explicit[name]]
+        elif any(re.fullmatch(r, name) for r in config.exclude):
+            continue
+        else:
+            pattern = config.pattern
+        if pattern is not None:
+            plan[name] = pattern
+    if not plan:
+        raise ValueError("no nn.Linear layer is selected by this config and filter_fn")
+    _check_servable(model, linears, plan)
+    return plan
+
+
+def _check_servable(model: nn.Module, linears: Mapping[str, nn.Linear], plan: Mapping[str, VNMPattern]) -> None:
+    """Each planned layer must be a real, untied float weight at least one column group wide."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append(f"{module_name}.{param_name}" if module_name else param_name)
+    for name, pattern in plan.items():
+        weight = linears[name].weight
+        if weight.dtype not in VALUE_DTYPES:
+            raise TypeError(f"layer {name!r}: weight dtype {weight.dtype} cannot be compressed; use one of {VALUE_DTYPES}")
+        if weight.device.type == "meta":
+            raise ValueError(f"layer {name!r} is on the meta device; load its weights before sparsifying")
+        if linears[name].in_features < pattern.M:
+            raise ValueError(f"layer {name!r}: in_features={linears[name].in_features} is less than M={pattern.M}, "
+                             f"so {pattern} cannot serve it (a V x M block needs M input columns)")
+        tied = [o for o in owners[id(weight)] if o != f"{name}.weight"]
+        if tied:
+            raise ValueError(f"layer {name!r}: its weight is shared with {tied}; untie it or leave the layer dense")
+
+
+def calib_batches(calib: Calib, batch_size: int) -> list[torch.Tensor | Mapping[str, Any]]:
+    """Calibration data as a list of forward inputs: a tensor is split along dim 0, a mapping is one batch of
+    keyword arguments, an iterable is taken batch by batch."""
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() < 1 or len(calib) == 0:
+            raise ValueError(f"calib must have at least one row, got shape {tuple(calib.shape)}")
+        return list(calib.split(batch_size))
+    if isinstance(calib, Mapping):
+        return [calib]
+    if isinstance(calib, (str, bytes)) or not isinstance(calib, Iterable):
+        raise TypeError(f"calib must be a tensor, a mapping of model inputs, or an iterable of them; got {type(calib).__name__}")
+    batches = list(calib)
+    if not batches:
+        raise ValueError("calib is empty")
+    bad = [type(b).__name__ for b in batches if not isinstance(b, (torch.Tensor, Mapping))]
+    if bad:
+        raise TypeError(f"every calib batch must be a tensor or a mapping of model inputs, got {bad[0]}")
+    return batches
+
+
+@dataclass
+class LayerReport:
+    """One pruned layer: its pattern, logical shape, stored (kept) weights and bytes."""
+
+    name: str
+    pattern: str
+    shape: tuple[int, int]
+    kept: int
+    dense_bytes: int
+    compressed_bytes: int
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass
+class SparsifyReport:
+    """What `sparsify` did, with totals over the pruned layers and over the whole model."""
+
+    layers: list[LayerReport]
+    method: str
+    calibration: str | None  # "sequential", "one-shot", or None (magnitude)
+    a: float | None
+    permute: bool
+    calib_batches: int
+    model_params: int  # parameters of the model before pruning (shared ones counted once)
+    seconds: float
+
+    @property
+    def params(self) -> int:
+        """Dense parameters of the pruned layers."""
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def kept(self) -> int:
+        return sum(layer.kept for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the pruned layers' weights that are zero."""
+        return 1.0 - self.kept / self.params
+
+    @property
+    def model_sparsity(self) -> float:
+        """Fraction of all the model's parameters that were pruned."""
+        return (self.params - self.kept) / self.model_params
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(layer.dense_bytes for layer in self.layers)
+
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(layer.compressed_bytes for layer in self.layers)
+
+    def to_config(self) -> dict[str, Any]:
+        """How the model was pruned, for a checkpoint's `sparsity_config` (which adds the layers and its version)."""
+        return {"method": self.method, "calibration": self.calibration, "a": self.a, "permute": self.permute,
+                "calib_batches": self.calib_batches}
+
+    def __str__(self) -> str:
+        return (f"{len(self.layers)} layers pruned ({self.method}, {self.calibration or 'no calibration'}): "
+                f"sparsity {self.sparsity:.2%} of {self.params:,} weights ({self.model_sparsity:.2%} of the model), "
+                f"{self.dense_bytes / 2**20:.1f} -> {self.compressed_bytes / 2**20:.1f} MiB, {self.seconds:.1f} s")
+
+
+def _swap(model: nn.Module, name: str, pattern: VNMPattern, act_sq_mean: torch.Tensor | None, a: float) -> LayerReport:
+    """Score one linear, compress it and put a VNMLinear in its place."""
+    linear = model.get_submodule(name)
+    weight = linear.weight.detach()
+    scores = magnitude_scores(weight) if act_sq_mean is None else ria_scores(weight, act_sq_mean, a)
+    sparse = VNMLinear.from_linear(linear, pattern, scores=scores)
+    model.set_submodule(name, sparse)
+    t = sparse.weight
+    return LayerReport(name, str(pattern), t.shape, int(t.mask().sum()), t.dense_nbytes, t.nbytes)
+
+
+def sparsify(
+    model: nn.Module,
+    config: SparsifyConfig | None = None,
+    calib: Calib | None = None,
+    filter_fn: FilterFn | None = None,
+    progress: bool = True,
+) -> SparsifyReport:
+    """Prune `model`'s nn.Linear layers in place to V:N:M, replacing them by VNMLinear; returns a report.
+
+    `calib`: token ids (n, seq_len) or model inputs (split into `config.calib_batch_size` rows), a mapping of
+    keyword inputs, or an iterable of either. The result is also recorded on `model.vnm_sparsity` for
+    `save_pretrained`.
+    """
+    start = time.perf_counter()
+    config = SparsifyConfig() if config is None else config
+    if not isinstance(config, SparsifyConfig):
+        raise TypeError(f"config must be a SparsifyConfig, got {type(config).__name__}")
+    plan = plan_layers(model, config, filter_fn)
+    method = config.resolve_method(calib)
+    if config.permute:
+        raise NotImplementedError("permute=True needs vnmsparse.permute, which is not available yet")
+    model_params = sum(p.numel() for p in model.parameters())
+    batches, calibration, blocks_name = [], None, None
+    if method is Method.RIA:
+        batches = calib_batches(calib, config.calib_batch_size)
+        calibration = "sequential" if config.sequential else "one-shot"
+        if config.sequential:
+            blocks_name = _blocks_for(model, config, plan)
+    elif calib is not None:
+        warnings.warn("calib is ignored by method='magnitude'", stacklevel=2)
+
+    with calibration_mode(model):
+        if method is Method.MAGNITUDE:
+            layers = [_swap(model, n, p, None, config.a) for n, p in tqdm(plan.items(), desc="sparsify", disable=not progress)]
+        elif blocks_name is None:
+            stats = collect_act_sq_mean(model, batches, plan, progress=progress)
+            layers = [_swap(model, n, p, stats[n], config.a) for n, p in tqdm(plan.items(), desc="sparsify", disable=not progress)]
+        else:
+            layers = _sparsify_sequential(model, plan, batches, blocks_name, config.a, progress)
+
+    report = SparsifyReport(layers, method.value, calibration, config.a if method is Method.RIA else None,
+                            config.permute, len(batches), model_params, time.perf_counter() - start)
+    model.vnm_sparsity = report.to_config()
+    return report
+
+
+def _blocks_for(model: nn.Module, config: SparsifyConfig, plan: Mapping[str, VNMPattern]) -> str:
+    """The block stack for sequential calibration: the configured one, checked, or the one found."""
+    if config.blocks is None:
+        name = find_blocks(model, plan)
+        if name is None:
+            raise ValueError("sequential calibration found no nn.ModuleList / nn.Sequential of blocks holding the "
+                             "layers to prune; set SparsifyConfig.blocks, or sequential=False")
+        return name
+    try:
+        container = model.get_submodule(config.blocks)
+    except AttributeError:
+        raise ValueError(f"SparsifyConfig.blocks={config.blocks!r} names no module in the model") from None
+    if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+        raise ValueError(f"SparsifyConfig.blocks={config.blocks!r} is a {type(container).__name__}, "
+                         "not an nn.ModuleList or nn.Sequential")
+    return config.blocks
+
+
+def _sparsify_sequential(
+    model: nn.Module, plan: Mapping[str, VNMPattern], batches: list, blocks_name: str, a: float, progress: bool
+) -> list[LayerReport]:
+    """Prune block by block: statistics of block i are taken on the outputs of the already-pruned blocks < i.
+
+    Layers outside the stack (a classifier named in `layers`, say) are calibrated last, in one pass of the
+    model whose blocks are by then pruned.
+    """
+    blocks = model.get_submodule(blocks_name)
+    per_block: dict[int, list[str]] = {}
+    outside = []
+    for name in plan:
+        index = block_index(name, blocks_name)
+        (per_block.setdefault(index, []) if index is not None else outside).append(name)
+    runner = BlockRunner(model, blocks, batches)
+    layers = []
+    last = max(per_block, default=-1)
+    for index in tqdm(range(last + 1), desc="sparsify (sequential)", disable=not progress):
+        names = per_block.get(index, [])
+        if names:
+            with recording({n: model.get_submodule(n) for n in names}) as stats:
+                runner.run(index)
+            layers += [_swap(model, n, plan[n], stats[n].act_sq_mean, a) for n in names]
+        if index < last:
+            runner.advance(index)
+    del runner
+    if outside:
+        stats = collect_act_sq_mean(model, batches, outside, progress=progress)
+        layers += [_swap(model, n, plan[n], stats[n], a) for n in outside]
+    return layers

@@ -1,0 +1,160 @@
+"""sparsify(): which layers, which masks, sequential vs one-shot calibration, and bad configs refused up front."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tiny_models import images, tiny_llama, tiny_vit, token_ids
+from vnmsparse import is_vnm, magnitude_scores, ria_scores, vnm_mask
+from vnmsparse.calibrate import collect_act_sq_mean
+from vnmsparse.nn import VNMLinear
+from vnmsparse.sparsify import SparsifyConfig, SparsifyReport, plan_layers, sparsify
+
+LLAMA_LINEARS = [f"model.layers.{i}.{p}" for i in range(2) for p in
+                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+def sparse_layers(model) -> dict[str, VNMLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, VNMLinear)}
+
+
+def test_llama_ria_prunes_every_block_linear_and_leaves_head_and_embeddings():
+    model = tiny_llama()
+    embed = model.model.embed_tokens.weight.clone()
+    report = sparsify(model, SparsifyConfig("16:2:8"), calib=token_ids(), progress=False)
+    assert isinstance(report, SparsifyReport)
+    assert list(sparse_layers(model)) == LLAMA_LINEARS
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    for layer in sparse_layers(model).values():
+        assert is_vnm(layer.weight.mask(), "16:2:8")
+    assert (report.method, report.calibration) == ("ria", "sequential")
+    assert report.sparsity == pytest.approx(0.75)
+    assert report.compressed_bytes < report.dense_bytes / 3
+    assert model.vnm_sparsity["method"] == "ria"
+    assert torch.isfinite(model(token_ids()).logits).all()
+
+
+def test_magnitude_without_calibration_keeps_the_largest_weights():
+    model = tiny_llama()
+    dense = {n: model.get_submodule(n).weight.detach().clone() for n in LLAMA_LINEARS}
+    report = sparsify(model, SparsifyConfig("16:2:5"), progress=False)
+    assert report.method == "magnitude" and report.calibration is None
+    for name, layer in sparse_layers(model).items():
+        assert torch.equal(layer.weight.mask(), vnm_mask(magnitude_scores(dense[name]), "16:2:5"))
+
+
+def test_one_shot_uses_the_dense_model_statistics():
+    model, ids = tiny_llama(), token_ids()
+    dense = {n: model.get_submodule(n).weight.detach().clone() for n in LLAMA_LINEARS}
+    stats = collect_act_sq_mean(model, [ids], LLAMA_LINEARS, progress=False)
+    sparsify(model, SparsifyConfig("16:2:8", sequential=False, a=0.5), calib=ids, progress=False)
+    for name, layer in sparse_layers(model).items():
+        assert torch.equal(layer.weight.mask(), vnm_mask(ria_scores(dense[name], stats[name]), "16:2:8"))
+
+
+def test_sequential_block_sees_the_pruned_blocks_before_it():
+    """Sequential = prune block 0 on dense statistics, then block 1 on statistics of the model with block 0 pruned."""
+    ids = token_ids()
+    sequential = tiny_llama()
+    sparsify(sequential, SparsifyConfig("16:2:8", sequential=True), calib=ids, progress=False)
+    by_hand = tiny_llama()
+    for block in (r"model\.layers\.0\..*", r"model\.layers\.1\..*"):
+        sparsify(by_hand, SparsifyConfig(None, layers={block: "16:2:8"}, sequential=False), calib=ids, progress=False)
+    got, want = sparse_layers(sequential), sparse_layers(by_hand)
+    assert list(got) == list(want)
+    for name in got:
+        assert torch.equal(got[name].weight.mask(), want[name].weight.mask()), name
+    one_shot = tiny_llama()
+    sparsify(one_shot, SparsifyConfig("16:2:8", sequential=False), calib=ids, progress=False)
+    masks = sparse_layers(one_shot)
+    assert torch.equal(masks["model.layers.0.mlp.up_proj"].weight.mask(), got["model.layers.0.mlp.up_proj"].weight.mask())
+    assert not torch.equal(masks["model.layers.1.mlp.up_proj"].weight.mask(), got["model.layers.1.mlp.up_proj"].weight.mask())
+
+
+def test_per_layer_patterns_by_name_and_regex():
+    model = tiny_llama()
+    config = SparsifyConfig("16:2:8", layers={"model.layers.0.mlp.down_proj": "32:2:5", r".*self_attn\..*": None,
+                                              r"model\.layers\.\d\.mlp\.down_proj": "16:2:6"})
+    sparsify(model, config, progress=False)
+    patterns = {n: str(m.pattern) for n, m in sparse_layers(model).items()}
+    assert patterns == {"model.layers.0.mlp.gate_proj": "16:2:8", "model.layers.0.mlp.up_proj": "16:2:8",
+                        "model.layers.0.mlp.down_proj": "32:2:5", "model.layers.1.mlp.gate_proj": "16:2:8",
+                        "model.layers.1.mlp.up_proj": "16:2:8", "model.layers.1.mlp.down_proj": "16:2:6"}
+
+
+def test_filter_fn_and_calibration_as_keyword_batches():
+    model, ids = tiny_llama(), token_ids()
+    report = sparsify(model, SparsifyConfig("16:2:8"), calib=[{"input_ids": ids[:2]}, {"input_ids": ids[2:]}],
+                      filter_fn=lambda module, name: "mlp" in name, progress=False)
+    assert list(sparse_layers(model)) == [n for n in LLAMA_LINEARS if "mlp" in n]
+    assert report.calib_batches == 2
+
+
+def test_vit_blocks_pruned_with_image_calibration():
+    model = tiny_vit()
+    x = images()
+    report = sparsify(model, SparsifyConfig("32:2:8"), calib=x, progress=False)
+    assert list(sparse_layers(model)) == [f"blocks.{i}.{p}" for i in range(2)
+                                          for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert type(model.head) is nn.Linear and report.calibration == "sequential"
+    dense = copy.deepcopy(model)
+    for name, layer in sparse_layers(dense).items():
+        dense.set_submodule(name, layer.to_linear())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x))
+
+
+BAD_CONFIGS = [
+    (dict(layers={"model.layers.9.mlp.up_proj": "16:2:8"}), {}, ValueError, "matches no nn.Linear"),
+    (dict(layers={r".*\.nothing_here": "16:2:8"}), {}, ValueError, "matches no nn.Linear"),
+    (dict(layers={"model.layers.0.mlp": "16:2:8"}), {}, ValueError, "not an nn.Linear"),
+    (dict(layers={"lm_head": "16:2:8"}), {}, ValueError, "shared with"),
+    (dict(pattern="16:2:128"), {}, ValueError, "in_features=64 is less than M=128"),
+    (dict(method="ria"), {}, ValueError, "needs calibration data"),
+    (dict(), dict(calib="some text"), TypeError, "calib must be"),
+    (dict(), dict(calib=[token_ids(), "text"]), TypeError, "every calib batch"),
+    (dict(), dict(filter_fn="mlp"), TypeError, "filter_fn must be callable"),
+    (dict(), dict(filter_fn=lambda m, n: False), ValueError, "no nn.Linear layer is selected"),
+    (dict(blocks="model.norm"), dict(calib=token_ids()), ValueError, "not an nn.ModuleList"),
+]
+
+
+@pytest.mark.parametrize("config_kwargs, call_kwargs, error, match", BAD_CONFIGS)
+def test_bad_config_fails_before_any_weight_is_touched(config_kwargs, call_kwargs, error, match):
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        sparsify(model, SparsifyConfig(**{"pattern": "16:2:8", **config_kwargs}), progress=False, **call_kwargs)
+    assert not sparse_layers(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(pattern=8), TypeError, "SparsifyConfig.pattern"),
+    (dict(pattern="64:3:8"), ValueError, "SparsifyConfig.pattern"),
+    (dict(layers=["model.layers.0.mlp.up_proj"]), TypeError, "SparsifyConfig.layers must be a mapping"),
+    (dict(layers={"model.layers.(": "16:2:8"}), ValueError, "not a valid regex"),
+    (dict(layers={"x": "16-2-8"}), ValueError, r"SparsifyConfig.layers\['x'\]"),
+    (dict(method="wanda"), ValueError, "SparsifyConfig.method must be one of"),
+    (dict(a=-1), ValueError, "SparsifyConfig.a"),
+    (dict(sequential="yes"), TypeError, "SparsifyConfig.sequential must be a bool"),
+    (dict(exclude="lm_head"), TypeError, "SparsifyConfig.exclude"),
+    (dict(calib_batch_size=0), ValueError, "calib_batch_size"),
+    (dict(version=2), ValueError, "version"),
+    (dict(pattern=None), ValueError, "selects nothing"),
+])
+def test_config_validation(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SparsifyConfig(**kwargs)
+
+
+def test_config_object_is_type_checked():
+    with pytest.raises(TypeError, match="config must be a SparsifyConfig"):
+        sparsify(tiny_llama(), {"pattern": "16:2:8"})
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        plan_layers("model", SparsifyConfig())
