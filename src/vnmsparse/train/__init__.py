@@ -1,8 +1,9 @@
 """V:N:M-aware training: SR-STE masked fine-tuning and three-staged LoRA, single-process or under torchrun.
 
-    method = StagedLoRA("64:2:5", scorer=RIAScorer.calibrate(model, batches, names), rank=32)
+    method = StagedLoRA("64:2:5", rank=32)
+    method.scorer = RIAScorer.calibrate(model, calib_batches, method.selected(model))
     result = train(model, method, batches, loss_fn, TrainConfig(steps=1000, lr=1e-3, autocast="bf16"))
-    to_vnm_linear(model, method)     # the trained layers become compressed VNMLinear layers
+    method.convert(model)            # the trained layers become compressed VNMLinear layers
 """
 
 from .dist import digest, gather_digests

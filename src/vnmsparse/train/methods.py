@@ -12,27 +12,30 @@ with calibration statistics averaged over the ranks, and rank 0's mask is then b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..format import VNMTensor
 from ..masks import vnm_mask
+from ..nn import VNMLinear
 from ..pattern import VNMPattern
+from ..sparsify import DEFAULT_EXCLUDE
 from .dist import broadcast_
 from .masked import MaskedLinear
 from .schedule import MaskSchedule
 from .scoring import Scorer, magnitude_scorer
 
-LinearFilter = Callable[[str, nn.Module], bool]
-HEAD_NAMES = frozenset({"lm_head", "head", "classifier", "score"})
+LinearFilter = Callable[[nn.Module, str], bool]  # (module, name), as sparsify's filter_fn
 
 
-def default_filter(name: str, module: nn.Module) -> bool:
-    """Every nn.Linear except output heads (lm_head, head, classifier, score), which stay dense."""
-    return isinstance(module, nn.Linear) and name.rpartition(".")[2] not in HEAD_NAMES
+def default_filter(module: nn.Module, name: str) -> bool:
+    """Every nn.Linear that `sparsify` would prune by default: heads and embeddings stay dense."""
+    return type(module) is nn.Linear and not any(re.fullmatch(r, name) for r in DEFAULT_EXCLUDE)
 
 
 @dataclass
@@ -79,14 +82,15 @@ class SparseMethod:
             raise ValueError("no linear layer was selected: check filter_fn (or the model has no nn.Linear)")
         return self.trainable(model)
 
+    def selected(self, model: nn.Module) -> list[str]:
+        """Names of the layers `prepare` would wrap (calibrate RIA on these)."""
+        return [n for n, m in model.named_modules() if n and self.filter_fn(m, n)]
+
     def _adopt(self, model: nn.Module) -> dict[str, MaskedLinear]:
-        selected = [(n, m) for n, m in model.named_modules() if n and self.filter_fn(n, m)]
         layers = {}
-        for name, linear in selected:
-            wrapped = self.wrap(name, linear)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, wrapped)
-            layers[name] = wrapped
+        for name in self.selected(model):
+            layers[name] = self.wrap(name, model.get_submodule(name))
+            model.set_submodule(name, layers[name])
         return layers
 
     def before_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
@@ -118,6 +122,27 @@ class SparseMethod:
     def export(self) -> dict[str, VNMTensor]:
         """The final compressed weight of every wrapped layer, whole on every rank (call `finish` first)."""
         return {name: layer.to_vnm_tensor() for name, layer in self.layers.items()}
+
+    @torch.no_grad()
+    def convert(self, model: nn.Module) -> nn.Module:
+        """Replace every wrapped layer of `model` by a `VNMLinear` holding exactly dense_weight() * mask.
+
+        For an unsharded model (single process, or the module inside DDP); under FSDP use `export()`.
+        """
+        for name, layer in self.layers.items():
+            if isinstance(layer.weight, DTensor):
+                raise ValueError(f"layer {name!r} is FSDP-sharded; use export() for whole compressed weights")
+            if model.get_submodule(name) is not layer:
+                raise ValueError(f"model has no wrapped layer {name!r}: convert the model this method prepared")
+        for name, layer in self.layers.items():
+            if layer.mask is None:
+                raise ValueError(f"layer {name!r} has no mask yet: finish training (method.finish()) first")
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            linear.weight = nn.Parameter(layer.dense_weight(), requires_grad=False)
+            if layer.bias is not None:
+                linear.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+            model.set_submodule(name, VNMLinear.from_linear(linear, self.pattern, mask=layer.mask))
+        return model
 
 
 @dataclass
