@@ -35,12 +35,12 @@ def ext():
     return module
 
 
-def _run_kernel(ext, kernel, t, x, bias=None):
+def _run_kernel(ext, kernel, t, x, bias=None, ksplit=1):
     """Run one table entry with a NaN-poisoned output; return it."""
     p = t.pack(x.device)
     R, C = t.shape
     out = torch.full((x.shape[0], R), float("nan"), dtype=x.dtype, device=x.device)
-    y = ext.run(x, p.a_vals, p.a_meta, p.cols, bias, R, C, t.pattern.V, kernel.index, out)
+    y = ext.run(x, p.a_vals, p.a_meta, p.cols, bias, R, C, t.pattern.V, kernel.index, ksplit, out)
     torch.cuda.synchronize()
     assert y.data_ptr() == out.data_ptr()
     return out
@@ -52,7 +52,7 @@ def _check(y, ref, dtype, what):
     assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.0e}"
 
 
-DECODE_SHAPES = [(1, 4, "16:2:4"), (17, 37, "16:2:5"), (100, 1001, "32:2:8"), (300, 250, "64:2:16"), (130, 77, "128:2:32"), (64, 4096, "64:2:8")]
+DECODE_SHAPES = [(1, 4, "16:2:4"), (17, 37, "16:2:5"), (100, 1001, "32:2:8"), (300, 250, "64:2:16"), (130, 77, "128:2:32"), (64, 4096, "64:2:8"), (260, 2000, "64:2:5")]
 DECODE_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "decode"]
 GEMM_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "gemm"]
 
@@ -61,13 +61,28 @@ GEMM_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "gemm"]
 @pytest.mark.parametrize("R,C,pattern", DECODE_SHAPES)
 def test_decode_kernel(ext, kernel, R, C, pattern):
     dtype = DTYPES[kernel.dtype]
+    V = int(pattern.split(":")[0])
+    if 16 * kernel.variant.rows > V:
+        pytest.skip(f"{kernel.name} needs V >= {16 * kernel.variant.rows}")
     ns = [1, 3, 8] if kernel.variant.max_n == 8 else [9, 16]
     for i, N in enumerate(ns):
-        t = random_vnm(R, C, pattern, dtype=dtype, device="cuda", permute=i % 2 == 1, seed=R * 7 + N)
-        x = torch.randn(N, C, device="cuda").to(dtype)
-        bias = torch.randn(R, device="cuda").to(dtype) if i == 0 else None
-        y = _run_kernel(ext, kernel, t, x, bias)
-        _check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern}")
+        for ksplit in (1, 7) if i == 0 else (3,):  # 7 > chunks of small shapes: CTAs with empty k ranges report too
+            t = random_vnm(R, C, pattern, dtype=dtype, device="cuda", permute=i % 2 == 1, seed=R * 7 + N + ksplit)
+            x = torch.randn(N, C, device="cuda").to(dtype)
+            bias = torch.randn(R, device="cuda").to(dtype) if i == 0 else None
+            y = _run_kernel(ext, kernel, t, x, bias, ksplit)
+            _check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern} ksplit={ksplit}")
+
+
+def test_split_k_counters_reset_between_calls(ext):
+    # The same split-k launch twice in a row (and again after a different split) gives the same, right answer.
+    kernel = next(k for k in DECODE_KERNELS if k.dtype == "bf16" and k.variant.max_n == 16 and k.variant.rows == 4)
+    t = random_vnm(1000, 3000, "64:2:8", device="cuda", seed=1)
+    x = torch.randn(16, 3000, device="cuda").to(torch.bfloat16)
+    ys = [_run_kernel(ext, kernel, t, x, None, ks) for ks in (5, 5, 3, 5)]
+    for y in ys:
+        _check(y, fp64_reference(x, t), torch.bfloat16, "split-k repeat")
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[3])  # fixed summation order: deterministic
 
 
 def _gemm_shapes(V):

@@ -103,9 +103,20 @@ def test_unsupported_pattern_falls_back_on_cuda_reason():
 
 # ---- dispatch and the generated list ------------------------------------------------------------------------
 @pytest.mark.parametrize("N,expect", [(1, 1), (8, 1), (9, 2), (16, 2)])
-def test_decode_for_small_n(N, expect):
-    k = dispatch.choose(N, 4096, 64, "bf16", 132)
+@pytest.mark.parametrize("V", instantiations.SUPPORTED_V)
+def test_decode_for_small_n(N, expect, V):
+    k = dispatch.choose(N, 4096, V, "bf16", 132)
     assert k.variant.kind == "decode" and k.variant.n_tiles == expect and k.dtype == "bf16"
+    assert 16 * k.variant.rows <= V and k.variant.rows == min(4, V // 16)  # one gather serves all rows it can
+
+
+def test_decode_ksplit_fills_the_gpu_and_keeps_warps_busy():
+    k = dispatch.choose(16, 4096, 64, "bf16", 132)
+    ks = dispatch.decode_ksplit(k, 4096, 64, 132)  # 64 row groups of 64 rows, 64 chunks
+    assert 64 * ks >= 132 and 64 // ks >= 2 * k.variant.warps // 2
+    assert dispatch.decode_ksplit(k, 28672, 205, 132) == 1  # 448 row groups: enough CTAs already
+    gemm = dispatch.choose(4096, 4096, 64, "bf16", 132)
+    assert dispatch.decode_ksplit(gemm, 4096, 64, 132) == 1
 
 
 @pytest.mark.parametrize("V", instantiations.SUPPORTED_V)

@@ -131,7 +131,10 @@ def _build(device: torch.device) -> tuple[ModuleType | None, str | None]:
 def _check_table(module: ModuleType) -> None:
     """The compiled table must be the Python list, entry for entry (both come from one generator)."""
     compiled = module.table()
-    expected = [(k.name, 0 if k.variant.kind == "decode" else 1, 0 if k.dtype == "bf16" else 1, k.V) for k in instantiations.KERNELS]
-    got = [tuple(row[:4]) for row in compiled]
+    expected = [
+        (k.name, 0 if k.variant.kind == "decode" else 1, 0 if k.dtype == "bf16" else 1, k.V, k.variant.rows)
+        for k in instantiations.KERNELS
+    ]
+    got = [(*row[:4], row[5]) for row in compiled]
     if got != expected:
         raise RuntimeError(f"vnmsparse: compiled kernel table does not match instantiations.KERNELS: {got} != {expected}")

@@ -53,7 +53,7 @@ def candidates(N: int, V: int, dtype: str) -> list[Kernel]:
     for k in KERNELS:
         if k.dtype != dtype:
             continue
-        if isinstance(k.variant, Decode) and N <= k.variant.max_n:
+        if isinstance(k.variant, Decode) and N <= k.variant.max_n and 16 * k.variant.rows <= V:
             out.append(k)
         elif isinstance(k.variant, Gemm) and k.variant.V == V:
             out.append(k)
@@ -72,8 +72,9 @@ def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, _override: str | 
         if k.dtype == dtype and k in candidates(N, V, dtype):
             return k
     if N <= DECODE_MAX_N:
-        decodes = [k for k in candidates(N, V, dtype) if isinstance(k.variant, Decode)]
-        return min(decodes, key=lambda k: k.variant.n_tiles)
+        # Fewest 8-token tiles that cover N; as many 16-row tiles per warp as the block height allows.
+        decodes = [k for k in candidates(N, V, dtype) if isinstance(k.variant, Decode) and 16 * k.variant.rows <= V]
+        return min(decodes, key=lambda k: (k.variant.n_tiles, -k.variant.rows))
     gemms = [k for k in candidates(N, V, dtype) if isinstance(k.variant, Gemm)]
     if not gemms:
         raise ValueError(f"no tensor-core kernel compiled for V={V}, dtype={dtype}")
@@ -85,3 +86,13 @@ def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, _override: str | 
                 if (k.variant.BM, k.variant.BN) == (rule.BM, rule.BN):
                     return k
     return large
+
+
+def decode_ksplit(kernel: Kernel, R: int, Kc: int, sm_count: int) -> int:
+    """CTAs splitting the k chunks of one decode row group: enough CTAs for two per SM, each warp >= 2 chunks."""
+    if not isinstance(kernel.variant, Decode):
+        return 1
+    groups = math.ceil(math.ceil(R / 16) / kernel.variant.rows)
+    want = math.ceil(2 * sm_count / groups)
+    most = max(1, Kc // (2 * kernel.variant.warps))
+    return max(1, min(want, most))

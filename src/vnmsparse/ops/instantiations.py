@@ -26,9 +26,10 @@ DECODE_MAX_N = 16  # the decode kernel's largest token count (2 MMA tiles of 8)
 class Decode:
     """Memory-bound kernel for N <= 8 * n_tiles tokens."""
 
-    n_tiles: int  # 8-token MMA tiles per CTA
-    warps: int = 8  # warps splitting the k chunks of one 16-row tile
-    unroll: int = 4  # k chunks in flight per warp
+    n_tiles: int  # 8-token MMA tiles
+    rows: int  # 16-row tiles per warp, one gather serving all (needs 16 * rows <= V)
+    warps: int = 8  # warps per CTA, splitting the CTA's k chunks
+    unroll: int = 0  # k chunks in flight per warp; 0: as many as registers allow (see steps)
 
     kind = "decode"
 
@@ -37,15 +38,21 @@ class Decode:
         return 8 * self.n_tiles
 
     @property
+    def steps(self) -> int:
+        # Registers: U chunks hold U*rows 16-byte weight records and U*8*n_tiles gathered values per lane.
+        return self.unroll or {1: 4, 2: 4 if self.n_tiles == 1 else 2, 4: 2}[self.rows]
+
+    @property
     def tag(self) -> str:
-        return f"nt{self.n_tiles}w{self.warps}u{self.unroll}"
+        return f"nt{self.n_tiles}r{self.rows}w{self.warps}u{self.steps}"
 
     def traits(self) -> str:
         return (
             f"struct DecodeTile_{self.tag} {{\n"
-            f"  static constexpr int N_TILES = {self.n_tiles};  // 8-token MMA tiles per CTA\n"
-            f"  static constexpr int WARPS = {self.warps};    // warps splitting one 16-row tile's k chunks\n"
-            f"  static constexpr int UNROLL = {self.unroll};   // k chunks in flight per warp\n"
+            f"  static constexpr int N_TILES = {self.n_tiles};  // 8-token MMA tiles\n"
+            f"  static constexpr int ROWS = {self.rows};     // 16-row tiles per warp (one V-row block)\n"
+            f"  static constexpr int WARPS = {self.warps};    // warps splitting the CTA's k chunks\n"
+            f"  static constexpr int UNROLL = {self.steps};   // k chunks in flight per warp\n"
             f"}};\n"
         )
 
@@ -69,6 +76,7 @@ class Gemm:
 
     kind = "gemm"
     max_n = 1 << 30
+    rows = 0
 
     @property
     def tag(self) -> str:
@@ -104,6 +112,8 @@ def _gemm_variants() -> list[Gemm]:
             # Large tile: the workhorse for N >= ~1024.  Small tile: more CTAs for mid-size N.
             out.append(Gemm(V=V, BM=128, BN=128, warps_m=2, warps_n=4, stages=4, min_ctas=2))
             out.append(Gemm(V=V, BM=64, BN=64, warps_m=2, warps_n=2, stages=4, min_ctas=4))
+            out.append(Gemm(V=V, BM=64, BN=128, warps_m=1, warps_n=4, stages=4, min_ctas=2))
+            out.append(Gemm(V=V, BM=128, BN=64, warps_m=2, warps_n=2, stages=4, min_ctas=3))
         else:
             # Small V: several row blocks per CTA, each with its own gathered activations.
             out.append(Gemm(V=V, BM=64, BN=128, warps_m=1, warps_n=4, stages=3, min_ctas=2))
@@ -111,7 +121,10 @@ def _gemm_variants() -> list[Gemm]:
     return out
 
 
-VARIANTS: tuple[Decode | Gemm, ...] = (Decode(n_tiles=1), Decode(n_tiles=2), *_gemm_variants())
+VARIANTS: tuple[Decode | Gemm, ...] = (
+    *(Decode(n_tiles=nt, rows=rows) for rows in (1, 2, 4) for nt in (1, 2)),
+    *_gemm_variants(),
+)
 
 
 @dataclass(frozen=True)
@@ -160,7 +173,7 @@ def _table() -> str:
         kind = "KernelKind::kDecode" if k.variant.kind == "decode" else "KernelKind::kGemm"
         dtype = "ElemType::kBf16" if k.dtype == "bf16" else "ElemType::kFp16"
         decls.append(f"extern template cudaError_t {k.variant.launcher(k.dtype)}(const VnmParams&, cudaStream_t);")
-        rows.append(f'    {{"{k.name}", {kind}, {dtype}, {k.V}, {min(k.variant.max_n, 1 << 30)}, &{k.variant.launcher(k.dtype)}}},')
+        rows.append(f'    {{"{k.name}", {kind}, {dtype}, {k.V}, {min(k.variant.max_n, 1 << 30)}, {k.variant.rows}, &{k.variant.launcher(k.dtype)}}},')
     return (
         f"{_BANNER}#include \"vnm_decode.cuh\"\n#include \"vnm_gemm.cuh\"\n#include \"vnm_tiles.h\"\n\n"
         "namespace vnm {\n\n" + "\n".join(decls) + "\n\n"

@@ -76,7 +76,8 @@ def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V):
     N = x2.shape[0]
     sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
     kernel = dispatch.choose(N, R, V, dispatch.dtype_tag(x.dtype), sms)
-    y = ext.run(x2, a_vals, a_meta, cols, None if bias is None else bias.contiguous(), R, C, V, kernel.index)
+    ksplit = dispatch.decode_ksplit(kernel, R, a_vals.shape[1], sms)
+    y = ext.run(x2, a_vals, a_meta, cols, None if bias is None else bias.contiguous(), R, C, V, kernel.index, ksplit)
     return y.view(*lead, R)
 
 

@@ -4,6 +4,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <map>
+#include <mutex>
+
 #include "vnm_params.h"
 
 namespace {
@@ -22,10 +25,22 @@ void check_cuda_contiguous(const at::Tensor& t, const char* name, const at::Tens
   TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
 }
 
+// Arrival counters of the split-k decode: zero between launches (the last CTA of each row group resets
+// its own), so one buffer per device serves every call and CUDA-graph replay. Never freed.
+at::Tensor counters_for(const at::Device& device, int64_t n) {
+  static std::mutex mu;
+  static auto* buffers = new std::map<int, at::Tensor>();
+  std::lock_guard<std::mutex> lock(mu);
+  at::Tensor& buf = (*buffers)[device.index()];
+  if (!buf.defined() || buf.numel() < n)
+    buf = at::zeros({std::max<int64_t>(n, 4096)}, at::TensorOptions().dtype(at::kInt).device(device));
+  return buf;
+}
+
 // y = x @ W^T + bias with W given by its packed parts; x is (N, C) (leading dims already flattened).
 at::Tensor run(const at::Tensor& x, const at::Tensor& a_vals, const at::Tensor& a_meta, const at::Tensor& cols,
                const c10::optional<at::Tensor>& bias, int64_t R, int64_t C, int64_t V, int64_t kernel,
-               const c10::optional<at::Tensor>& out) {
+               int64_t ksplit, const c10::optional<at::Tensor>& out) {
   TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D (N, C) here, got ", x.dim(), " dims");
   TORCH_CHECK(x.size(1) == C, kOp, ": x has ", x.size(1), " columns but the weight has in_features=", C);
   TORCH_CHECK(x.stride(1) == 1 && x.stride(0) >= C, kOp, ": x rows must be contiguous");
@@ -63,6 +78,8 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& a_vals, const at::Tensor& 
   TORCH_CHECK(entry.dtype == et, kOp, ": kernel ", entry.name, " is for another dtype");
   TORCH_CHECK(entry.V == 0 || entry.V == V, kOp, ": kernel ", entry.name, " is built for V=", entry.V, ", got V=", V);
   TORCH_CHECK(N <= entry.max_n, kOp, ": kernel ", entry.name, " takes at most N=", entry.max_n, " tokens, got ", N);
+  TORCH_CHECK(entry.rows * 16 <= V, kOp, ": kernel ", entry.name, " needs V >= ", entry.rows * 16, ", got V=", V);
+  TORCH_CHECK(ksplit >= 1 && ksplit <= 4096, kOp, ": ksplit must be in 1..4096, got ", ksplit);
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y;
@@ -94,7 +111,16 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& a_vals, const at::Tensor& 
   p.Np = static_cast<int>((N + 7) / 8 * 8);
   p.ldx = x.stride(0);
   p.ldy = R;
-  at::Tensor xt;
+  at::Tensor xt, ws, counters;
+  p.ksplit = 1;
+  if (entry.kind == vnm::KernelKind::kDecode && ksplit > 1) {
+    const int64_t groups = (Rt + entry.rows - 1) / entry.rows;
+    p.ksplit = static_cast<int>(ksplit);
+    ws = at::empty({groups * ksplit * 16 * entry.rows * entry.max_n}, x.options().dtype(at::kFloat));
+    counters = counters_for(x.device(), groups);
+    p.ws = ws.data_ptr<float>();
+    p.counters = counters.data_ptr<int32_t>();
+  }
   if (entry.kind == vnm::KernelKind::kGemm) {
     xt = at::empty({C, p.Np}, x.options());
     p.xt = xt.data_ptr();
@@ -104,13 +130,13 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& a_vals, const at::Tensor& 
   return y;
 }
 
-// (name, kind, dtype, V, max_n) of every compiled kernel, in table order: Python checks it matches its list.
-std::vector<std::tuple<std::string, int, int, int, int64_t>> table() {
+// (name, kind, dtype, V, max_n, rows) of every compiled kernel, in table order: Python checks it matches its list.
+std::vector<std::tuple<std::string, int, int, int, int64_t, int>> table() {
   int count = 0;
   const vnm::KernelEntry* t = vnm::kernel_table(&count);
-  std::vector<std::tuple<std::string, int, int, int, int64_t>> out;
+  std::vector<std::tuple<std::string, int, int, int, int64_t, int>> out;
   for (int i = 0; i < count; ++i)
-    out.emplace_back(t[i].name, static_cast<int>(t[i].kind), static_cast<int>(t[i].dtype), t[i].V, t[i].max_n);
+    out.emplace_back(t[i].name, static_cast<int>(t[i].kind), static_cast<int>(t[i].dtype), t[i].V, t[i].max_n, t[i].rows);
   return out;
 }
 
@@ -119,6 +145,6 @@ std::vector<std::tuple<std::string, int, int, int, int64_t>> table() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run, "V:N:M linear with a chosen kernel (see vnmsparse.ops)", py::arg("x"), py::arg("a_vals"),
         py::arg("a_meta"), py::arg("cols"), py::arg("bias"), py::arg("R"), py::arg("C"), py::arg("V"),
-        py::arg("kernel"), py::arg("out") = py::none());
+        py::arg("kernel"), py::arg("ksplit") = 1, py::arg("out") = py::none());
   m.def("table", &table, "the compiled kernel table");
 }

@@ -1,9 +1,18 @@
 // Decode kernel (N <= 16 tokens): memory-bound. Streams the packed weight (values + 2:4 metadata + kept
-// column indices) exactly once and gathers the few activation values each sparse MMA needs straight from
-// x by column index (x is tiny and stays in L1/L2). No transpose of x anywhere.
+// column indices) exactly once and gathers the activations each sparse MMA needs straight from x by
+// column index. No transpose of x anywhere.
 //
-// Work split: one CTA per 16-row tile of W; its warps split the k chunks (8 groups = 32 kept columns each)
-// and meet in shared memory for one fp32 reduction. Each chunk is one mma.sp.m16n8k32 per 8 tokens.
+// Per warp and 8-group chunk (k = 32 kept columns): lane l loads kept column l's index (one coalesced
+// 128-byte load), then x[n][col_l] for every token n: one warp instruction reads one token row, and the 32
+// kept columns of a chunk of an unpermuted weight lie within 8*M consecutive columns, so it touches one or
+// two cache lines. The values go through a small per-warp shared-memory tile [n][k] and come back as the
+// B fragments with ldmatrix. Each warp owns ROWS 16-row tiles of one V-row block, so one gather serves
+// ROWS MMAs and x is read from L2 ROWS times less often.
+//
+// Work split: CTA = ROWS*16 rows x a k range; its warps split the range; blockIdx.y splits k across CTAs
+// (so small R still fills the GPU). Partial sums meet in shared memory, then (gridDim.y > 1) in a global
+// fp32 workspace; the last CTA of a row group to arrive (atomic counter, reset by it) sums the partials in a
+// fixed order, so results do not depend on scheduling.
 #pragma once
 
 #include "vnm_common.cuh"
@@ -11,129 +20,201 @@
 namespace vnm {
 
 // Checks and derived constants for a decode tile traits struct (generated; see instantiations.py):
-//   N_TILES: 8-token MMA tiles per CTA (1 or 2: N <= 8 or N <= 16)
-//   WARPS:   warps per CTA, splitting the k chunks of one 16-row tile
-//   UNROLL:  k chunks each warp has in flight per step (loads issued before the first MMA)
+//   N_TILES: 8-token MMA tiles (1: N <= 8, 2: N <= 16)
+//   ROWS:    16-row tiles per warp (all in one V-row block: the host only picks ROWS <= V/16)
+//   WARPS:   warps per CTA, splitting the CTA's k chunks
+//   UNROLL:  k chunks each warp has in flight per step
 template <typename Tile> struct DecodeShape {
   static constexpr int kNTiles = Tile::N_TILES;
+  static constexpr int kRows = Tile::ROWS;
   static constexpr int kWarps = Tile::WARPS;
   static constexpr int kUnroll = Tile::UNROLL;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kMaxN = 8 * kNTiles;
-  static constexpr int kOutputs = 16 * kMaxN;  // outputs of one CTA: 16 rows x 8*N_TILES tokens
+  static constexpr int kPitch = 40;  // staged row: 32 kept columns + 8 pad (80 bytes: ldmatrix conflict-free)
+  static constexpr int kStageElems = kWarps * kUnroll * kMaxN * kPitch;
+  static constexpr int kOutputs = 16 * kRows * kMaxN;  // outputs of one CTA
+  static constexpr int kRedFloats = kWarps * kRows * kNTiles * 4 * 32;
+  static constexpr int kSmemBytes = kStageElems * 2 > kRedFloats * 4 ? kStageElems * 2 : kRedFloats * 4;
   static_assert(kNTiles == 1 || kNTiles == 2, "decode N_TILES must be 1 or 2 (N <= 16 tokens)");
+  static_assert(kRows == 1 || kRows == 2 || kRows == 4, "decode ROWS must be 1, 2 or 4 (ROWS*16 <= V)");
   static_assert(kWarps >= 1 && kWarps <= 16, "decode WARPS must be in 1..16");
-  static_assert(kUnroll >= 1 && kUnroll <= 8, "decode UNROLL must be in 1..8");
-  static_assert(kOutputs <= kThreads * 4, "decode reduction assumes at most 4 outputs per thread");
+  static_assert(kUnroll >= 1 && kUnroll * kRows <= 8, "decode UNROLL*ROWS must be at most 8 (registers)");
+  static_assert(kSmemBytes <= 48 * 1024, "decode shared memory must fit the static 48 KB");
 };
 
 template <typename Tile, typename T>
 __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads)
     vnm_decode_kernel(const VnmParams p) {
   using S = DecodeShape<Tile>;
-  constexpr int NT = S::kNTiles;
-  constexpr int U = S::kUnroll;
+  constexpr int NT = S::kNTiles, MT = S::kRows, U = S::kUnroll;
+  __shared__ __align__(16) unsigned char smem[S::kSmemBytes];
+  __shared__ int last_flag;
 
-  const int mt = blockIdx.x;  // 16-row tile of W
-  const int warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31;
-  const int gid = lane >> 2;
-  const int t = lane & 3;
-  const int blk = (mt * 16) / p.V;  // V is a multiple of 16: the whole tile lies in one row block
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, t = lane & 3;
+  const int mg = blockIdx.x;  // row group: ROWS 16-row tiles
+  const int mt0 = mg * MT;
+  const int blk = (mt0 * 16) / p.V;
 
-  // Contiguous k range per warp.
-  const int per_warp = (p.Kc + S::kWarps - 1) / S::kWarps;
-  const int kbeg = warp * per_warp;
-  const int kend = min(p.Kc, kbeg + per_warp);
+  // k range: this CTA's slice of the chunks, then this warp's part of it.
+  const int per_cta = (p.Kc + gridDim.y - 1) / gridDim.y;
+  const int cbeg = blockIdx.y * per_cta, cend = min(p.Kc, cbeg + per_cta);
+  const int per_warp = (max(cend - cbeg, 0) + S::kWarps - 1) / S::kWarps;
+  const int kbeg = cbeg + warp * per_warp, kend = min(cend, kbeg + per_warp);
 
-  const uint4* a_ptr = p.a_vals + static_cast<size_t>(mt) * p.Kc * 32 + lane;
-  const uint32_t* e_ptr = p.a_meta + static_cast<size_t>(mt) * p.Kc * 16 + gid * 2 + (t & 1);
-  // Lane t's B fragment needs, per chunk, slots {2(t&1), 2(t&1)+1} of groups 2j + (t>>1), j = 0..3.
-  const int* c_ptr = p.cols + static_cast<size_t>(blk) * p.Gp * 4 + (t >> 1) * 4 + (t & 1) * 2;
+  uint16_t* stage = reinterpret_cast<uint16_t*>(smem) + warp * (U * S::kMaxN * S::kPitch);
+  // Token rows N..8*NT-1 of the staging tile are never written below: zero them once (their MMA columns
+  // are discarded, but they must not be uninitialized reads).
+  for (int i = lane; i < U * S::kMaxN * S::kPitch; i += 32) stage[i] = 0;
+  __syncwarp();
 
   const uint16_t* x16 = static_cast<const uint16_t*>(p.x);
-  const uint16_t* xrow[NT];
-  bool xvalid[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int n = gid + 8 * nt;
-    xvalid[nt] = n < p.N;
-    xrow[nt] = x16 + static_cast<size_t>(xvalid[nt] ? n : 0) * p.ldx;
-  }
+  const int* col_ptr = p.cols + static_cast<size_t>(blk) * p.Gp * 4 + lane;  // + 32*kc: kept column `lane`
+  const uint32_t stage_addr = smem_addr(stage);
+  // ldmatrix (non-transposed): lanes 8j..8j+7 point at token rows 0..7 (of an n-tile), k columns 8j..8j+7.
+  const uint32_t ld_off = ((lane & 7) * S::kPitch + (lane >> 3) * 8) * 2;
 
-  float acc[NT][4];
+  float acc[MT][NT][4];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+  for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mi][nt][i] = 0.f;
 
   for (int k0 = kbeg; k0 < kend; k0 += U) {
-    uint4 av[U];
-    uint32_t ev[U];
-    int2 ci[U][4];
-    // All weight-stream loads of this step first, so U chunks are in flight at once.
+    uint4 av[U][MT];
+    uint32_t ev[U][MT];
+    int col[U];
+    // 1. The weight stream and the column indices of U chunks, all in flight together.
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int kc = k0 + u;
       if (kc < kend) {
-        av[u] = ldg_stream(a_ptr + static_cast<size_t>(kc) * 32);
-        ev[u] = ldg_u32(e_ptr + static_cast<size_t>(kc) * 16);
+        col[u] = __ldg(col_ptr + static_cast<size_t>(kc) * 32);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) ci[u][j] = ldg_int2(c_ptr + static_cast<size_t>(8 * kc + 2 * j) * 4);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (k0 + u < kend) {
-        const uint32_t a[4] = {av[u].x, av[u].y, av[u].z, av[u].w};
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint32_t b[4];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const uint32_t lo = xvalid[nt] ? ldg_u16(xrow[nt] + ci[u][j].x) : 0u;
-            const uint32_t hi = xvalid[nt] ? ldg_u16(xrow[nt] + ci[u][j].y) : 0u;
-            b[j] = lo | (hi << 16);
-          }
-          MmaSp<T>::run(acc[nt], a, b, ev[u]);
+        for (int mi = 0; mi < MT; ++mi) {
+          const int mt = min(mt0 + mi, p.Rt - 1);  // rows past R: any valid record (not stored)
+          const size_t rec = static_cast<size_t>(mt) * p.Kc + kc;
+          av[u][mi] = ldg_stream(p.a_vals + rec * 32 + lane);
+          ev[u][mi] = ldg_u32(p.a_meta + rec * 16 + gid * 2 + (t & 1));
         }
       }
     }
+    // 2. Gather: one token row per instruction, 32 kept columns across the lanes.
+    uint32_t xv[U][S::kMaxN];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (k0 + u < kend) {
+#pragma unroll
+        for (int n = 0; n < S::kMaxN; ++n)
+          if (n < p.N) xv[u][n] = ldg_u16(x16 + static_cast<size_t>(n) * p.ldx + col[u]);
+      }
+    }
+    // 3. Stage [n][k], read back as B fragments, multiply.
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (k0 + u < kend) {
+        uint16_t* st = stage + u * S::kMaxN * S::kPitch;
+#pragma unroll
+        for (int n = 0; n < S::kMaxN; ++n)
+          if (n < p.N) st[n * S::kPitch + lane] = static_cast<uint16_t>(xv[u][n]);
+        __syncwarp();
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          uint32_t b[4];
+          ldmatrix_x4(b, stage_addr + (u * S::kMaxN * S::kPitch + nt * 8 * S::kPitch) * 2 + ld_off);
+#pragma unroll
+          for (int mi = 0; mi < MT; ++mi) {
+            const uint32_t a[4] = {av[u][mi].x, av[u][mi].y, av[u][mi].z, av[u][mi].w};
+            MmaSp<T>::run(acc[mi][nt], a, b, ev[u][mi]);
+          }
+        }
+      }
+    }
+    __syncwarp();  // the next step overwrites the staging tiles
   }
 
-  // Reduce the warps' partial sums: red[warp][nt][i][lane].
-  __shared__ float red[S::kWarps][NT][4][32];
+  // Reduce the warps: red[warp][mi][nt][i][lane].
+  __syncthreads();  // staging memory is reused
+  float* red = reinterpret_cast<float*>(smem);
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+  for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp][nt][i][lane] = acc[nt][i];
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[(((warp * MT + mi) * NT + nt) * 4 + i) * 32 + lane] = acc[mi][nt][i];
   __syncthreads();
+
+  // Output o = n * (16*ROWS) + row_l: consecutive threads write consecutive rows of one token (coalesced).
+  constexpr int kRowsCta = 16 * MT;
+  float part[(S::kOutputs + S::kThreads - 1) / S::kThreads];
+#pragma unroll
+  for (int j = 0; j < (S::kOutputs + S::kThreads - 1) / S::kThreads; ++j) {
+    const int o = threadIdx.x + j * S::kThreads;
+    part[j] = 0.f;
+    if (o < S::kOutputs) {
+      const int row_l = o % kRowsCta, n = o / kRowsCta;
+      const int mi = row_l >> 4, r16 = row_l & 15;
+      const int src_lane = (r16 & 7) * 4 + ((n & 7) >> 1);
+      const int i = (r16 >> 3) * 2 + (n & 1);
+      const int nt = n >> 3;
+#pragma unroll
+      for (int w = 0; w < S::kWarps; ++w) part[j] += red[(((w * MT + mi) * NT + nt) * 4 + i) * 32 + src_lane];
+    }
+  }
+
+  if (gridDim.y > 1) {
+    // Publish this CTA's partial; the last CTA of the row group finishes.
+    float* ws = p.ws + static_cast<size_t>(mg) * gridDim.y * S::kOutputs;
+#pragma unroll
+    for (int j = 0; j < (S::kOutputs + S::kThreads - 1) / S::kThreads; ++j) {
+      const int o = threadIdx.x + j * S::kThreads;
+      if (o < S::kOutputs) ws[static_cast<size_t>(blockIdx.y) * S::kOutputs + o] = part[j];
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last_flag = atomicAdd(p.counters + mg, 1) == static_cast<int>(gridDim.y) - 1;
+    __syncthreads();
+    if (!last_flag) return;
+    __threadfence();
+#pragma unroll
+    for (int j = 0; j < (S::kOutputs + S::kThreads - 1) / S::kThreads; ++j) {
+      const int o = threadIdx.x + j * S::kThreads;
+      if (o < S::kOutputs) {
+        float s = 0.f;
+        for (int ks = 0; ks < static_cast<int>(gridDim.y); ++ks) s += __ldcg(ws + static_cast<size_t>(ks) * S::kOutputs + o);
+        part[j] = s;
+      }
+    }
+    if (threadIdx.x == 0) p.counters[mg] = 0;  // ready for the next launch (and CUDA-graph replays)
+  }
 
   uint16_t* y16 = static_cast<uint16_t*>(p.y);
   const uint16_t* b16 = static_cast<const uint16_t*>(p.bias);
-  for (int o = threadIdx.x; o < S::kOutputs; o += S::kThreads) {
-    const int row_l = o & 15;  // consecutive threads write consecutive rows of one token: coalesced
-    const int n = o >> 4;
-    const int src_lane = (row_l & 7) * 4 + ((n & 7) >> 1);
-    const int i = (row_l >> 3) * 2 + (n & 1);
-    const int nt = n >> 3;
-    float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < S::kWarps; ++w) s += red[w][nt][i][src_lane];
-    const int row = mt * 16 + row_l;
-    if (row < p.R && n < p.N) {
+  for (int j = 0; j < (S::kOutputs + S::kThreads - 1) / S::kThreads; ++j) {
+    const int o = threadIdx.x + j * S::kThreads;
+    const int row = mt0 * 16 + o % kRowsCta, n = o / kRowsCta;
+    if (o < S::kOutputs && row < p.R && n < p.N) {
+      float s = part[j];
       if (b16 != nullptr) s += Elem<T>::to_float(b16[row]);
       y16[static_cast<size_t>(n) * p.ldy + row] = Elem<T>::from_float(s);
     }
   }
 }
 
+// Launch with gridDim.y = p.ksplit k slices; p.ws / p.counters must be set when ksplit > 1.
 template <typename Tile, typename T>
 cudaError_t launch_decode(const VnmParams& p, cudaStream_t stream) {
   using S = DecodeShape<Tile>;
-  if (p.N > S::kMaxN) return cudaErrorInvalidValue;
+  if (p.N > S::kMaxN || S::kRows * 16 > p.V) return cudaErrorInvalidValue;
   if (p.Rt == 0 || p.N == 0) return cudaSuccess;
-  vnm_decode_kernel<Tile, T><<<p.Rt, S::kThreads, 0, stream>>>(p);
+  const int groups = (p.Rt + S::kRows - 1) / S::kRows;
+  const int ks = p.ksplit > 1 ? p.ksplit : 1;
+  if (ks > 1 && (p.ws == nullptr || p.counters == nullptr)) return cudaErrorInvalidValue;
+  vnm_decode_kernel<Tile, T><<<dim3(groups, ks), S::kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -29,6 +29,9 @@ struct VnmParams {
   int Np;                 // N rounded up to a multiple of 8: row stride of xt (tensor-core path only)
   int64_t ldx;            // row stride of x in elements (>= C)
   int64_t ldy;            // row stride of y in elements (>= R)
+  int ksplit;             // decode: CTAs splitting the k chunks of one row group (gridDim.y)
+  float* ws;              // decode, ksplit > 1: (row groups, ksplit, outputs per CTA) fp32 partial sums
+  int* counters;          // decode, ksplit > 1: one arrival counter per row group, zero between launches
 };
 
 enum class KernelKind : int { kDecode = 0, kGemm = 1 };
@@ -44,6 +47,7 @@ struct KernelEntry {
   ElemType dtype;
   int V;             // 0: any V (decode)
   int max_n;         // largest N this entry accepts (decode: 8 * n-tiles; gemm: no limit)
+  int rows;          // decode: 16-row tiles per warp (needs 16*rows <= V); gemm: 0
   LaunchFn launch;
 };
 

@@ -1,0 +1,65 @@
+"""Profile a few kernel launches under Nsight Compute, and measure the op's CPU cost per call.
+
+    ncu --profile-from-start off --clock-control none --section SpeedOfLight ... python3 bench/profile_kernels.py
+
+Only the launches between cudaProfilerStart/Stop (one per case, after warm-up) are profiled. Without ncu it
+still prints the CPU microseconds per `vnmsparse.ops.linear` call (no sync), the number to compare with the
+kernel time when launch overhead could matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import vnmsparse as vs
+from vnmsparse import ops
+from vnmsparse.ops import dispatch
+
+CASES = [  # (R, C, N, pattern, kernel name or None for the dispatcher's choice)
+    (4096, 4096, 1, "64:2:8", None),
+    (4096, 4096, 16, "64:2:8", None),
+    (8192, 8192, 16, "64:2:8", None),
+    (4096, 4096, 4096, "64:2:8", "gemm_bf16_v64_m64n64w2x2s4"),
+    (4096, 4096, 4096, "64:2:8", "gemm_bf16_v64_m128n128w2x4s4"),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", type=lambda s: [int(v) for v in s.split(",")], default=None, help="indices into CASES")
+    args = p.parse_args()
+    cudart = torch.cuda.cudart()
+    dev = torch.device("cuda")
+    for i, (R, C, N, pattern, name) in enumerate(CASES):
+        if args.cases is not None and i not in args.cases:
+            continue
+        W = torch.randn(R, C, device=dev).to(torch.bfloat16)
+        t = vs.compress(W, pattern)
+        x = torch.randn(N, C, device=dev).to(torch.bfloat16)
+        dispatch.override(name)
+        try:
+            for _ in range(3):
+                ops.linear(x, t)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                ops.linear(x, t)
+            cpu_us = (time.perf_counter() - t0) / 200 * 1e6
+            torch.cuda.synchronize()
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            chosen = dispatch.choose(N, R, t.pattern.V, "bf16", sms)
+            ks = dispatch.decode_ksplit(chosen, R, t.pack(dev).a_vals.shape[1], sms)
+            print(f"case {i}: R={R} C={C} N={N} {pattern} kernel={chosen.name} ksplit={ks}: {cpu_us:.1f} us CPU per call", flush=True)
+            cudart.cudaProfilerStart()
+            ops.linear(x, t)
+            torch.cuda.synchronize()
+            cudart.cudaProfilerStop()
+        finally:
+            dispatch.override(None)
+
+
+if __name__ == "__main__":
+    main()

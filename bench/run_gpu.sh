@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The one script the device machine runs (repository root, python3 with torch): build the kernels, check the
+# mma.sp register layout, run the GPU tests, benchmark, profile, and run compute-sanitizer over the GPU tests.
+#
+#   bash bench/run_gpu.sh [STEPS] [bench/kernel.py args]
+#   STEPS: comma-separated from probe,test,bench,profile,sanitize (default probe,test,bench,sanitize);
+#          the build always runs first.
+#   e.g.   bash bench/run_gpu.sh bench --shapes 4096x4096 --n 1,16 --patterns 64:2:8
+#
+# Into $OUT (the device tool brings it back): log.txt (env, probe, build, tests, sanitizer), bench.txt, ncu.txt,
+# and kernel-<gpu>.json/.md (the benchmark merges into bench/results/kernel-<gpu>.json and copies it here).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/vnm_out}
+mkdir -p "$OUT"
+STEPS=${1:-probe,test,bench,sanitize}
+[ $# -gt 0 ] && shift
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export VNMSPARSE_BUILD_DIR=${VNMSPARSE_BUILD_DIR:-/tmp/vnm_build} MAX_JOBS=${MAX_JOBS:-16}
+LOG="$OUT/log.txt"
+status=0
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+{
+step env
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+nvcc --version | tail -1
+
+if has probe; then
+  step "mma.sp layout probe"
+  nvcc -O2 -gencode=arch=compute_90a,code=sm_90a -o /tmp/mma_sp_probe bench/mma_sp_probe.cu && /tmp/mma_sp_probe || status=1
+fi
+
+step build
+time python3 -c "
+from vnmsparse import ops
+m = ops.extension('cuda')
+print('kernels built and loaded' if m else 'BUILD FAILED: ' + str(ops.unavailable_reason('cuda')))
+raise SystemExit(0 if m else 1)" || { echo "build failed"; exit 1; }
+
+if has test; then
+  step "GPU tests"
+  python3 -m pytest tests/ops -q -rf -p no:cacheprovider -W ignore::DeprecationWarning > /tmp/tests.txt 2>&1 || status=1
+  tail -25 /tmp/tests.txt
+fi
+exit $status  # this block runs in a subshell (the pipe): hand its status out
+} 2>&1 | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if has bench; then
+  step benchmark | tee -a "$LOG"
+  python3 bench/kernel.py --merge "$@" 2>&1 | grep -v "Warning\|found = torch" | tee "$OUT/bench.txt" || status=1
+  cp bench/results/kernel-*.json bench/results/kernel-*.md "$OUT/" 2>/dev/null
+fi
+
+if has profile; then
+  step "Nsight Compute" | tee -a "$LOG"
+  timeout "${PROFILE_TIMEOUT:-240}" ncu --profile-from-start off --clock-control none -k regex:vnm_ \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats python3 bench/profile_kernels.py > "$OUT/ncu.txt" 2>&1
+  echo "ncu exit $?" | tee -a "$LOG"
+  grep -E "^case|vnm_.*_kernel|Duration|DRAM Throughput|Memory Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issued Warp Per Scheduler" "$OUT/ncu.txt" | head -150 | tee -a "$LOG"
+fi
+
+if has sanitize; then
+  step "compute-sanitizer memcheck over the GPU tests" | tee -a "$LOG"
+  # No caching allocator, so an out-of-bounds access cannot hide inside a larger cached block. Graph capture,
+  # torch.compile and the subprocess test are left out (the sanitizer breaks stream capture by itself).
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZER_TIMEOUT:-420}" compute-sanitizer --tool memcheck \
+    --error-exitcode 3 python3 -m pytest tests/ops/test_kernels_gpu.py -q -p no:cacheprovider -W ignore::DeprecationWarning \
+    -k "not compile and not fresh_process and not graph" > /tmp/sanitizer.txt 2>&1
+  rc=$?
+  { grep -E "^=========" /tmp/sanitizer.txt | head -40; tail -5 /tmp/sanitizer.txt; echo "sanitizer exit $rc"; } | tee -a "$LOG"
+  [ $rc -eq 0 ] || status=1
+fi
+echo; echo "run_gpu.sh $STEPS finished with status $status" | tee -a "$LOG"
+exit $status
