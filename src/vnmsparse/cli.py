@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import prune_job
 from .pattern import VNMPattern
 from .select import SpeedTable, candidate_patterns, mask_diversity, pareto_patterns, select_pattern
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", help="folder for the table (default ~/.cache/vnmsparse/tables)")
     prof.set_defaults(run=_profile)
 
+    prune_job.add_parser(sub)
     return parser
 
 

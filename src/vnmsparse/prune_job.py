@@ -1,0 +1,211 @@
+"""The main job, `vnm prune`: prune a causal LM to V:N:M with calibration text, measure it, optionally save it.
+
+Loads the model (default: the built-in SmolLM2-135M), measures the dense perplexity on the evaluation text,
+prunes a copy with `sparsify` (and, for reference, another copy to 2:4 with RIA), measures again and prints
+one table: layers, sparsity, parameters and bytes, perplexity, time, and on a GPU tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .pattern import VNMPattern
+from .sparsify import Method, SparsifyConfig, SparsifyReport, sparsify
+
+REFERENCE = VNMPattern(V=1, M=4)  # 2:4, the pattern every other tool offers
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `vnm prune` on the `vnm` command's subparsers."""
+    p = subparsers.add_parser("prune", help="prune a causal LM to V:N:M, report perplexity, size and speed",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (built in), an HF folder, or a .gguf file")
+    p.add_argument("--pattern", type=VNMPattern.parse, default=VNMPattern.parse("64:2:8"), help="V:N:M (default 64:2:8)")
+    p.add_argument("--method", choices=[m.value for m in Method], default="ria", help="importance criterion (default ria)")
+    p.add_argument("--a", type=float, default=0.5, help="RIA activation exponent (default 0.5)")
+    p.add_argument("--one-shot", action="store_true", help="calibrate in one pass of the dense model (default: sequential)")
+    p.add_argument("--calib", default="austen", help="calibration text: 'austen', 'mobydick' or a UTF-8 file (default austen)")
+    p.add_argument("--eval", default="mobydick", help="evaluation text, as --calib (default mobydick)")
+    p.add_argument("--calib-chunks", type=_positive, default=8, help="calibration chunks of --seq-len tokens (default 8)")
+    p.add_argument("--eval-chunks", type=_positive, default=16, help="evaluation chunks of --seq-len tokens (default 16)")
+    p.add_argument("--seq-len", type=_positive, default=256, help="tokens per chunk (default 256)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="chunks per forward (default 8)")
+    p.add_argument("--no-reference", action="store_true", help="skip the 2:4 RIA reference column")
+    p.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on a GPU, float32 on CPU")
+    p.add_argument("--out", help="save the pruned model (and tokenizer) to this folder")
+    p.set_defaults(run=run)
+    return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+@dataclass
+class Column:
+    """One model's row of measurements: the dense one, the pruned one, or the 2:4 reference."""
+
+    title: str
+    report: SparsifyReport | None
+    perplexity: float
+    eval_seconds: float
+    bytes: int  # weights of the whole model, in its dtype (compressed layers at their compressed size)
+    layer_bytes: int | None = None  # the pruned layers, compressed
+    throughput: dict[str, float] | None = None
+
+
+def two_four_bytes(report: SparsifyReport) -> int:
+    """Bytes of 2:4 layers as 2:4 hardware stores them: the kept values and a 2-bit index for each.
+
+    (VNMTensor can hold 2:4 as V=1, but then it keeps 4 int32 column indices per row and group, more than
+    the dense weight; no 2:4 library stores it that way.)
+    """
+    value_bytes = report.dense_bytes / report.params
+    return round(report.kept * (value_bytes + 0.25))
+
+
+def _is_two_four(report: SparsifyReport) -> bool:
+    return all(layer.pattern == str(REFERENCE) for layer in report.layers)
+
+
+def _model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and persistent buffer, shared ones once (VNMLinear: its compressed buffers)."""
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, ids: torch.Tensor, new_tokens: int = 64) -> dict[str, float]:
+    """Tokens/s of a prefill of `ids` and of greedy decoding `new_tokens` tokens at batch 1 (KV cache on)."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    model(ids[:, :8])  # warm-up: kernel builds and packing
+    _sync(device)
+    start = time.perf_counter()
+    model(ids)
+    _sync(device)
+    prefill = ids.numel() / (time.perf_counter() - start)
+    prompt = ids[:1, :32]
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+    _sync(device)
+    start = time.perf_counter()
+    model.generate(prompt, **kwargs)
+    _sync(device)
+    return {"prefill": prefill, "decode": new_tokens / (time.perf_counter() - start)}
+
+
+def _measure(
+    title: str, model: nn.Module, report: SparsifyReport | None, eval_ids: torch.Tensor, args: argparse.Namespace,
+    device: torch.device,
+) -> Column:
+    """Perplexity (and on a GPU, tokens/s) of one model."""
+    from .evaluate import perplexity
+
+    start = time.perf_counter()
+    ppl = perplexity(model, eval_ids, batch_size=args.batch_size)
+    column = Column(title, report, ppl, time.perf_counter() - start, _model_bytes(model))
+    if report is not None:
+        column.layer_bytes = two_four_bytes(report) if _is_two_four(report) else report.compressed_bytes
+        column.bytes += column.layer_bytes - report.compressed_bytes
+    if device.type == "cuda":
+        column.throughput = throughput(model, eval_ids[: args.batch_size])
+    return column
+
+
+def _prune(
+    model: nn.Module, pattern: VNMPattern, method: str, args: argparse.Namespace, calib_ids: torch.Tensor
+) -> SparsifyReport:
+    """Sparsify `model` in place as the job's flags say."""
+    config = SparsifyConfig(pattern=pattern, method=method, a=args.a, sequential=not args.one_shot,
+                            calib_batch_size=args.batch_size)
+    return sparsify(model, config, calib=calib_ids if method == "ria" else None)
+
+
+def _table(columns: list[Column], linears: int, eval_name: str, total_seconds: float) -> str:
+    """The job's result table, one column per model."""
+    def mb(n: int) -> str:
+        return f"{n / 1e6:,.1f} MB"
+
+    rows: list[tuple[str, list[str]]] = [
+        ("layers pruned", [f"{len(c.report.layers) if c.report else 0} / {linears}" for c in columns]),
+        ("sparsity, pruned layers", [f"{c.report.sparsity:.2%}" if c.report else "-" for c in columns]),
+        ("sparsity, whole model", [f"{c.report.model_sparsity:.2%}" if c.report else "-" for c in columns]),
+        ("params, pruned layers", [f"{c.report.kept / 1e6:,.2f}M of {c.report.params / 1e6:,.2f}M" if c.report else "-"
+                                   for c in columns]),
+        ("bytes, pruned layers", [f"{mb(c.layer_bytes)} of {mb(c.report.dense_bytes)}" if c.report else "-"
+                                  for c in columns]),
+        ("bytes, whole model", [mb(c.bytes) for c in columns]),
+        (f"perplexity ({eval_name})", [f"{c.perplexity:,.2f}" for c in columns]),
+        ("time: prune, eval", [f"{c.report.seconds:.1f} s, {c.eval_seconds:.1f} s" if c.report else f"-, {c.eval_seconds:.1f} s"
+                               for c in columns]),
+    ]
+    if columns[0].throughput is not None:
+        rows += [("tokens/s, prefill", [f"{c.throughput['prefill']:,.0f}" for c in columns]),
+                 ("tokens/s, decode (batch 1)", [f"{c.throughput['decode']:,.1f}" for c in columns])]
+    width = max(len(name) for name, _ in rows) + 2
+    cells = [max(len(c.title), *(len(v[i]) for _, v in rows)) + 2 for i, c in enumerate(columns)]
+    lines = ["".ljust(width) + "".join(c.title.rjust(w) for c, w in zip(columns, cells))]
+    lines += [name.ljust(width) + "".join(v.rjust(w) for v, w in zip(values, cells)) for name, values in rows]
+    lines.append(f"total time {total_seconds:.0f} s")
+    if any(c.report and _is_two_four(c.report) for c in columns):
+        lines.append("2:4 bytes: values + a 2-bit index each (the cuSPARSELt layout)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the job described by the parsed `vnm prune` arguments; prints the table, returns 0."""
+    from .data import read_text, token_chunks
+    from .models import load_causal_lm
+
+    start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dense, tokenizer = load_causal_lm(args.model, dtype=dtype, device=device)
+    calib_ids = token_chunks(tokenizer, read_text(args.calib), args.seq_len, args.calib_chunks)
+    eval_ids = token_chunks(tokenizer, read_text(args.eval), args.seq_len, args.eval_chunks)
+    linears = sum(1 for m in dense.modules() if type(m) is nn.Linear)
+    mode = "one-shot" if args.one_shot else "sequential"
+    print(f"vnm prune: {args.model} ({dtype}, {device}) -> {args.pattern} {args.method}"
+          f"{f' ({mode})' if args.method == 'ria' else ''}; calibration {args.calib} {len(calib_ids)}x{args.seq_len} "
+          f"tokens, evaluation {args.eval} {len(eval_ids)}x{args.seq_len} tokens", flush=True)
+
+    columns = [_measure("dense", dense, None, eval_ids, args, device)]
+    pruned = copy.deepcopy(dense)
+    report = _prune(pruned, args.pattern, args.method, args, calib_ids)
+    columns.append(_measure(f"{args.pattern} {args.method}", pruned, report, eval_ids, args, device))
+    if args.out:
+        from .checkpoint import save_pretrained
+
+        save_pretrained(pruned, args.out)
+        tokenizer.save_pretrained(args.out)
+    del pruned
+    if not args.no_reference and args.pattern != REFERENCE:
+        reference = copy.deepcopy(dense)
+        ref_report = _prune(reference, REFERENCE, "ria", args, calib_ids)
+        columns.append(_measure("2:4 ria (reference)", reference, ref_report, eval_ids, args, device))
+        del reference
+    print(_table(columns, linears, args.eval, time.perf_counter() - start))
+    if args.out:
+        print(f"saved to {args.out} (load with vnmsparse.load_pretrained)")
+    return 0

@@ -1,0 +1,78 @@
+"""`vnm prune`: flags, the table, and a saved model that reloads; one slow run on the real SmolLM2 and texts."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tiny_models import tiny_llama
+from vnmsparse.checkpoint import load_pretrained
+from vnmsparse.cli import build_parser, main
+from vnmsparse.nn import VNMLinear
+from vnmsparse.pattern import VNMPattern
+
+
+class WordTokenizer:
+    """Enough of an HF tokenizer for the job: words to ids below 512, and a save_pretrained that writes a file."""
+
+    def __call__(self, text, return_tensors="pt", add_special_tokens=False):
+        ids = [sum(word.encode()) % 512 for word in text.split()]
+        return SimpleNamespace(input_ids=torch.tensor([ids]))
+
+    def save_pretrained(self, folder):
+        Path(folder, "tokenizer.txt").write_text("words")
+
+
+@pytest.fixture
+def tiny_job(monkeypatch):
+    """The job on a 2-layer LLaMA and a made-up text, so it runs in seconds."""
+    import vnmsparse.data
+    import vnmsparse.models
+
+    text = " ".join(f"w{i % 97} v{(i * 7) % 31}" for i in range(2000))
+    monkeypatch.setattr(vnmsparse.models, "load_causal_lm", lambda *a, **k: (tiny_llama(), WordTokenizer()))
+    monkeypatch.setattr(vnmsparse.data, "read_text", lambda name: text)
+
+
+def test_defaults():
+    args = build_parser().parse_args(["prune"])
+    assert args.model == "smollm2-135m" and args.pattern == VNMPattern.parse("64:2:8") and args.method == "ria"
+    assert (args.calib, args.eval, args.out) == ("austen", "mobydick", None)
+    assert not args.one_shot
+
+
+def test_bad_flags_are_refused(capsys):
+    for argv in (["prune", "--pattern", "64:3:8"], ["prune", "--method", "wanda"], ["prune", "--seq-len", "0"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+
+
+def test_job_prints_the_table_and_saves(tiny_job, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--pattern", "16:2:8", "--calib-chunks", "2", "--eval-chunks", "2", "--seq-len", "32",
+                 "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    for row in ("layers pruned", "14 / 15", "75.00%", "50.00%", "perplexity (mobydick)", "bytes, whole model",
+                "2:4 ria (reference)", "16:2:8 ria"):
+        assert row in table
+    loaded = load_pretrained(out)
+    assert sum(isinstance(m, VNMLinear) for m in loaded.modules()) == 14
+    assert (out / "tokenizer.txt").exists()
+
+
+def test_job_one_shot_magnitude_without_reference(tiny_job, capsys):
+    assert main(["prune", "--pattern", "32:2:8", "--method", "magnitude", "--no-reference", "--calib-chunks", "1",
+                 "--eval-chunks", "1", "--seq-len", "32"]) == 0
+    table = capsys.readouterr().out
+    assert "32:2:8 magnitude" in table and "reference" not in table and "75.00%" in table
+
+
+@pytest.mark.slow
+def test_real_smollm2_end_to_end(tmp_path, capsys):
+    out = tmp_path / "smollm2"
+    assert main(["prune", "--calib-chunks", "1", "--eval-chunks", "1", "--seq-len", "64", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "210 / 211" in table and "75.00%" in table
+    loaded = load_pretrained(out)
+    assert sum(isinstance(m, VNMLinear) for m in loaded.modules()) == 210
