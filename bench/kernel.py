@@ -204,6 +204,8 @@ def run(args) -> list[dict]:
                 if args.variants:
                     rec["variants_ms"] = {}
                     for cand in dispatch.candidates(N, t.pattern.V, args.dtype):
+                        if cand.variant.kind != kernel.variant.kind:
+                            continue
                         dispatch.override(cand.name)
                         try:
                             rec["variants_ms"][cand.name] = round(bench_ms(lambda: ops.linear(x, t), args.warmup_ms, args.rep_ms), 5)

@@ -24,6 +24,7 @@ CASES = [  # (R, C, N, pattern, kernel name or None for the dispatcher's choice)
     (8192, 8192, 16, "64:2:8", None),
     (4096, 4096, 4096, "64:2:8", "gemm_bf16_v64_m64n64w2x2s4"),
     (4096, 4096, 4096, "64:2:8", "gemm_bf16_v64_m128n128w2x4s4"),
+    (4096, 4096, 4096, "64:2:8", "gemm_bf16_v64_m128n128w2x2s4"),
 ]
 
 

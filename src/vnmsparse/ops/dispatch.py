@@ -89,10 +89,20 @@ def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, _override: str | 
 
 
 def decode_ksplit(kernel: Kernel, R: int, Kc: int, sm_count: int) -> int:
-    """CTAs splitting the k chunks of one decode row group: enough CTAs for two per SM, each warp >= 2 chunks."""
+    """CTAs splitting the k chunks of one decode row group.
+
+    Modeled time = waves x per-CTA time, with per-CTA time ~ (chunks per warp + 3 chunks of fixed cost: ring
+    fill, reductions). More splits give more CTAs (small R fills the GPU) but a partial last wave costs a
+    whole one; each warp keeps at least 2 chunks.
+    """
     if not isinstance(kernel.variant, Decode):
         return 1
-    groups = math.ceil(math.ceil(R / 16) / kernel.variant.rows)
-    want = math.ceil(2 * sm_count / groups)
-    most = max(1, Kc // (2 * kernel.variant.warps))
-    return max(1, min(want, most))
+    v = kernel.variant
+    groups = math.ceil(math.ceil(R / 16) / v.rows)
+    slots = v.ctas_per_sm * sm_count
+    most = max(1, Kc // (2 * v.warps))
+
+    def cost(ks: int) -> float:
+        return math.ceil(groups * ks / slots) * (math.ceil(Kc / (ks * v.warps)) + 3)
+
+    return min(range(1, most + 1), key=lambda ks: (cost(ks), ks))

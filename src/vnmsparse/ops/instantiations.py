@@ -29,22 +29,18 @@ class Decode:
     n_tiles: int  # 8-token MMA tiles
     rows: int  # 16-row tiles per warp, one gather serving all (needs 16 * rows <= V)
     warps: int = 8  # warps per CTA, splitting the CTA's k chunks
-    unroll: int = 0  # k chunks in flight per warp; 0: as many as registers allow (see steps)
+    stages: int = 4  # per-warp cp.async ring: k chunks of weights in flight per warp
 
     kind = "decode"
+    ctas_per_sm = 2  # what the kernel's __launch_bounds__ and shared memory are sized for
 
     @property
     def max_n(self) -> int:
         return 8 * self.n_tiles
 
     @property
-    def steps(self) -> int:
-        # Registers: U chunks hold U*rows 16-byte weight records and U*8*n_tiles gathered values per lane.
-        return self.unroll or {1: 4, 2: 4 if self.n_tiles == 1 else 2, 4: 2}[self.rows]
-
-    @property
     def tag(self) -> str:
-        return f"nt{self.n_tiles}r{self.rows}w{self.warps}u{self.steps}"
+        return f"nt{self.n_tiles}r{self.rows}w{self.warps}s{self.stages}"
 
     def traits(self) -> str:
         return (
@@ -52,7 +48,7 @@ class Decode:
             f"  static constexpr int N_TILES = {self.n_tiles};  // 8-token MMA tiles\n"
             f"  static constexpr int ROWS = {self.rows};     // 16-row tiles per warp (one V-row block)\n"
             f"  static constexpr int WARPS = {self.warps};    // warps splitting the CTA's k chunks\n"
-            f"  static constexpr int UNROLL = {self.steps};   // k chunks in flight per warp\n"
+            f"  static constexpr int STAGES = {self.stages};   // per-warp cp.async ring depth (k chunks in flight)\n"
             f"}};\n"
         )
 
@@ -113,7 +109,8 @@ def _gemm_variants() -> list[Gemm]:
             out.append(Gemm(V=V, BM=128, BN=128, warps_m=2, warps_n=4, stages=4, min_ctas=2))
             out.append(Gemm(V=V, BM=64, BN=64, warps_m=2, warps_n=2, stages=4, min_ctas=4))
             out.append(Gemm(V=V, BM=64, BN=128, warps_m=1, warps_n=4, stages=4, min_ctas=2))
-            out.append(Gemm(V=V, BM=128, BN=64, warps_m=2, warps_n=2, stages=4, min_ctas=3))
+            # 64x64 per warp: the most MMAs per shared-memory byte read (ncu: the smaller tiles are L1-bound).
+            out.append(Gemm(V=V, BM=128, BN=128, warps_m=2, warps_n=2, stages=4, min_ctas=2))
         else:
             # Small V: several row blocks per CTA, each with its own gathered activations.
             out.append(Gemm(V=V, BM=64, BN=128, warps_m=1, warps_n=4, stages=3, min_ctas=2))
