@@ -3,7 +3,7 @@
 # mma.sp register layout, run the GPU tests, benchmark, profile, and run compute-sanitizer over the GPU tests.
 #
 #   bash bench/run_gpu.sh [STEPS] [bench/kernel.py args]
-#   STEPS: comma-separated from probe,test,bench,profile,sanitize (default probe,test,bench,sanitize);
+#   STEPS: comma-separated from probe,test,bench,cpu,profile,sanitize (default probe,test,bench,sanitize);
 #          the build always runs first.
 #   e.g.   bash bench/run_gpu.sh bench --shapes 4096x4096 --n 1,16 --patterns 64:2:8
 #
@@ -53,6 +53,11 @@ if has bench; then
   step benchmark | tee -a "$LOG"
   python3 bench/kernel.py --merge "$@" 2>&1 | grep -v "Warning\|found = torch" | tee "$OUT/bench.txt" || status=1
   cp bench/results/kernel-*.json bench/results/kernel-*.md "$OUT/" 2>/dev/null
+fi
+
+if has cpu; then
+  step "CPU cost of one vnmsparse.ops.linear call (no profiler attached)" | tee -a "$LOG"
+  python3 bench/profile_kernels.py --cases 0,1,3 2>&1 | grep "^case" | tee -a "$LOG"
 fi
 
 if has profile; then

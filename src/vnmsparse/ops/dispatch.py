@@ -1,9 +1,10 @@
 """Which compiled kernel runs a given problem: a small table of rules over the generated list.
 
-Decode (N <= 16) is the memory-bound kernel with the fewest 8-token tiles that cover N. For larger N the
-tensor-core kernel for the weight's V is chosen by `DISPATCH_RULES`: the first rule whose conditions hold
-names a tile by its fields; tile sizes themselves come only from `instantiations.KERNELS`. `override`
-pins a kernel by name (benchmarks and tuning use it to time every variant).
+Decode (N <= 16) is the memory-bound kernel with the fewest 8-token tiles that cover N and as many 16-row
+tiles per warp as V allows; `decode_ksplit` picks how many CTAs split its k range. For larger N the
+tensor-core kernel for the weight's V is the first of `PREFERRED_TILES` (measured order) that is compiled,
+or `SMALL_TILE` when that would not fill a wave. Tile sizes themselves come only from
+`instantiations.KERNELS`. `override` pins a kernel by name (benchmarks use it to time every variant).
 """
 
 from __future__ import annotations
@@ -18,17 +19,12 @@ from .instantiations import DECODE_MAX_N, KERNELS, Decode, Gemm, Kernel
 _BY_NAME = {k.name: k for k in KERNELS}
 
 
-@dataclass(frozen=True)
-class Rule:
-    """Use the gemm tile with `BM` x `BN` when the large tile would launch fewer than `min_waves` waves."""
-
-    BM: int
-    BN: int
-    max_large_waves: float  # choose this tile if (CTAs of the 128x128 tile) / SMs is below this
-
-
-# Mid-size problems (few CTAs of the large tile) run the small tile; measured on the H100 (bench/NOTES-kernels.md).
-DISPATCH_RULES: tuple[Rule, ...] = (Rule(BM=64, BN=64, max_large_waves=1.0),)
+# Tensor-core tiles in order of preference, from the per-variant timings on the H100 (bench/NOTES-kernels.md,
+# bench/results/history/kernel-h100-v3.json): (BM, BN, WARPS_M, WARPS_N). The first compiled for the weight's V is
+# the default; SMALL_TILE takes over when the default would not fill one wave of CTAs.
+PREFERRED_TILES = ((128, 128, 2, 2), (64, 128, 1, 4), (128, 128, 2, 4), (64, 64, 2, 2))
+SMALL_TILE = (64, 64, 2, 2)
+SMALL_BELOW_WAVES = 1.0
 
 _override: str | None = os.environ.get("VNMSPARSE_KERNEL") or None
 
@@ -78,13 +74,14 @@ def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, _override: str | 
     gemms = [k for k in candidates(N, V, dtype) if isinstance(k.variant, Gemm)]
     if not gemms:
         raise ValueError(f"no tensor-core kernel compiled for V={V}, dtype={dtype}")
-    large = max(gemms, key=lambda k: k.variant.BM * k.variant.BN)
+    tile = lambda k: (k.variant.BM, k.variant.BN, k.variant.warps_m, k.variant.warps_n)  # noqa: E731
+    rank = {t: i for i, t in enumerate(PREFERRED_TILES)}
+    large = min(gemms, key=lambda k: rank.get(tile(k), len(rank)))
     waves = math.ceil(R / large.variant.BM) * math.ceil(N / large.variant.BN) / max(sm_count, 1)
-    for rule in DISPATCH_RULES:
-        if waves < rule.max_large_waves:
-            for k in gemms:
-                if (k.variant.BM, k.variant.BN) == (rule.BM, rule.BN):
-                    return k
+    if waves < SMALL_BELOW_WAVES:
+        small = [k for k in gemms if tile(k) == SMALL_TILE]
+        if small:
+            return small[0]
     return large
 
 

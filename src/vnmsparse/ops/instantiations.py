@@ -29,18 +29,23 @@ class Decode:
     n_tiles: int  # 8-token MMA tiles
     rows: int  # 16-row tiles per warp, one gather serving all (needs 16 * rows <= V)
     warps: int = 8  # warps per CTA, splitting the CTA's k chunks
-    stages: int = 4  # per-warp cp.async ring: k chunks of weights in flight per warp
+    unroll: int = 0  # k chunks in flight per warp; 0: as many as registers allow (see steps)
 
     kind = "decode"
-    ctas_per_sm = 2  # what the kernel's __launch_bounds__ and shared memory are sized for
+    ctas_per_sm = 2  # what its registers (<= 128) and static shared memory (<= 40 KB) allow
 
     @property
     def max_n(self) -> int:
         return 8 * self.n_tiles
 
     @property
+    def steps(self) -> int:
+        # Registers: U chunks hold U*rows 16-byte weight records and U*8*n_tiles gathered values per lane.
+        return self.unroll or {1: 4, 2: 4 if self.n_tiles == 1 else 2, 4: 2}[self.rows]
+
+    @property
     def tag(self) -> str:
-        return f"nt{self.n_tiles}r{self.rows}w{self.warps}s{self.stages}"
+        return f"nt{self.n_tiles}r{self.rows}w{self.warps}u{self.steps}"
 
     def traits(self) -> str:
         return (
@@ -48,7 +53,7 @@ class Decode:
             f"  static constexpr int N_TILES = {self.n_tiles};  // 8-token MMA tiles\n"
             f"  static constexpr int ROWS = {self.rows};     // 16-row tiles per warp (one V-row block)\n"
             f"  static constexpr int WARPS = {self.warps};    // warps splitting the CTA's k chunks\n"
-            f"  static constexpr int STAGES = {self.stages};   // per-warp cp.async ring depth (k chunks in flight)\n"
+            f"  static constexpr int UNROLL = {self.steps};   // k chunks in flight per warp\n"
             f"}};\n"
         )
 
