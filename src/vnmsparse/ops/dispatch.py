@@ -85,6 +85,7 @@ def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, _override: str | 
     return large
 
 
+@functools.lru_cache(maxsize=4096)
 def decode_ksplit(kernel: Kernel, R: int, Kc: int, sm_count: int) -> int:
     """CTAs splitting the k chunks of one decode row group.
 
