@@ -51,7 +51,7 @@ def test_config_records_the_sparsity(saved_llama):
     config = json.loads((folder / CONFIG_NAME).read_text())
     sparsity = config["sparsity_config"]
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
-    assert sparsity["version"] == "1" and sparsity["method"] == "ria" and sparsity["calibration"] == "sequential"
+    assert sparsity["version"] == "1" and sparsity["method"] == "ria" and sparsity["calibration"] == "one-shot"
     assert sparsity["layers"]["model.layers.0.self_attn.q_proj"] == "16:2:8"
     assert sparsity["layers"]["model.layers.1.mlp.down_proj"] == "32:2:5"
     assert len(sparsity["layers"]) == 14

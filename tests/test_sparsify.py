@@ -31,7 +31,7 @@ def test_llama_ria_prunes_every_block_linear_and_leaves_head_and_embeddings():
     assert torch.equal(model.model.embed_tokens.weight, embed)
     for layer in sparse_layers(model).values():
         assert is_vnm(layer.weight.mask(), "16:2:8")
-    assert (report.method, report.calibration) == ("ria", "sequential")
+    assert (report.method, report.calibration) == ("ria", "one-shot")
     assert report.sparsity == pytest.approx(0.75)
     assert report.compressed_bytes < report.dense_bytes / 3
     assert model.vnm_sparsity["method"] == "ria"
@@ -97,7 +97,7 @@ def test_filter_fn_and_calibration_as_keyword_batches():
 def test_vit_blocks_pruned_with_image_calibration():
     model = tiny_vit()
     x = images()
-    report = sparsify(model, SparsifyConfig("32:2:8"), calib=x, progress=False)
+    report = sparsify(model, SparsifyConfig("32:2:8", sequential=True), calib=x, progress=False)
     assert list(sparse_layers(model)) == [f"blocks.{i}.{p}" for i in range(2)
                                           for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
     assert type(model.head) is nn.Linear and report.calibration == "sequential"
@@ -119,7 +119,7 @@ BAD_CONFIGS = [
     (dict(), dict(calib=[token_ids(), "text"]), TypeError, "every calib batch"),
     (dict(), dict(filter_fn="mlp"), TypeError, "filter_fn must be callable"),
     (dict(), dict(filter_fn=lambda m, n: False), ValueError, "no nn.Linear layer is selected"),
-    (dict(blocks="model.norm"), dict(calib=token_ids()), ValueError, "not an nn.ModuleList"),
+    (dict(blocks="model.norm", sequential=True), dict(calib=token_ids()), ValueError, "not an nn.ModuleList"),
 ]
 
 

@@ -30,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--pattern", type=VNMPattern.parse, default=VNMPattern.parse("64:2:8"), help="V:N:M (default 64:2:8)")
     p.add_argument("--method", choices=[m.value for m in Method], default="ria", help="importance criterion (default ria)")
     p.add_argument("--a", type=float, default=0.5, help="RIA activation exponent (default 0.5)")
-    p.add_argument("--one-shot", action="store_true", help="calibrate in one pass of the dense model (default: sequential)")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate block by block on the already-pruned model (default: one pass of the dense model)")
     p.add_argument("--calib", default="austen", help="calibration text: 'austen', 'mobydick' or a UTF-8 file (default austen)")
     p.add_argument("--eval", default="mobydick", help="evaluation text, as --calib (default mobydick)")
     p.add_argument("--calib-chunks", type=_positive, default=8, help="calibration chunks of --seq-len tokens (default 8)")
@@ -137,7 +138,7 @@ def _prune(
     model: nn.Module, pattern: VNMPattern, method: str, args: argparse.Namespace, calib_ids: torch.Tensor
 ) -> SparsifyReport:
     """Sparsify `model` in place as the job's flags say."""
-    config = SparsifyConfig(pattern=pattern, method=method, a=args.a, sequential=not args.one_shot,
+    config = SparsifyConfig(pattern=pattern, method=method, a=args.a, sequential=args.sequential,
                             calib_batch_size=args.batch_size)
     return sparsify(model, config, calib=calib_ids if method == "ria" else None)
 
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     calib_ids = token_chunks(tokenizer, read_text(args.calib), args.seq_len, args.calib_chunks)
     eval_ids = token_chunks(tokenizer, read_text(args.eval), args.seq_len, args.eval_chunks)
     linears = sum(1 for m in dense.modules() if type(m) is nn.Linear)
-    mode = "one-shot" if args.one_shot else "sequential"
+    mode = "sequential" if args.sequential else "one-shot"
     print(f"vnm prune: {args.model} ({dtype}, {device}) -> {args.pattern} {args.method}"
           f"{f' ({mode})' if args.method == 'ria' else ''}; calibration {args.calib} {len(calib_ids)}x{args.seq_len} "
           f"tokens, evaluation {args.eval} {len(eval_ids)}x{args.seq_len} tokens", flush=True)

@@ -59,7 +59,9 @@ class SparsifyConfig:
     method:     "ria" or "magnitude"; None picks RIA when calibration data is given, else magnitude.
     a:          RIA's activation exponent.
     sequential: calibrate block by block, each block seeing the already-pruned ones before it (Wanda-style);
-                False: one pass over the dense model. Only used by RIA.
+                False (default): one pass over the dense model. Only used by RIA. On SmolLM2-135M sequential
+                is better at <= 60% sparsity (2:4, 64:2:5) and 3-5x worse at >= 67% (64:2:6..8); see
+                bench/results/calib-modes-smollm2.md.
     blocks:     name of the nn.ModuleList / nn.Sequential of blocks for sequential mode (None: found).
     permute:    reorder channels to keep more importance (vnmsparse.permute).
     exclude:    regexes (full match) of layer names left dense unless named in `layers`.
@@ -70,7 +72,7 @@ class SparsifyConfig:
     layers: Mapping[str, VNMPattern | str | None] = field(default_factory=dict)
     method: Method | str | None = None
     a: float = 0.5
-    sequential: bool = True
+    sequential: bool = False
     blocks: str | None = None
     permute: bool = False
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
