@@ -132,6 +132,16 @@ def test_running_out_of_data_stops_and_all_dense_run_still_ends_sparse():
     assert all(is_vnm(m, PATTERN) for m in method.masks().values())
 
 
+def test_no_method_is_dense_training_and_finish_false_keeps_layers_dense():
+    model = _model()
+    result = train(model, None, _batches(), _loss, TrainConfig(steps=30, lr=1e-2, progress=False))
+    assert result.steps == 30 and result.losses[-1][1] < result.losses[0][1]
+    assert all(type(m) is not LoRALinear for m in model.modules())
+    method = StagedLoRA(PATTERN, schedule=MaskSchedule(1.0, 0.0), rank=2)
+    train(_model(), method, _batches(), _loss, TrainConfig(steps=5, progress=False), finish=False)
+    assert all(m is None for m in method.masks().values())
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         TrainConfig(steps=0)

@@ -1,8 +1,9 @@
 """`train`: one loop for every sparse method, single-process or under torchrun (DDP or FSDP2), with a time budget.
 
 The method swaps layers before the model is wrapped for data parallelism, re-prunes between steps (outside
-autocast), and finishes after the last step. Every rank must be fed the same number of batches. A time budget
-stops all ranks together, at the same step.
+autocast), and finishes after the last step. With no method it is plain training of every trainable parameter
+(dense baselines use the same loop). Every rank must be fed the same number of batches. A time budget stops
+all ranks together, at the same step.
 """
 
 from __future__ import annotations
@@ -89,17 +90,17 @@ class TrainResult:
         return {**asdict(self), "steps_per_second": self.steps_per_second}
 
 
-def _block_units(model: nn.Module, layers: Iterable[nn.Module]) -> list[nn.Module]:
-    """FSDP units: the items of any nn.ModuleList holding a wrapped layer (transformer blocks), else the layers."""
+def _block_units(model: nn.Module, layers: list[nn.Module]) -> list[nn.Module]:
+    """FSDP units: the items of any nn.ModuleList holding a wrapped layer (any, with no layers), else the layers."""
     wrapped = {id(m) for m in layers}
     units = []
     for module in model.modules():
         if isinstance(module, nn.ModuleList):
-            units += [b for b in module if any(id(m) in wrapped for m in b.modules())]
-    return units or list(layers)
+            units += [b for b in module if not wrapped or any(id(m) in wrapped for m in b.modules())]
+    return units or layers
 
 
-def parallelize(model: nn.Module, method: SparseMethod, strategy: str = "auto") -> nn.Module:
+def parallelize(model: nn.Module, method: SparseMethod | None, strategy: str = "auto") -> nn.Module:
     """The module to call for training: the model itself, DDP around it, or the model FSDP2-sharded in place."""
     if strategy == "auto":
         strategy = "ddp" if world_size() > 1 else "none"
@@ -116,18 +117,23 @@ def parallelize(model: nn.Module, method: SparseMethod, strategy: str = "auto") 
         return ddp(model, device_ids=ids, **no_sync)
     from torch.distributed.fsdp import fully_shard
 
-    for unit in _block_units(model, method.layers.values()):
+    for unit in _block_units(model, [] if method is None else list(method.layers.values())):
         fully_shard(unit)
     fully_shard(model)
     return model
 
 
-def train(model: nn.Module, method: SparseMethod, batches: Iterable[Any], loss_fn: LossFn,
-          config: TrainConfig) -> TrainResult:
-    """Train `model` in place with `method` for `config.steps` steps (or until the time budget), then finish it."""
-    if not isinstance(method, SparseMethod):
-        raise TypeError(f"method must be a SparseMethod (SRSTE, StagedLoRA), got {type(method).__name__}")
-    method.prepare(model, config.steps)
+def train(model: nn.Module, method: SparseMethod | None, batches: Iterable[Any], loss_fn: LossFn,
+          config: TrainConfig, finish: bool = True) -> TrainResult:
+    """Train `model` in place with `method` for `config.steps` steps (or until the time budget).
+
+    `finish=False` leaves the layers as trained (a dense LoRA reference run keeps no mask); None as the method
+    trains every parameter that requires grad, densely.
+    """
+    if method is not None and not isinstance(method, SparseMethod):
+        raise TypeError(f"method must be a SparseMethod (SRSTE, StagedLoRA) or None, got {type(method).__name__}")
+    if method is not None:
+        method.prepare(model, config.steps)
     runner = parallelize(model, method, config.strategy)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP2 replaces parameters
     if not params:
@@ -140,12 +146,12 @@ def train(model: nn.Module, method: SparseMethod, batches: Iterable[Any], loss_f
     data = iter(batches)
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=type(method).__name__, disable=not config.progress or rank() != 0)
+    bar = tqdm(range(config.steps), desc=type(method).__name__ if method else "dense", disable=not config.progress or rank() != 0)
     for step in bar:
         if config.max_seconds is not None and any_rank(time.perf_counter() - start > config.max_seconds, device):
             result.stopped = "time"
             break
-        if method.before_step(step, optimizer):
+        if method is not None and method.before_step(step, optimizer):
             result.remask_steps.append(step)
         batch = next(data, None)
         if batch is None:
@@ -166,5 +172,6 @@ def train(model: nn.Module, method: SparseMethod, batches: Iterable[Any], loss_f
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     result.seconds = time.perf_counter() - start
-    method.finish()
+    if method is not None and finish:
+        method.finish()
     return result
