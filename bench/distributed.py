@@ -110,20 +110,24 @@ def render_markdown(data: dict) -> str:
 
 
 # --- three-staged LoRA under DDP / FSDP ---------------------------------------------------------------------------
-def load_lm(model: str, device: torch.device):
-    """(model, tokenizer): the real SmolLM2, or 'random' (SmolLM2's shape, random weights; ppl is meaningless)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def load_lm(model: str, device: torch.device, args: argparse.Namespace):
+    """(model, Austen chunks, Moby Dick chunks). 'random': SmolLM2's shape with random weights and random tokens,
+    for when the GGUF or the texts are not at hand (ranks and speed still check out; perplexity means nothing)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vnmsparse.models import builtin_gguf, load_causal_lm
+    from vnmsparse.data import austen_text, moby_dick_text, token_chunks
+    from vnmsparse.models import load_causal_lm
 
     if model != "random":
-        return load_causal_lm(model, device=device)
-    gguf = builtin_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        lm, tokenizer = load_causal_lm(model, device=device)
+        return (lm, token_chunks(tokenizer, austen_text(), args.seq_len, args.train_chunks),
+                token_chunks(tokenizer, moby_dick_text(), args.seq_len, args.eval_chunks))
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=len(tokenizer), tie_word_embeddings=True)
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(device).eval(), tokenizer
+    g = torch.Generator().manual_seed(0)
+    tokens = lambda n: torch.randint(0, config.vocab_size, (n, args.seq_len), generator=g)  # noqa: E731
+    return LlamaForCausalLM(config).to(device).eval(), tokens(args.train_chunks or 2048), tokens(args.eval_chunks)
 
 
 def rank_batches(chunks: torch.Tensor, global_batch: int, seed: int, device: torch.device):
@@ -138,15 +142,12 @@ def rank_batches(chunks: torch.Tensor, global_batch: int, seed: int, device: tor
 
 
 def run_lora(args: argparse.Namespace, device: torch.device) -> None:
-    from vnmsparse.data import austen_text, moby_dick_text, token_chunks
     from vnmsparse.evaluate import perplexity
 
     world = dist.get_world_size()
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} must divide by the {world} ranks")
-    model, tokenizer = load_lm(args.model, device)
-    train_chunks = token_chunks(tokenizer, austen_text(), args.seq_len, args.train_chunks)
-    eval_chunks = token_chunks(tokenizer, moby_dick_text(), args.seq_len, args.eval_chunks)
+    model, train_chunks, eval_chunks = load_lm(args.model, device, args)
     method = StagedLoRA(args.pattern, schedule=MaskSchedule(remask_every=args.remask_every), rank=args.rank,
                         alpha=float(args.rank))
     calib = train_chunks[: args.calib_chunks].tensor_split(world)[dist.get_rank()].to(device)  # each rank its share

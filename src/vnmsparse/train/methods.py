@@ -129,10 +129,11 @@ class SparseMethod:
 
         For an unsharded model (single process, or the module inside DDP); under FSDP use `export()`.
         """
+        modules = dict(model.named_modules())
         for name, layer in self.layers.items():
             if isinstance(layer.weight, DTensor):
                 raise ValueError(f"layer {name!r} is FSDP-sharded; use export() for whole compressed weights")
-            if model.get_submodule(name) is not layer:
+            if modules.get(name) is not layer:
                 raise ValueError(f"model has no wrapped layer {name!r}: convert the model this method prepared")
         for name, layer in self.layers.items():
             if layer.mask is None:

@@ -45,6 +45,9 @@ class RIAScorer:
             stats[name] = all_reduce_mean_(value.to(device)).cpu()
         return cls(stats, a)
 
+    def __repr__(self) -> str:
+        return f"RIAScorer(a={self.a}, layers={len(self.act_sq_mean)})"
+
     def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if name not in self.act_sq_mean:
             raise ValueError(f"RIAScorer has no calibration statistic for layer {name!r}; calibrate it with the same names")
