@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge-from", default=None, help="results JSON to merge into (default: --out's .json)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    args.command = "torchrun --nproc_per_node N " + shlex.join(["bench/distributed.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = (f"torchrun --standalone --nproc_per_node {os.environ.get('WORLD_SIZE', 1)} "
+                    + shlex.join(["bench/distributed.py", *(sys.argv[1:] if argv is None else argv)]))
     if args.smoke:
         args.steps, args.global_batch, args.seq_len, args.rank = min(args.steps, 12), 4, 64, 4
         args.train_chunks, args.eval_chunks, args.calib_chunks, args.remask_every = 64, 4, 4, 2

@@ -83,3 +83,14 @@ def test_from_peft_refuses_what_it_cannot_convert_exactly():
     model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["0"]))
     with pytest.raises(ValueError, match="adapters"):
         from_peft(model, "16:2:8")
+
+
+def test_staged_lora_adopts_a_peft_models_layers_and_trains_only_their_factors():
+    from vnmsparse.train import StagedLoRA
+
+    model = _peft_model()
+    method = StagedLoRA("16:2:8", rank=2)  # the PEFT layers keep their own rank (4)
+    params = method.prepare(model, 10)
+    assert sorted(method.layers) == ["base_model.model.0", "base_model.model.2"]
+    assert all(layer.rank == 4 for layer in method.layers.values())
+    assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad} and len(params) == 4
