@@ -50,11 +50,11 @@ def test_bad_flags_are_refused(capsys):
 
 def test_job_prints_the_table_and_saves(tiny_job, tmp_path, capsys):
     out = tmp_path / "pruned"
-    assert main(["prune", "--pattern", "16:2:8", "--sequential", "--calib-chunks", "2", "--eval-chunks", "2",
+    assert main(["prune", "--pattern", "16:2:8", "--sequential", "--permute", "--calib-chunks", "2", "--eval-chunks", "2",
                  "--seq-len", "32", "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    for row in ("(sequential)", "layers pruned", "14 / 15", "75.00%", "50.00%", "perplexity (mobydick)", "bytes, whole model",
-                "2:4 ria (reference)", "16:2:8 ria"):
+    for row in ("(sequential)", "16:2:8 ria permuted", "score kept by masks, permuted", "layers pruned", "14 / 15", "75.00%", "50.00%", "perplexity (mobydick)", "bytes, whole model",
+                "2:4 ria (reference)"):
         assert row in table
     loaded = load_pretrained(out)
     assert sum(isinstance(m, VNMLinear) for m in loaded.modules()) == 14

@@ -32,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--a", type=float, default=0.5, help="RIA activation exponent (default 0.5)")
     p.add_argument("--sequential", action="store_true",
                    help="calibrate block by block on the already-pruned model (default: one pass of the dense model)")
+    p.add_argument("--permute", action="store_true", help="reorder channels before pruning (free at inference)")
     p.add_argument("--calib", default="austen", help="calibration text: 'austen', 'mobydick' or a UTF-8 file (default austen)")
     p.add_argument("--eval", default="mobydick", help="evaluation text, as --calib (default mobydick)")
     p.add_argument("--calib-chunks", type=_positive, default=8, help="calibration chunks of --seq-len tokens (default 8)")
@@ -135,10 +136,10 @@ def _measure(
 
 
 def _prune(
-    model: nn.Module, pattern: VNMPattern, method: str, args: argparse.Namespace, calib_ids: torch.Tensor
+    model: nn.Module, pattern: VNMPattern, method: str, permute: bool, args: argparse.Namespace, calib_ids: torch.Tensor
 ) -> SparsifyReport:
     """Sparsify `model` in place as the job's flags say."""
-    config = SparsifyConfig(pattern=pattern, method=method, a=args.a, sequential=args.sequential,
+    config = SparsifyConfig(pattern=pattern, method=method, a=args.a, sequential=args.sequential, permute=permute,
                             calib_batch_size=args.batch_size)
     return sparsify(model, config, calib=calib_ids if method == "ria" else None)
 
@@ -161,6 +162,10 @@ def _table(columns: list[Column], linears: int, eval_name: str, total_seconds: f
         ("time: prune, eval", [f"{c.report.seconds:.1f} s, {c.eval_seconds:.1f} s" if c.report else f"-, {c.eval_seconds:.1f} s"
                                for c in columns]),
     ]
+    if any(c.report and c.report.kept_score for c in columns):
+        rows.append(("score kept by masks, permuted", [
+            f"{c.report.kept_score[0]:.3f} -> {c.report.kept_score[1]:.3f}" if c.report and c.report.kept_score else "-"
+            for c in columns]))
     if columns[0].throughput is not None:
         rows += [("tokens/s, prefill", [f"{c.throughput['prefill']:,.0f}" for c in columns]),
                  ("tokens/s, decode (batch 1)", [f"{c.throughput['decode']:,.1f}" for c in columns])]
@@ -193,8 +198,9 @@ def run(args: argparse.Namespace) -> int:
 
     columns = [_measure("dense", dense, None, eval_ids, args, device)]
     pruned = copy.deepcopy(dense)
-    report = _prune(pruned, args.pattern, args.method, args, calib_ids)
-    columns.append(_measure(f"{args.pattern} {args.method}", pruned, report, eval_ids, args, device))
+    report = _prune(pruned, args.pattern, args.method, args.permute, args, calib_ids)
+    title = f"{args.pattern} {args.method}{' permuted' if args.permute else ''}"
+    columns.append(_measure(title, pruned, report, eval_ids, args, device))
     if args.out:
         from .checkpoint import save_pretrained
 
@@ -203,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     del pruned
     if not args.no_reference and args.pattern != REFERENCE:
         reference = copy.deepcopy(dense)
-        ref_report = _prune(reference, REFERENCE, "ria", args, calib_ids)
+        ref_report = _prune(reference, REFERENCE, "ria", False, args, calib_ids)  # plain 2:4, as other tools do it
         columns.append(_measure("2:4 ria (reference)", reference, ref_report, eval_ids, args, device))
         del reference
     print(_table(columns, linears, args.eval, time.perf_counter() - start))

@@ -11,7 +11,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -20,9 +20,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import BlockRunner, block_index, calibration_mode, collect_act_sq_mean, find_blocks, recording
-from .format import VALUE_DTYPES
+from .format import VALUE_DTYPES, compress
 from .nn import VNMLinear
 from .pattern import VNMPattern
+from .permute import compress_permuted, permute_model
 from .scores import magnitude_scores, ria_scores
 
 CONFIG_VERSION = 1
@@ -63,7 +64,9 @@ class SparsifyConfig:
                 is better at <= 60% sparsity (2:4, 64:2:5) and 3-5x worse at >= 67% (64:2:6..8); see
                 bench/results/calib-modes-smollm2.md.
     blocks:     name of the nn.ModuleList / nn.Sequential of blocks for sequential mode (None: found).
-    permute:    reorder channels to keep more importance (vnmsparse.permute).
+    permute:    reorder channels so that the masks keep more importance (`vnmsparse.permute`): input orders for
+                every layer and output orders where a consumer absorbs them (gate/up -> down, v -> o, fc1 -> fc2),
+                all folded into the compressed tensors or the neighbouring weights, so free at inference.
     exclude:    regexes (full match) of layer names left dense unless named in `layers`.
     calib_batch_size: rows per forward when `calib` is one tensor.
     """
@@ -214,6 +217,7 @@ class LayerReport:
     kept: int
     dense_bytes: int
     compressed_bytes: int
+    kept_score: tuple[float, float] | None = None  # with permute: fraction of the score the mask keeps, without / with
 
     @property
     def params(self) -> int:
@@ -265,21 +269,50 @@ class SparsifyReport:
         return {"method": self.method, "calibration": self.calibration, "a": self.a, "permute": self.permute,
                 "calib_batches": self.calib_batches}
 
+    @property
+    def kept_score(self) -> tuple[float, float] | None:
+        """With permute: mean over layers of the score fraction the masks keep, without / with permutation."""
+        kept = [layer.kept_score for layer in self.layers if layer.kept_score is not None]
+        if not kept:
+            return None
+        return sum(k[0] for k in kept) / len(kept), sum(k[1] for k in kept) / len(kept)
+
     def __str__(self) -> str:
+        permuted = f", permutation kept score {self.kept_score[0]:.3f} -> {self.kept_score[1]:.3f}" if self.kept_score else ""
         return (f"{len(self.layers)} layers pruned ({self.method}, {self.calibration or 'no calibration'}): "
                 f"sparsity {self.sparsity:.2%} of {self.params:,} weights ({self.model_sparsity:.2%} of the model), "
-                f"{self.dense_bytes / 2**20:.1f} -> {self.compressed_bytes / 2**20:.1f} MiB, {self.seconds:.1f} s")
+                f"{self.dense_bytes / 2**20:.1f} -> {self.compressed_bytes / 2**20:.1f} MiB, {self.seconds:.1f} s{permuted}")
 
 
-def _swap(model: nn.Module, name: str, pattern: VNMPattern, act_sq_mean: torch.Tensor | None, a: float) -> LayerReport:
-    """Score one linear, compress it and put a VNMLinear in its place."""
-    linear = model.get_submodule(name)
-    weight = linear.weight.detach()
-    scores = magnitude_scores(weight) if act_sq_mean is None else ria_scores(weight, act_sq_mean, a)
-    sparse = VNMLinear.from_linear(linear, pattern, scores=scores)
-    model.set_submodule(name, sparse)
-    t = sparse.weight
-    return LayerReport(name, str(pattern), t.shape, int(t.mask().sum()), t.dense_nbytes, t.nbytes)
+def _prune_group(
+    model: nn.Module, names: list[str], plan: Mapping[str, VNMPattern], stats: Mapping[str, torch.Tensor],
+    config: SparsifyConfig, bar: tqdm,
+) -> list[LayerReport]:
+    """Score a group of layers (one block, or the layers outside the blocks), optionally reorder their channels,
+    compress them and put VNMLinears in their place. Layers without a statistic are scored by magnitude."""
+    scores = {}
+    for name in names:
+        weight = model.get_submodule(name).weight.detach()
+        scores[name] = magnitude_scores(weight) if name not in stats else ria_scores(weight, stats[name], config.a)
+    orders = {}
+    if config.permute:  # output orders are applied to the dense weights here (the block computes the same function)
+        for pattern in dict.fromkeys(plan[n] for n in names):
+            subset = {n: scores[n] for n in names if plan[n] == pattern}
+            orders.update(permute_model(model, subset, pattern, progress=False))
+    reports = []
+    for name in names:
+        linear, order = model.get_submodule(name), orders.get(name)
+        weight = linear.weight.detach()
+        if order is None:
+            tensor = compress(weight, plan[name], scores=scores[name])
+        else:
+            tensor = compress_permuted(weight, order.reorder(scores[name]), plan[name], order.perm_in)
+        model.set_submodule(name, VNMLinear(tensor, linear.bias))
+        kept = None if order is None else (order.kept_before, order.kept_after)
+        reports.append(LayerReport(name, str(plan[name]), tensor.shape, int(tensor.mask().sum()), tensor.dense_nbytes,
+                                   tensor.nbytes, kept))
+        bar.update()
+    return reports
 
 
 def sparsify(
@@ -301,26 +334,22 @@ def sparsify(
         raise TypeError(f"config must be a SparsifyConfig, got {type(config).__name__}")
     plan = plan_layers(model, config, filter_fn)
     method = config.resolve_method(calib)
-    if config.permute:
-        raise NotImplementedError("permute=True needs vnmsparse.permute, which is not available yet")
     model_params = sum(p.numel() for p in model.parameters())
-    batches, calibration, blocks_name = [], None, None
+    batches, calibration = [], None
     if method is Method.RIA:
         batches = calib_batches(calib, config.calib_batch_size)
         calibration = "sequential" if config.sequential else "one-shot"
-        if config.sequential:
-            blocks_name = _blocks_for(model, config, plan)
     elif calib is not None:
         warnings.warn("calib is ignored by method='magnitude'", stacklevel=2)
+    sequential = calibration == "sequential"
+    blocks_name = _blocks_for(model, config, plan, required=sequential)
 
-    with calibration_mode(model):
-        if method is Method.MAGNITUDE:
-            layers = [_swap(model, n, p, None, config.a) for n, p in tqdm(plan.items(), desc="sparsify", disable=not progress)]
-        elif blocks_name is None:
-            stats = collect_act_sq_mean(model, batches, plan, progress=progress)
-            layers = [_swap(model, n, p, stats[n], config.a) for n, p in tqdm(plan.items(), desc="sparsify", disable=not progress)]
+    with calibration_mode(model), tqdm(total=len(plan), desc="sparsify", disable=not progress) as bar:
+        if sequential:
+            layers = _sparsify_sequential(model, plan, batches, blocks_name, config, bar)
         else:
-            layers = _sparsify_sequential(model, plan, batches, blocks_name, config.a, progress)
+            stats = collect_act_sq_mean(model, batches, plan, progress=progress) if batches else {}
+            layers = [r for names in _groups(plan, blocks_name) for r in _prune_group(model, names, plan, stats, config, bar)]
 
     report = SparsifyReport(layers, method.value, calibration, config.a if method is Method.RIA else None,
                             config.permute, len(batches), model_params, time.perf_counter() - start)
@@ -328,11 +357,20 @@ def sparsify(
     return report
 
 
-def _blocks_for(model: nn.Module, config: SparsifyConfig, plan: Mapping[str, VNMPattern]) -> str:
-    """The block stack for sequential calibration: the configured one, checked, or the one found."""
+def _groups(plan: Mapping[str, VNMPattern], blocks_name: str | None) -> list[list[str]]:
+    """Layer names grouped by block, in order, then the layers outside the blocks (channel orders never cross
+    a block, and a block's scores are all that is held at once)."""
+    per_block: dict[int | None, list[str]] = {}
+    for name in plan:
+        per_block.setdefault(None if blocks_name is None else block_index(name, blocks_name), []).append(name)
+    return [per_block[i] for i in sorted(i for i in per_block if i is not None)] + ([per_block[None]] if None in per_block else [])
+
+
+def _blocks_for(model: nn.Module, config: SparsifyConfig, plan: Mapping[str, VNMPattern], required: bool) -> str | None:
+    """The block stack: the configured one (checked), or the one found; sequential calibration requires one."""
     if config.blocks is None:
         name = find_blocks(model, plan)
-        if name is None:
+        if name is None and required:
             raise ValueError("sequential calibration found no nn.ModuleList / nn.Sequential of blocks holding the "
                              "layers to prune; set SparsifyConfig.blocks, or sequential=False")
         return name
@@ -347,32 +385,29 @@ def _blocks_for(model: nn.Module, config: SparsifyConfig, plan: Mapping[str, VNM
 
 
 def _sparsify_sequential(
-    model: nn.Module, plan: Mapping[str, VNMPattern], batches: list, blocks_name: str, a: float, progress: bool
+    model: nn.Module, plan: Mapping[str, VNMPattern], batches: list, blocks_name: str, config: SparsifyConfig, bar: tqdm
 ) -> list[LayerReport]:
     """Prune block by block: statistics of block i are taken on the outputs of the already-pruned blocks < i.
 
     Layers outside the stack (a classifier named in `layers`, say) are calibrated last, in one pass of the
     model whose blocks are by then pruned.
     """
-    blocks = model.get_submodule(blocks_name)
-    per_block: dict[int, list[str]] = {}
-    outside = []
-    for name in plan:
-        index = block_index(name, blocks_name)
-        (per_block.setdefault(index, []) if index is not None else outside).append(name)
-    runner = BlockRunner(model, blocks, batches)
+    groups = _groups(plan, blocks_name)
+    inside = {block_index(g[0], blocks_name): g for g in groups if block_index(g[0], blocks_name) is not None}
+    outside = [n for g in groups for n in g if block_index(n, blocks_name) is None]
+    runner = BlockRunner(model, model.get_submodule(blocks_name), batches)
     layers = []
-    last = max(per_block, default=-1)
-    for index in tqdm(range(last + 1), desc="sparsify (sequential)", disable=not progress):
-        names = per_block.get(index, [])
+    last = max(inside, default=-1)
+    for index in range(last + 1):
+        names = inside.get(index, [])
         if names:
             with recording({n: model.get_submodule(n) for n in names}) as stats:
                 runner.run(index)
-            layers += [_swap(model, n, plan[n], stats[n].act_sq_mean, a) for n in names]
+            layers += _prune_group(model, names, plan, {n: s.act_sq_mean for n, s in stats.items()}, config, bar)
         if index < last:
             runner.advance(index)
     del runner
     if outside:
-        stats = collect_act_sq_mean(model, batches, outside, progress=progress)
-        layers += [_swap(model, n, plan[n], stats[n], a) for n in outside]
+        stats = collect_act_sq_mean(model, batches, outside, progress=False)
+        layers += _prune_group(model, outside, plan, stats, config, bar)
     return layers
