@@ -26,7 +26,10 @@ from . import instantiations
 log = logging.getLogger("vnmsparse.ops")
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-_STATIC_SOURCES = ("vnm_params.h", "vnm_common.cuh", "vnm_decode.cuh", "vnm_gemm.cuh", "vnm_transpose.cu", "vnm_binding.cpp")
+_STATIC_SOURCES = (
+    "vnm_params.h", "vnm_common.cuh", "vnm_decode.cuh", "vnm_gemm.cuh", "vnm_transpose.cu", "vnm_binding.cpp",
+    "vnm_sm90.cuh", "vnm_sm90_layout.h", "vnm_wgmma.cuh",
+)
 MIN_CAPABILITY = (8, 0)  # mma.sp with ordered metadata: Ampere and newer
 
 _lock = threading.Lock()
@@ -132,7 +135,7 @@ def _check_table(module: ModuleType) -> None:
     """The compiled table must be the Python list, entry for entry (both come from one generator)."""
     compiled = module.table()
     expected = [
-        (k.name, 0 if k.variant.kind == "decode" else 1, 0 if k.dtype == "bf16" else 1, k.V, k.variant.rows)
+        (k.name, instantiations.KIND_IDS[k.variant.kind], 0 if k.dtype == "bf16" else 1, k.V, k.variant.rows)
         for k in instantiations.KERNELS
     ]
     got = [(*row[:4], row[5]) for row in compiled]

@@ -1,8 +1,9 @@
 """The one list of compiled kernel variants, and the generator that turns it into CUDA sources.
 
-Each `Decode` / `Gemm` entry becomes a tile traits struct (named `static constexpr` fields, checked by the
-kernel's `*Shape` static_asserts), one translation unit per (variant, dtype), and one row of the kernel
-table in `vnm_table.cu`. The table's order is this list's order, so Python dispatch (`dispatch.py`) picks
+Each `Decode` / `Gemm` / `Wgmma` entry becomes a tile traits struct (named `static constexpr` fields, checked
+by the kernel's `*Shape` static_asserts), one translation unit per (variant, dtype), and one row of the kernel
+table in `vnm_table.cu`. The sparse-wgmma instructions the `Wgmma` entries need (one per N) are generated into
+`vnm_wgmma_ops.h`. The table's order is this list's order, so Python dispatch (`dispatch.py`) picks
 a kernel by index into `KERNELS` and reads tile sizes from here: they are written nowhere else.
 
 Run as a script to write the sources somewhere for a manual nvcc build:
@@ -106,6 +107,60 @@ class Gemm:
         return 32 * self.warps_m * self.warps_n
 
 
+@dataclass(frozen=True)
+class Wgmma:
+    """Hopper (sm_90a) sparse-wgmma kernel for one V in {64, 128}; any N. Built everywhere, runs only on sm_90."""
+
+    V: int
+    consumers: int  # consumer warpgroups (a producer warpgroup comes on top)
+    wg_m: int  # m64 tiles per consumer warpgroup
+    BN: int  # tokens per CTA = the wgmma N
+    stages: int  # gathered-B ring depth in shared memory
+    a_ring: int = 4  # k-steps of A fragments in registers
+
+    kind = "wgmma"
+    max_n = 1 << 30
+    rows = 0
+    arch = (9, 0)  # the only compute capability it runs on
+
+    @property
+    def BM(self) -> int:
+        return 64 * self.wg_m * self.consumers
+
+    @property
+    def tag(self) -> str:
+        return f"v{self.V}_c{self.consumers}m{self.wg_m}n{self.BN}s{self.stages}a{self.a_ring}"
+
+    def traits(self) -> str:
+        return (
+            f"struct WgmmaTile_{self.tag} {{\n"
+            f"  static constexpr int V = {self.V};          // rows per V:N:M block\n"
+            f"  static constexpr int CONSUMERS = {self.consumers};   // consumer warpgroups\n"
+            f"  static constexpr int WG_M = {self.wg_m};        // m64 tiles per consumer warpgroup\n"
+            f"  static constexpr int BN = {self.BN};        // tokens per CTA (wgmma N)\n"
+            f"  static constexpr int STAGES = {self.stages};      // gathered-B ring depth\n"
+            f"  static constexpr int A_RING = {self.a_ring};      // k-steps of A fragments in registers\n"
+            f"}};\n"
+        )
+
+    def launcher(self, dtype: str) -> str:
+        return f"launch_wgmma<WgmmaTile_{self.tag}, {_CUDA_TYPE[dtype]}>"
+
+    header = "vnm_wgmma.cuh"
+
+
+def _wgmma_variants() -> list[Wgmma]:
+    # Per V: a wide-N tile (fewest instructions per byte of B), a 4-block tile (most rows per gathered byte in L1)
+    # and a smaller one for mid-size problems. bench/NOTES-wgmma.md: smem budgets and what to measure first.
+    return [
+        Wgmma(V=64, consumers=2, wg_m=1, BN=256, stages=4),
+        Wgmma(V=64, consumers=2, wg_m=2, BN=128, stages=4),
+        Wgmma(V=64, consumers=2, wg_m=1, BN=128, stages=6),
+        Wgmma(V=128, consumers=2, wg_m=1, BN=256, stages=6),
+        Wgmma(V=128, consumers=2, wg_m=2, BN=128, stages=6),
+    ]
+
+
 def _gemm_variants() -> list[Gemm]:
     out: list[Gemm] = []
     for V in SUPPORTED_V:
@@ -123,10 +178,12 @@ def _gemm_variants() -> list[Gemm]:
     return out
 
 
-VARIANTS: tuple[Decode | Gemm, ...] = (
+VARIANTS: tuple[Decode | Gemm | Wgmma, ...] = (
     *(Decode(n_tiles=nt, rows=rows) for rows in (1, 2, 4) for nt in (1, 2)),
     *_gemm_variants(),
+    *_wgmma_variants(),
 )
+KIND_IDS = {"decode": 0, "gemm": 1, "wgmma": 2}  # vnm::KernelKind (vnm_params.h)
 
 
 @dataclass(frozen=True)
@@ -134,7 +191,7 @@ class Kernel:
     """One table entry: a variant built for one dtype."""
 
     index: int
-    variant: Decode | Gemm
+    variant: Decode | Gemm | Wgmma
     dtype: str
 
     @property
@@ -168,16 +225,52 @@ def _unit(kernel: Kernel) -> str:
     )
 
 
+_WGMMA_ELEM = {"bf16": "bf16", "fp16": "f16"}  # PTX type names
+
+
+def _wgmma_op(n: int, dtype: str) -> str:
+    """One `WgmmaSp<T, N>` specialization: wgmma.mma_async.sp m64nNk32, A from registers, B by descriptor
+    (N-major, i.e. imm-trans-b = 1), fp32 accumulators, sparsity selector 0, always accumulating."""
+    regs = n // 2
+    d_list = ", ".join(f"%{i}" for i in range(regs))
+    d_ops = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    t = _WGMMA_ELEM[dtype]
+    return (
+        f"template <> struct WgmmaSp<{_CUDA_TYPE[dtype]}, {n}> {{\n"
+        f"  static __device__ __forceinline__ void run(float (&d)[{regs}], const uint4& a, uint64_t desc, uint32_t e) {{\n"
+        f"    asm volatile(\n"
+        f'        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 6}, 0;\\n"\n'
+        f'        "wgmma.mma_async.sp.sync.aligned.m64n{n}k32.f32.{t}.{t} "\n'
+        f'        "{{{d_list}}}, "\n'
+        f'        "{{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}, %{regs + 4}, %{regs + 5}, 0, p, 1, 1, 1;\\n}}\\n"\n'
+        f"        : {d_ops}\n"
+        f'        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(e), "n"(1));\n'
+        f"  }}\n}};\n"
+    )
+
+
+def _wgmma_ops_header() -> str:
+    ns = sorted({v.BN for v in VARIANTS if isinstance(v, Wgmma)})
+    body = "".join(_wgmma_op(n, d) for n in ns for d in DTYPES)
+    return (
+        f"{_BANNER}#pragma once\n\n#include <cstdint>\n#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n\n"
+        "#include \"vnm_sm90.cuh\"\n\nnamespace vnm {\n\n"
+        "// D(64 x N, fp32) += A(64 x 32, 2:4 sparse, registers) * B(32 x N, shared memory, tokens contiguous).\n"
+        "template <typename T, int N> struct WgmmaSp;\n\n"
+        f"#if defined(VNM_SM90A_ENABLED)\n{body}#endif  // VNM_SM90A_ENABLED\n\n}}  // namespace vnm\n"
+    )
+
+
 def _table() -> str:
     decls = []
     rows = []
     for k in KERNELS:
-        kind = "KernelKind::kDecode" if k.variant.kind == "decode" else "KernelKind::kGemm"
+        kind = {"decode": "KernelKind::kDecode", "gemm": "KernelKind::kGemm", "wgmma": "KernelKind::kWgmma"}[k.variant.kind]
         dtype = "ElemType::kBf16" if k.dtype == "bf16" else "ElemType::kFp16"
         decls.append(f"extern template cudaError_t {k.variant.launcher(k.dtype)}(const VnmParams&, cudaStream_t);")
         rows.append(f'    {{"{k.name}", {kind}, {dtype}, {k.V}, {min(k.variant.max_n, 1 << 30)}, {k.variant.rows}, &{k.variant.launcher(k.dtype)}}},')
     return (
-        f"{_BANNER}#include \"vnm_decode.cuh\"\n#include \"vnm_gemm.cuh\"\n#include \"vnm_tiles.h\"\n\n"
+        f"{_BANNER}#include \"vnm_decode.cuh\"\n#include \"vnm_gemm.cuh\"\n#include \"vnm_wgmma.cuh\"\n#include \"vnm_tiles.h\"\n\n"
         "namespace vnm {\n\n" + "\n".join(decls) + "\n\n"
         "static const KernelEntry kTable[] = {\n" + "\n".join(rows) + "\n};\n\n"
         "const KernelEntry* kernel_table(int* count) {\n"
@@ -188,7 +281,7 @@ def _table() -> str:
 
 def sources() -> dict[str, str]:
     """File name -> content of every generated source (traits header, one unit per kernel, the table)."""
-    files = {"vnm_tiles.h": _traits_header(), "vnm_table.cu": _table()}
+    files = {"vnm_tiles.h": _traits_header(), "vnm_wgmma_ops.h": _wgmma_ops_header(), "vnm_table.cu": _table()}
     for k in KERNELS:
         files[f"gen_{k.name}.cu"] = _unit(k)
     return files

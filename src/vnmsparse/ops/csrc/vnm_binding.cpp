@@ -121,7 +121,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& a_vals, const at::Tensor& 
     p.ws = ws.data_ptr<float>();
     p.counters = counters.data_ptr<int32_t>();
   }
-  if (entry.kind == vnm::KernelKind::kGemm) {
+  if (entry.kind == vnm::KernelKind::kGemm || entry.kind == vnm::KernelKind::kWgmma) {
     xt = at::empty({C, p.Np}, x.options());
     p.xt = xt.data_ptr();
   }

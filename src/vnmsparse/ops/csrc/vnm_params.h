@@ -12,7 +12,7 @@ namespace vnm {
 // padded (see src/vnmsparse/ops/pack.py for their exact layout).
 struct VnmParams {
   const void* x;          // (N, C) activations, row-major, row stride ldx elements, bf16 or fp16
-  void* xt;               // (C, Np) workspace: x transposed and zero-padded to Np columns (tensor-core path only)
+  void* xt;               // (C, Np) workspace: x transposed and zero-padded to Np columns (tensor-core paths only)
   const uint4* a_vals;    // (Rt, Kc, 32 lanes) x 16 bytes: mma.sp A fragments, 8 values per lane
   const uint32_t* a_meta; // (Rt, Kc, 16) 2:4 metadata words, word gid*2+h for lane 4*gid+h (h in {0,1})
   const int* cols;        // (Bn, Gp, 4) kept-column indices per row block and group, all in [0, C)
@@ -34,7 +34,7 @@ struct VnmParams {
   int* counters;          // decode, ksplit > 1: one arrival counter per row group, zero between launches
 };
 
-enum class KernelKind : int { kDecode = 0, kGemm = 1 };
+enum class KernelKind : int { kDecode = 0, kGemm = 1, kWgmma = 2 };  // kWgmma: sm_90a only
 enum class ElemType : int { kBf16 = 0, kFp16 = 1 };
 
 using LaunchFn = cudaError_t (*)(const VnmParams&, cudaStream_t);
@@ -46,8 +46,8 @@ struct KernelEntry {
   KernelKind kind;
   ElemType dtype;
   int V;             // 0: any V (decode)
-  int max_n;         // largest N this entry accepts (decode: 8 * n-tiles; gemm: no limit)
-  int rows;          // decode: 16-row tiles per warp (needs 16*rows <= V); gemm: 0
+  int max_n;         // largest N this entry accepts (decode: 8 * n-tiles; gemm, wgmma: no limit)
+  int rows;          // decode: 16-row tiles per warp (needs 16*rows <= V); gemm, wgmma: 0
   LaunchFn launch;
 };
 

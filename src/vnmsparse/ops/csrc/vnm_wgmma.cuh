@@ -1,0 +1,292 @@
+// Tensor-core kernel for Hopper (sm_90a): y^T = W x^T on sparse wgmma (wgmma.mma_async.sp m64nNk32),
+// warp-specialized. Design, budgets and the alternatives not taken: bench/NOTES-wgmma.md.
+//
+//   producer warpgroup (1): gathers, per k-step and V-row block, the 32 kept rows of x^T (tokens n0..n0+BN-1)
+//       with 16-byte cp.async into a STAGES-deep ring of B tiles laid out as wgmma's MN-major 128-byte-swizzled
+//       operand (vnm_sm90_layout.h); after its copies land (cp.async.wait_group, STAGES - 2 stages behind) each
+//       thread fences the generic->async proxy and arrives on the stage's `full` mbarrier.
+//   consumer warpgroups (CONSUMERS): each owns WG_M m64 tiles x BN tokens of accumulators in registers. A
+//       (the compressed weights) and the 2:4 metadata go straight from global memory into registers: the packed
+//       16-row records of pack.py are exactly the per-warp register fragment of wgmma.sp's A operand, so warp w
+//       of a warpgroup loads record 4*tile + w with one 16-byte load per lane, A_RING - 1 k-steps ahead.
+//       Per k-step: wait `full`, one wgmma.sp per m64 tile (B by descriptor), commit, wait for the previous
+//       k-step's group, release its stage (`empty` mbarrier), prefetch A.
+//   epilogue: accumulators (+ bias) -> bf16/fp16 -> stmatrix.trans into a [token][row] tile in shared memory ->
+//       16-byte stores into y (N, R), row-major like x, bounds-checked on both edges.
+//
+// x^T (C x Np, zero-padded to a multiple of 8 tokens) is written first by launch_transpose (vnm_transpose.cu).
+// Compiled for every architecture (one kernel table), but the body exists only for sm_90a; elsewhere the
+// launcher returns cudaErrorNotSupported and dispatch never picks it.
+#pragma once
+
+#include "vnm_common.cuh"
+#include "vnm_sm90.cuh"
+#include "vnm_sm90_layout.h"
+#include "vnm_wgmma_ops.h"
+
+namespace vnm {
+
+// Checks and derived constants for a sparse-wgmma tile traits struct (generated; see instantiations.py):
+//   V:         rows per V:N:M block (64 or 128: one m64 wgmma tile never straddles two blocks' columns)
+//   CONSUMERS: consumer warpgroups (each 128 threads); the producer warpgroup comes on top
+//   WG_M:      m64 tiles per consumer warpgroup (BM = 64 * WG_M * CONSUMERS rows of W per CTA)
+//   BN:        tokens per CTA = the N of every wgmma instruction
+//   STAGES:    depth of the gathered-B ring in shared memory
+//   A_RING:    k-steps of A fragments held in registers (A is loaded A_RING - 1 k-steps ahead)
+template <typename Tile> struct WgmmaShape {
+  static constexpr int kV = Tile::V;
+  static constexpr int kConsumers = Tile::CONSUMERS;
+  static constexpr int kWgM = Tile::WG_M;
+  static constexpr int kBN = Tile::BN;
+  static constexpr int kStages = Tile::STAGES;
+  static constexpr int kARing = Tile::A_RING;
+  static constexpr int kBM = 64 * kWgM * kConsumers;
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kBlocks = kBM >= kV ? kBM / kV : 1;   // V-row blocks (distinct B tiles) per CTA
+  static constexpr int kRows = 32 * kBlocks;                  // gathered rows per stage
+  static constexpr int kPieces = kBN / 8;                     // 16-byte pieces per gathered row
+  static constexpr int kGatherIters = sm90::gather_iters(kRows, kPieces);
+  static constexpr int kBTileBytes = sm90::b_tile_bytes(kBN);
+  static constexpr int kStageBytes = kBlocks * kBTileBytes;
+  static constexpr int kOutPitch = kBM + 8;                   // epilogue [token][row] tile, padded (elements)
+  static constexpr int kOutBytes = kBN * kOutPitch * 2;
+  static constexpr int kRingBytes = kStages * kStageBytes;
+  static constexpr int kSmemBytes = (kRingBytes > kOutBytes ? kRingBytes : kOutBytes) + sm90::kAtomBytes;  // + align
+  static constexpr int kLag = kStages - 2;                    // cp.async groups a producer keeps in flight
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = kConsumers == 1 ? 240 : 232;
+  static constexpr int kAcc = kBN / 2;                        // fp32 accumulators per thread per m64 tile
+  static constexpr int kGroupM = 16;                          // row tiles per raster group (L2 reuse)
+
+  static_assert(kV == 64 || kV == 128, "the sparse-wgmma kernel needs V = 64 or 128 (an m64 tile shares one block's columns)");
+  static_assert(kConsumers == 1 || kConsumers == 2, "CONSUMERS must be 1 or 2 (register file: 128 threads each)");
+  static_assert(kWgM == 1 || kWgM == 2, "WG_M must be 1 or 2 (accumulators live in registers)");
+  static_assert(kBN % sm90::kAtomTokens == 0 && kBN <= 256, "BN must be a multiple of 64 (the swizzle atom) and <= 256 (wgmma N)");
+  static_assert(kWgM * kAcc <= 128, "at most 128 fp32 accumulators per consumer thread");
+  static_assert(kBM % kV == 0 || kV % kBM == 0, "BM and V must divide one another");
+  static_assert(kRows <= 128, "at most 4 row blocks per CTA (a producer lane holds one row's column index)");
+  static_assert(kGatherIters * (32 / kPieces) * 4 == kRows, "gathered rows must split evenly over the producer warps");
+  static_assert(kStages >= 3 && kStages <= 8, "STAGES must be in 3..8 (the producer keeps STAGES - 2 in flight)");
+  static_assert(kARing >= 2 && kARing <= 6, "A_RING must be in 2..6");
+  static_assert(kStageBytes % sm90::kAtomBytes == 0, "stages must keep B tiles 1024-byte aligned (swizzle atoms)");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA exceeds the 227 KB an sm_90 block may use");
+  static_assert(kOutPitch % 16 == 8, "epilogue pitch: an odd number of 16-byte units keeps stmatrix conflict-free");
+};
+
+template <typename Tile, typename T>
+__global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1) vnm_wgmma_kernel(const VnmParams p) {
+#if defined(VNM_SM90A_ENABLED)
+  using S = WgmmaShape<Tile>;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t full_bar[S::kStages];
+  __shared__ __align__(8) uint64_t empty_bar[S::kStages];
+
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;  // 0: producer, 1..CONSUMERS: consumers
+  const int warp = (tid / 32) % 4, lane = tid % 32;
+  const uint32_t smem = (smem_addr(smem_raw) + sm90::kAtomBytes - 1) & ~uint32_t(sm90::kAtomBytes - 1);
+  const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
+
+  const int tiles_m = (p.R + S::kBM - 1) / S::kBM, tiles_n = (p.N + S::kBN - 1) / S::kBN;
+  const sm90::TileCoord tile = sm90::tile_coord(blockIdx.x, tiles_m, tiles_n, S::kGroupM);
+  const int m0 = tile.m * S::kBM, n0 = tile.n * S::kBN;
+  const int blk0 = m0 / S::kV;  // first V-row block of the CTA (it may hold part of one when V > BM)
+
+  if (tid == 0) {
+    for (int s = 0; s < S::kStages; ++s) {
+      sm90::mbar_init(full0 + 8 * s, 128);                     // every producer thread arrives
+      sm90::mbar_init(empty0 + 8 * s, 4 * S::kConsumers);      // one lane per consumer warp
+    }
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ------------------------------------------------------------------ producer: gather x^T rows
+    sm90::setmaxnreg_dec<S::kProducerRegs>();
+    const uint16_t* xt = static_cast<const uint16_t*>(p.xt);
+    const int own_row = sm90::owned_row(warp, lane);
+    const int own_blk = min(blk0 + own_row / 32, p.Bn - 1);  // rows past R: any valid block
+    const int* own_cols = p.cols + static_cast<size_t>(own_blk) * p.Gp * 4 + own_row % 32;
+    const bool owns = own_row < S::kRows;
+    int col = owns ? __ldg(own_cols) : 0;  // k-step 0
+    // This thread's pieces: one 16-byte piece (tokens n0 + 8 * piece0 ..) of rows owner0, owner0 + RPI, ...
+    constexpr int kRowsPerInstr = 32 / S::kPieces;
+    constexpr uint32_t kDstStep = sm90::gather_dst_step(S::kPieces, S::kBN);
+    const sm90::GatherPiece g0 = sm90::gather_piece(warp, lane, 0, S::kPieces);
+    const int owner0 = g0.owner;
+    const bool piece_ok = n0 + 8 * g0.piece < p.Np;  // past the padded tokens: zero-fill, read nothing
+    const char* xt_n = reinterpret_cast<const char*>(xt + (piece_ok ? n0 + 8 * g0.piece : 0));
+    const uint32_t row_bytes = 2u * static_cast<uint32_t>(p.Np);
+    const uint32_t dst_base[2] = {sm90::gather_dst(warp, lane, 0, S::kPieces, S::kBN),
+                                  sm90::gather_dst(warp, lane, S::kGatherIters > 1 ? 1 : 0, S::kPieces, S::kBN)};
+    for (int kc = 0; kc < p.Kc; ++kc) {
+      const int s = kc % S::kStages;
+      if (kc >= S::kStages) sm90::mbar_wait(empty0 + 8 * s, ((kc / S::kStages) - 1) & 1);
+      const int col_next = (owns && kc + 1 < p.Kc) ? __ldg(own_cols + 32 * (kc + 1)) : 0;
+      const uint32_t stage = smem + s * S::kStageBytes;
+#pragma unroll
+      for (int it = 0; it < S::kGatherIters; ++it) {
+        const int c = __shfl_sync(0xffffffffu, col, owner0 + it * kRowsPerInstr);
+        // One IMAD.WIDE.U32 per piece: c < C, so the row start is inside x^T (mapped even when zero-filling).
+        const char* src = xt_n + static_cast<uint64_t>(static_cast<uint32_t>(c)) * row_bytes;
+        cp_async_ca16(stage + dst_base[it % 2] + (it / 2) * kDstStep, src, piece_ok);
+      }
+      cp_async_commit();
+      if (kc >= S::kLag) {
+        cp_async_wait<S::kLag>();  // stage kc - LAG has landed (for this thread)
+        sm90::fence_proxy_async();
+        sm90::mbar_arrive(full0 + 8 * ((kc - S::kLag) % S::kStages));
+      }
+      col = col_next;
+    }
+    cp_async_wait<0>();
+    sm90::fence_proxy_async();
+    for (int kc = max(p.Kc - S::kLag, 0); kc < p.Kc; ++kc) sm90::mbar_arrive(full0 + 8 * (kc % S::kStages));
+  } else {
+    // ------------------------------------------------------------------ consumers: sparse wgmma
+    sm90::setmaxnreg_inc<S::kConsumerRegs>();
+    const int cw = wg - 1;
+    const int gid = lane >> 2;
+    float acc[S::kWgM][S::kAcc];
+#pragma unroll
+    for (int mi = 0; mi < S::kWgM; ++mi)
+#pragma unroll
+      for (int i = 0; i < S::kAcc; ++i) acc[mi][i] = 0.f;
+
+    // A fragments: record (tile, k-step) of warp `warp`, 16 bytes per lane; metadata word per lane.
+    const uint4* a_src[S::kWgM];
+    const uint32_t* e_src[S::kWgM];
+    uint32_t b_off[S::kWgM];  // byte offset of the m64 tile's B tile within a stage
+#pragma unroll
+    for (int mi = 0; mi < S::kWgM; ++mi) {
+      const int local = cw * S::kWgM + mi;  // m64 tile within the CTA
+      const int rec = sm90::a_record(m0 / 64 + local, warp, p.Rt);
+      a_src[mi] = p.a_vals + static_cast<size_t>(rec) * p.Kc * 32 + lane;
+      e_src[mi] = p.a_meta + static_cast<size_t>(rec) * p.Kc * 16 + sm90::meta_word(lane);
+      b_off[mi] = sm90::b_tile_of(local, S::kV, S::kBM) * S::kBTileBytes;
+    }
+    uint4 a_reg[S::kARing][S::kWgM];
+    uint32_t e_reg[S::kARing][S::kWgM];
+    auto load_a = [&](int kc, uint4 (&a)[S::kWgM], uint32_t (&e)[S::kWgM]) {
+      if (kc < p.Kc) {
+#pragma unroll
+        for (int mi = 0; mi < S::kWgM; ++mi) {
+          a[mi] = ldg_stream(a_src[mi] + static_cast<size_t>(kc) * 32);
+          e[mi] = __ldg(e_src[mi] + static_cast<size_t>(kc) * 16);
+        }
+      }
+    };
+#pragma unroll
+    for (int j = 0; j + 1 < S::kARing; ++j) load_a(j, a_reg[j], e_reg[j]);
+
+    for (int k0 = 0; k0 < p.Kc; k0 += S::kARing) {
+#pragma unroll
+      for (int j = 0; j < S::kARing; ++j) {
+        const int kc = k0 + j;
+        if (kc < p.Kc) {
+          const int s = kc % S::kStages;
+          sm90::mbar_wait(full0 + 8 * s, (kc / S::kStages) & 1);
+          const uint32_t stage = smem + s * S::kStageBytes;
+#pragma unroll
+          for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
+          sm90::wgmma_fence();
+#pragma unroll
+          for (int mi = 0; mi < S::kWgM; ++mi)
+            WgmmaSp<T, S::kBN>::run(acc[mi], a_reg[j][mi], sm90::b_desc(stage + b_off[mi], S::kBN), e_reg[j][mi]);
+          sm90::wgmma_commit();
+#pragma unroll
+          for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
+          sm90::wgmma_wait<1>();  // the previous k-step's wgmmas are done: its stage and A slot are free
+          if (kc > 0 && lane == 0) sm90::mbar_arrive(empty0 + 8 * ((kc - 1) % S::kStages));
+          load_a(kc + S::kARing - 1, a_reg[(j + S::kARing - 1) % S::kARing], e_reg[(j + S::kARing - 1) % S::kARing]);
+        }
+      }
+    }
+    sm90::wgmma_wait<0>();
+#pragma unroll
+    for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
+
+    // ------------------------------------------------------------------ epilogue
+    sm90::named_barrier(1, 128 * S::kConsumers);  // every consumer is done reading the B ring
+    const uint16_t* b16 = static_cast<const uint16_t*>(p.bias);
+#pragma unroll
+    for (int mi = 0; mi < S::kWgM; ++mi) {
+      const int mrow = (cw * S::kWgM + mi) * 64 + 16 * warp;  // first row of this warp within the CTA tile
+      float bias[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + mrow + gid + 8 * h;
+        bias[h] = (b16 != nullptr && row < p.R) ? Elem<T>::to_float(b16[row]) : 0.f;
+      }
+#pragma unroll
+      for (int jj = 0; jj < S::kBN / 16; ++jj) {
+        uint32_t r[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {  // matrix q: rows +8 (q % 2), tokens +8 (q / 2)
+          const int i = sm90::stmatrix_acc(jj, q);
+          r[q] = static_cast<uint32_t>(Elem<T>::from_float(acc[mi][i] + bias[q & 1])) |
+                 (static_cast<uint32_t>(Elem<T>::from_float(acc[mi][i + 1] + bias[q & 1])) << 16);
+        }
+        const sm90::StRow st = sm90::stmatrix_row(lane, jj);
+        sm90::stmatrix_x4_trans(smem + (st.n * S::kOutPitch + mrow + st.m) * 2, r[0], r[1], r[2], r[3]);
+      }
+    }
+    sm90::named_barrier(1, 128 * S::kConsumers);
+
+    const uint16_t* out = reinterpret_cast<const uint16_t*>(smem_raw + (smem - smem_addr(smem_raw)));
+    uint16_t* y16 = static_cast<uint16_t*>(p.y);
+    const bool vec = (p.ldy % 8) == 0 && (reinterpret_cast<uintptr_t>(p.y) % 16) == 0;
+    constexpr int kRowPieces = S::kBM / 8;
+    for (int q = tid - 128; q < S::kBN * kRowPieces; q += 128 * S::kConsumers) {
+      const int nl = q / kRowPieces, mp = q % kRowPieces;
+      const int n = n0 + nl, row = m0 + mp * 8;
+      if (n >= p.N || row >= p.R) continue;
+      const uint16_t* src = out + nl * S::kOutPitch + mp * 8;
+      uint16_t* dst = y16 + static_cast<size_t>(n) * p.ldy + row;
+      if (vec && row + 8 <= p.R) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+      } else {
+        for (int j = 0; j < 8 && row + j < p.R; ++j) dst[j] = src[j];
+      }
+    }
+  }
+#endif  // VNM_SM90A_ENABLED
+}
+
+// True when `device` is compute capability 9.0 (the only one this kernel is built for). Cached per device.
+inline bool is_sm90(int device) {
+  static int cached[64] = {};  // 0 unknown, 1 yes, 2 no
+  if (device >= 0 && device < 64 && cached[device] != 0) return cached[device] == 1;
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  const bool yes = major == 9 && minor == 0;
+  if (device >= 0 && device < 64) cached[device] = yes ? 1 : 2;
+  return yes;
+}
+
+template <typename Tile, typename T>
+cudaError_t launch_wgmma(const VnmParams& p, cudaStream_t stream) {
+  using S = WgmmaShape<Tile>;
+  if (p.V != S::kV || p.xt == nullptr) return cudaErrorInvalidValue;
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (!is_sm90(dev)) return cudaErrorNotSupported;
+  if (p.N == 0 || p.R == 0) return cudaSuccess;
+  err = launch_transpose(p, stream);
+  if (err != cudaSuccess) return err;
+  auto kernel = vnm_wgmma_kernel<Tile, T>;
+  static bool configured[64] = {};  // raise the dynamic shared-memory limit once per device (graph-capture safe)
+  if (dev >= 64 || !configured[dev]) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    if (dev < 64) configured[dev] = true;
+  }
+  const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
+  if (tiles > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  kernel<<<static_cast<unsigned>(tiles), S::kThreads, S::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace vnm
