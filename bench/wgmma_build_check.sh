@@ -34,7 +34,21 @@ for unit in "$OUT"/gen/gen_wgmma_*.cu; do
     hg=$(grep -c "HGMMA.SP.64x[0-9]*x32.F32.*tnspB" "$OUT/$name.sass")
     mx=$(grep -c "USETMAXREG" "$OUT/$name.sass")
     lm=$(grep -cE "\bLDL|\bSTL" "$OUT/$name.sass")
-    sass="HGMMA.SP=$hg USETMAXREG=$mx LDL/STL=$lm"
+    # Highest register index used in the consumer part (after the TRY_ALLOC) and the producer part (after the
+    # DEALLOC, laid out last): must stay under the setmaxnreg limits (232 / 40).
+    regs_used=$(python3 - "$OUT/$name.sass" <<'PY'
+import re, sys
+part, top = None, {"c": 0, "p": 0}
+for line in open(sys.argv[1]):
+    part = "c" if "USETMAXREG.TRY_ALLOC" in line else "p" if "USETMAXREG.DEALLOC" in line else part
+    if part == "p" and re.search(r"\s{2}EXIT ;", line):  # producer code ends; out-of-line wait loops follow
+        part = "done"
+    if part in top:
+        top[part] = max([top[part]] + [int(r) + 1 for r in re.findall(r"\bR(\d+)\b", line.split("/*")[1] if "/*" in line else line)])
+print(f"consumerR<={top['c']} producerR<={top['p']}")
+PY
+)
+    sass="HGMMA.SP=$hg USETMAXREG=$mx LDL/STL=$lm $regs_used"
     [ "$hg" -gt 0 ] && [ "$mx" -eq 2 ] && [ "$lm" -eq 0 ] || status=1
   fi
   printf "%-44s %5s %6s %6s %8s %s\n" "$name" "$regs" "$spill_s" "$spill_l" "$smem" "$sass"

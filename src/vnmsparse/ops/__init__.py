@@ -2,13 +2,14 @@
 
     from vnmsparse.ops import linear
     y = linear(x, vnm_tensor, bias)          # CUDA kernels on sm_80+, the plain-torch reference elsewhere
+    enable_wgmma()                           # opt in to the sm_90a sparse-wgmma kernel (or VNMSPARSE_WGMMA=1)
 
 Importing this needs no compiler and no GPU: kernels are built just in time (`build.extension`) on the
 first CUDA call. `pack_for_device` is what `VNMTensor.pack(device)` calls (and caches).
 """
 
 from .build import extension, unavailable_reason
-from .dispatch import choose, override
+from .dispatch import choose, enable_wgmma, override
 from .instantiations import KERNELS
 from .op import kernel_unavailable_reason, linear
 from .pack import PackedVNM, check_packable, pack_for_device, unpack_dense
@@ -18,6 +19,7 @@ __all__ = [
     "PackedVNM",
     "check_packable",
     "choose",
+    "enable_wgmma",
     "extension",
     "kernel_unavailable_reason",
     "linear",

@@ -5,6 +5,10 @@ tiles per warp as V allows; `decode_ksplit` picks how many CTAs split its k rang
 tensor-core kernel for the weight's V is the first of `PREFERRED_TILES` (measured order) that is compiled,
 or `SMALL_TILE` when that would not fill a wave. Tile sizes themselves come only from
 `instantiations.KERNELS`. `override` pins a kernel by name (benchmarks use it to time every variant).
+
+On sm_90 (`arch == (9, 0)`) the sparse-wgmma kernels (`instantiations.Wgmma`, V = 64 or 128) take over for
+N >= WGMMA_MIN_N, but only when enabled: `VNMSPARSE_WGMMA=1` or `enable_wgmma()`. They are off by default
+until validated on the device (bench/NOTES-wgmma.md); every other GPU keeps the mma.sp kernel.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from .instantiations import DECODE_MAX_N, KERNELS, Decode, Gemm, Kernel
+from .instantiations import DECODE_MAX_N, KERNELS, Decode, Gemm, Kernel, Wgmma
 
 _BY_NAME = {k.name: k for k in KERNELS}
 
@@ -28,6 +32,13 @@ SMALL_BELOW_WAVES = 1.0
 
 _override: str | None = os.environ.get("VNMSPARSE_KERNEL") or None
 
+# Sparse wgmma (sm_90a): opt-in until validated on the H100. Tiles in order of preference per V as
+# (CONSUMERS, WG_M, BN, STAGES); WGMMA_SMALL_TILE when the preferred one would not fill a wave.
+_wgmma: bool = os.environ.get("VNMSPARSE_WGMMA", "") not in ("", "0")
+WGMMA_MIN_N = 256
+WGMMA_PREFERRED = {64: ((2, 1, 256, 4), (2, 2, 128, 4), (2, 1, 128, 6)), 128: ((2, 1, 256, 6), (2, 2, 128, 6))}
+WGMMA_SMALL_TILE = {64: (2, 1, 128, 6), 128: (2, 2, 128, 6)}
+
 
 def override(name: str | None) -> None:
     """Force kernel `name` (an `instantiations.KERNELS` name) for every later call, or None to undo."""
@@ -37,14 +48,24 @@ def override(name: str | None) -> None:
     _override = name
 
 
+def enable_wgmma(flag: bool = True) -> None:
+    """Let `choose` pick the sm_90a sparse-wgmma kernels (on sm_90 only), or stop it (flag=False)."""
+    global _wgmma
+    _wgmma = bool(flag)
+
+
+def wgmma_enabled() -> bool:
+    return _wgmma
+
+
 def dtype_tag(dtype) -> str:
     import torch
 
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def candidates(N: int, V: int, dtype: str) -> list[Kernel]:
-    """Every compiled kernel that can run this problem."""
+def candidates(N: int, V: int, dtype: str, arch: tuple[int, int] | None = None) -> list[Kernel]:
+    """Every compiled kernel that can run this problem on a GPU of compute capability `arch`."""
     out = []
     for k in KERNELS:
         if k.dtype != dtype:
@@ -53,25 +74,43 @@ def candidates(N: int, V: int, dtype: str) -> list[Kernel]:
             out.append(k)
         elif isinstance(k.variant, Gemm) and k.variant.V == V:
             out.append(k)
+        elif isinstance(k.variant, Wgmma) and k.variant.V == V and arch is not None and tuple(arch) == k.variant.arch:
+            out.append(k)
     return out
 
 
-def choose(N: int, R: int, V: int, dtype: str, sm_count: int) -> Kernel:
+def choose(N: int, R: int, V: int, dtype: str, sm_count: int, arch: tuple[int, int] | None = None) -> Kernel:
     """The kernel for an (N tokens) x (R rows) problem with block height V and element type dtype."""
-    return _choose(N, R, V, dtype, sm_count, _override)
+    return _choose(N, R, V, dtype, sm_count, None if arch is None else tuple(arch), _override, _wgmma)
+
+
+def _wgmma_choice(N: int, R: int, V: int, dtype: str, sm_count: int, arch) -> Kernel | None:
+    tiles = {(k.variant.consumers, k.variant.wg_m, k.variant.BN, k.variant.stages): k
+             for k in candidates(N, V, dtype, arch) if isinstance(k.variant, Wgmma)}
+    preferred = [tiles[t] for t in WGMMA_PREFERRED.get(V, ()) if t in tiles]
+    if not preferred:
+        return None
+    large = preferred[0]
+    waves = math.ceil(R / large.variant.BM) * math.ceil(N / large.variant.BN) / max(sm_count, 1)
+    small = tiles.get(WGMMA_SMALL_TILE.get(V))
+    return small if waves < SMALL_BELOW_WAVES and small is not None else large
 
 
 @functools.lru_cache(maxsize=4096)  # called on every matmul: keep it off the launch path's CPU time
-def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, _override: str | None) -> Kernel:
+def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, arch, _override: str | None, _wgmma: bool) -> Kernel:
     if _override is not None:
         k = _BY_NAME[_override]
-        if k.dtype == dtype and k in candidates(N, V, dtype):
+        if k.dtype == dtype and k in candidates(N, V, dtype, arch):
+            return k
+    if _wgmma and N >= WGMMA_MIN_N:
+        k = _wgmma_choice(N, R, V, dtype, sm_count, arch)
+        if k is not None:
             return k
     if N <= DECODE_MAX_N:
         # Fewest 8-token tiles that cover N; as many 16-row tiles per warp as the block height allows.
-        decodes = [k for k in candidates(N, V, dtype) if isinstance(k.variant, Decode) and 16 * k.variant.rows <= V]
+        decodes = [k for k in candidates(N, V, dtype, arch) if isinstance(k.variant, Decode) and 16 * k.variant.rows <= V]
         return min(decodes, key=lambda k: (k.variant.n_tiles, -k.variant.rows))
-    gemms = [k for k in candidates(N, V, dtype) if isinstance(k.variant, Gemm)]
+    gemms = [k for k in candidates(N, V, dtype, arch) if isinstance(k.variant, Gemm)]
     if not gemms:
         raise ValueError(f"no tensor-core kernel compiled for V={V}, dtype={dtype}")
     tile = lambda k: (k.variant.BM, k.variant.BN, k.variant.warps_m, k.variant.warps_n)  # noqa: E731

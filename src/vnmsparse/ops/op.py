@@ -59,16 +59,17 @@ def _linear_fake(x, a_vals, a_meta, cols, bias, R, C, V):
 
 @functools.lru_cache(maxsize=None)
 def _device_info(index: int):
-    """(compiled module or None, why not, SM count) for CUDA device `index`: looked up once."""
+    """(compiled module or None, why not, SM count, compute capability) for CUDA device `index`: looked up once."""
     device = torch.device("cuda", index)
     ext = build.extension(device)
-    return ext, build.unavailable_reason(device), torch.cuda.get_device_properties(index).multi_processor_count
+    props = torch.cuda.get_device_properties(index)
+    return ext, build.unavailable_reason(device), props.multi_processor_count, (props.major, props.minor)
 
 
 def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V):
     if x.shape[-1] != C:
         raise ValueError(f"vnmsparse::linear: x's last dim must be in_features={C}, got {tuple(x.shape)}")
-    ext, why, sms = _device_info(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    ext, why, sms, arch = _device_info(x.device.index if x.device.index is not None else torch.cuda.current_device())
     if ext is None or x.dtype not in SUPPORTED_DTYPES:
         log_once(logging.WARNING, f"vnmsparse::linear: {why or f'x dtype {x.dtype} has no kernel'}; using the plain-torch reference")
         return _reference_from_packed(x, a_vals, a_meta, cols, bias, R, C, V)
@@ -79,7 +80,7 @@ def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V):
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
     N = x2.shape[0]
-    kernel = dispatch.choose(N, R, V, dispatch.dtype_tag(x.dtype), sms)
+    kernel = dispatch.choose(N, R, V, dispatch.dtype_tag(x.dtype), sms, arch)
     ksplit = dispatch.decode_ksplit(kernel, R, a_vals.shape[1], sms)
     y = ext.run(x2, a_vals, a_meta, cols, bias, R, C, V, kernel.index, ksplit)
     return y.view(*lead, R)

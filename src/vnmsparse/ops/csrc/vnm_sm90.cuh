@@ -63,6 +63,12 @@ template <int kN> __device__ __forceinline__ void fence_operands(float (&d)[kN])
   for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// Keep an A fragment and its metadata register live (unmoved, unreused) until here: a wgmma reads them
+// asynchronously, so their registers must not be reallocated before the wait that retires that wgmma.
+__device__ __forceinline__ void fence_fragment(uint4& a, uint32_t& e) {
+  asm volatile("" : "+r"(a.x), "+r"(a.y), "+r"(a.z), "+r"(a.w), "+r"(e)::"memory");
+}
+
 // ---- epilogue helpers ---------------------------------------------------------------------------------------
 // Four 8x8 b16 matrices stored transposed: lanes 8q..8q+7 give the row addresses of matrix q.
 __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {

@@ -198,7 +198,10 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1) vnm_wgmma_kerne
           for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
           sm90::wgmma_wait<1>();  // the previous k-step's wgmmas are done: its stage and A slot are free
           if (kc > 0 && lane == 0) sm90::mbar_arrive(empty0 + 8 * ((kc - 1) % S::kStages));
-          load_a(kc + S::kARing - 1, a_reg[(j + S::kARing - 1) % S::kARing], e_reg[(j + S::kARing - 1) % S::kARing]);
+          const int free_slot = (j + S::kARing - 1) % S::kARing;  // the slot the retired wgmma read (unrolled: constant)
+#pragma unroll
+          for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_fragment(a_reg[free_slot][mi], e_reg[free_slot][mi]);
+          load_a(kc + S::kARing - 1, a_reg[free_slot], e_reg[free_slot]);
         }
       }
     }

@@ -1,0 +1,87 @@
+"""Dispatch of the sm_90a sparse-wgmma kernels (CPU): opt-in only, sm_90 only, V in {64, 128}, large N only."""
+
+from __future__ import annotations
+
+import pytest
+
+from vnmsparse.ops import dispatch, instantiations
+
+H100 = (9, 0)
+
+
+@pytest.fixture
+def wgmma_on():
+    before = dispatch.wgmma_enabled()
+    dispatch.enable_wgmma(True)
+    yield
+    dispatch.enable_wgmma(before)
+
+
+@pytest.fixture
+def wgmma_off():
+    before = dispatch.wgmma_enabled()
+    dispatch.enable_wgmma(False)
+    yield
+    dispatch.enable_wgmma(before)
+
+
+@pytest.mark.parametrize("V", instantiations.SUPPORTED_V)
+def test_off_by_default_keeps_the_mma_sp_kernel(wgmma_off, V):
+    for N in (1, 256, 4096):
+        assert dispatch.choose(N, 4096, V, "bf16", 132, H100).variant.kind in ("decode", "gemm")
+
+
+@pytest.mark.parametrize("V", (64, 128))
+@pytest.mark.parametrize("dtype", instantiations.DTYPES)
+def test_enabled_on_sm90_picks_wgmma_for_large_n(wgmma_on, V, dtype):
+    for N in (dispatch.WGMMA_MIN_N, 4096, 8192):
+        k = dispatch.choose(N, 8192, V, dtype, 132, H100)
+        assert k.variant.kind == "wgmma" and k.V == V and k.dtype == dtype
+    assert dispatch.choose(16, 8192, V, dtype, 132, H100).variant.kind == "decode"
+    assert dispatch.choose(dispatch.WGMMA_MIN_N - 1, 8192, V, dtype, 132, H100).variant.kind == "gemm"
+
+
+@pytest.mark.parametrize("arch", [None, (8, 0), (8, 6), (8, 9), (10, 0)])
+def test_never_on_other_gpus(wgmma_on, arch):
+    for V in instantiations.SUPPORTED_V:
+        assert dispatch.choose(4096, 8192, V, "bf16", 132, arch).variant.kind == "gemm"
+        assert not any(k.variant.kind == "wgmma" for k in dispatch.candidates(4096, V, "bf16", arch))
+
+
+def test_small_v_stays_on_mma_sp(wgmma_on):
+    for V in (16, 32):
+        assert dispatch.choose(4096, 8192, V, "bf16", 132, H100).variant.kind == "gemm"
+
+
+def test_small_problems_get_the_small_tile(wgmma_on):
+    big = dispatch.choose(8192, 8192, 64, "bf16", 132, H100)
+    small = dispatch.choose(256, 512, 64, "bf16", 132, H100)
+    assert big.variant.kind == small.variant.kind == "wgmma"
+    assert small.variant.BM * small.variant.BN <= big.variant.BM * big.variant.BN
+
+
+def test_every_preferred_tile_is_in_the_list():
+    tiles = {(v.V, v.consumers, v.wg_m, v.BN, v.stages) for v in instantiations.VARIANTS if isinstance(v, instantiations.Wgmma)}
+    for V, prefs in dispatch.WGMMA_PREFERRED.items():
+        assert all((V, *t) in tiles for t in prefs)
+        assert (V, *dispatch.WGMMA_SMALL_TILE[V]) in tiles
+
+
+def test_override_by_name_needs_sm90(wgmma_off):
+    name = next(k.name for k in instantiations.KERNELS if k.variant.kind == "wgmma" and k.V == 64 and k.dtype == "bf16")
+    try:
+        dispatch.override(name)
+        assert dispatch.choose(4096, 4096, 64, "bf16", 132, H100).name == name
+        assert dispatch.choose(4096, 4096, 64, "bf16", 132, (8, 0)).variant.kind == "gemm"
+    finally:
+        dispatch.override(None)
+
+
+def test_generated_wgmma_sources(tmp_path):
+    instantiations.write(tmp_path)
+    ops_h = (tmp_path / "vnm_wgmma_ops.h").read_text()
+    for n in {v.BN for v in instantiations.VARIANTS if isinstance(v, instantiations.Wgmma)}:
+        for t in ("bf16", "f16"):
+            assert f"wgmma.mma_async.sp.sync.aligned.m64n{n}k32.f32.{t}.{t}" in ops_h
+    table = (tmp_path / "vnm_table.cu").read_text()
+    assert table.count("KernelKind::kWgmma") == sum(k.variant.kind == "wgmma" for k in instantiations.KERNELS)
