@@ -2,6 +2,7 @@
 
     python bench/kernel.py                                  # the full sweep of issue 3
     python bench/kernel.py --shapes 4096x4096 --n 1,16 --patterns 64:2:8 --merge
+    python bench/kernel.py --path wgmma --shapes 8192x8192 --n 4096 --variants   # sm_90a sparse wgmma (H100)
 
 One record per (R, C, N, pattern, dtype) in bench/results/kernel-<gpu>.json (merged with what is there when
 --merge) and a markdown table beside it. y = x @ W^T with W (R x C) bf16 and x (N x C).
@@ -13,7 +14,10 @@ torch._cslt_compress, with the algorithm torch._cslt_sparse_mm_search picks (nul
 vnm = vnmsparse.ops.linear (the public path: custom op, dispatch, kernel).
 
 Ceilings: decode (N <= 16) bytes moved / time against 3.0 TB/s (bytes = packed weight + x + y); tensor-core
-path dense-equivalent TFLOP/s (2 R C N / time) against 950 x M / 4 (the mma.sp peak measured on the H100).
+path dense-equivalent TFLOP/s (2 R C N / time) against 950 x M / 4 (the mma.sp peak measured on the H100), and for
+the sparse-wgmma path against 1979 x M / 4 (the datasheet's 2:4 peak; not yet measured here).
+--path wgmma enables the sm_90a kernels (dispatch.enable_wgmma), also times the mma.sp path of the same case
+(`mma_sp_ms`), and writes kernel-<gpu>-wgmma.json so the committed mma.sp records stay as they are.
 rel_err: ||y - ref|| / ||ref|| on the first 64 tokens against float64 W*mask.
 """
 
@@ -38,6 +42,7 @@ NS = [1, 16, 128, 1024, 2048, 4096, 8192]
 PATTERNS = ["64:2:5", "64:2:8", "128:2:8", "64:2:16", "64:2:4"]
 HBM_TBPS = 3.0  # device-to-device copy, read + write, measured on the lent H100 (shared/ANCHORS.md)
 MMA_SP_PEAK = 950.0  # dense-equivalent TFLOP/s of mma.sp m16n8k32 bf16 on the H100 (shared/tools/mma_peak.cu)
+WGMMA_SP_PEAK = 1979.0  # dense-equivalent TFLOP/s of 2:4 sparse wgmma bf16, H100 SXM datasheet (unmeasured)
 
 
 def gpu_slug(name: str) -> str:
@@ -125,6 +130,11 @@ def run(args) -> list[dict]:
     ext = ops.extension(dev)
     if ext is None:
         raise SystemExit(f"kernels unavailable: {ops.unavailable_reason(dev)}")
+    arch = (props.major, props.minor)
+    if args.path == "wgmma" and arch != (9, 0):
+        raise SystemExit(f"--path wgmma needs an sm_90 GPU, this is sm_{arch[0]}{arch[1]}")
+    if args.path != "auto":
+        dispatch.enable_wgmma(args.path == "wgmma")
     records = []
     gen = torch.Generator(device=dev).manual_seed(0)
     for shape in args.shapes:
@@ -152,7 +162,7 @@ def run(args) -> list[dict]:
             M = t.pattern.M
             ts = None
             for N, x in xs.items():
-                kernel = dispatch.choose(N, R, t.pattern.V, args.dtype, props.multi_processor_count)
+                kernel = dispatch.choose(N, R, t.pattern.V, args.dtype, props.multi_processor_count, arch)
                 y = ops.linear(x, t)
                 torch.cuda.synchronize()
                 k = min(N, 64)
@@ -198,12 +208,19 @@ def run(args) -> list[dict]:
                     rec["ceiling"] = f"{HBM_TBPS} TB/s"
                 else:
                     tflops = 2 * R * C * N / (vnm_ms * 1e-3) / 1e12
+                    peak, peak_name = (WGMMA_SP_PEAK, "1979") if kernel.variant.kind == "wgmma" else (MMA_SP_PEAK, "950")
                     rec["dense_equiv_tflops"] = round(tflops, 1)
-                    rec["pct_of_ceiling"] = round(100 * tflops / (MMA_SP_PEAK * M / 4), 1)
-                    rec["ceiling"] = f"{MMA_SP_PEAK * M / 4:.0f} TFLOP/s (950 x M/4)"
+                    rec["pct_of_ceiling"] = round(100 * tflops / (peak * M / 4), 1)
+                    rec["ceiling"] = f"{peak * M / 4:.0f} TFLOP/s ({peak_name} x M/4)"
+                if kernel.variant.kind == "wgmma":  # the mma.sp kernel on the same case, same run
+                    dispatch.enable_wgmma(False)
+                    try:
+                        rec["mma_sp_ms"] = round(bench_ms(lambda: ops.linear(x, t), args.warmup_ms, args.rep_ms), 5)
+                    finally:
+                        dispatch.enable_wgmma(True)
                 if args.variants:
                     rec["variants_ms"] = {}
-                    for cand in dispatch.candidates(N, t.pattern.V, args.dtype):
+                    for cand in dispatch.candidates(N, t.pattern.V, args.dtype, arch):
                         if cand.variant.kind != kernel.variant.kind:
                             continue
                         dispatch.override(cand.name)
@@ -223,16 +240,18 @@ def _line(r: dict) -> str:
     ach = f"{r['gbps']:7.0f} GB/s" if "gbps" in r else f"{r.get('dense_equiv_tflops', 0):7.0f} TF/s"
     cs = "   -   " if r["cslt24_ms"] is None else f"{r['cslt24_ms']:7.4f}"
     graph = f"  graph {r['dense_graph_ms']:.4f}/{r['vnm_graph_ms']:.4f} x{r['graph_speedup']:.2f}" if "vnm_graph_ms" in r else ""
+    if "mma_sp_ms" in r:
+        graph = f"  mma.sp {r['mma_sp_ms']:.4f} (wgmma x{r['mma_sp_ms'] / r['vnm_ms']:.2f})"
     return (
         f"{r['R']:>5}x{r['C']:<5} N={r['N']:<5} {r['pattern']:>8} {r['path']:>6}  dense {r['dense_ms']:8.4f}  vnm {r['vnm_ms']:8.4f}"
         f"  x{r['speedup']:5.2f}  cslt {cs}  err {r['rel_err']:.1e}  {ach} {r['pct_of_ceiling']:5.1f}%{graph}"
     )
 
 
-def write(records: list[dict], out_dir: Path, merge: bool, meta: dict) -> tuple[Path, Path]:
+def write(records: list[dict], out_dir: Path, merge: bool, meta: dict, suffix: str = "") -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = gpu_slug(records[0]["gpu"]) if records else "unknown"
-    path = out_dir / f"kernel-{slug}.json"
+    path = out_dir / f"kernel-{slug}{suffix}.json"
     key = lambda r: (r["R"], r["C"], r["N"], r["pattern"], r["dtype"])  # noqa: E731
     if merge and path.exists():
         old = json.loads(path.read_text())
@@ -254,17 +273,21 @@ def markdown(records: list[dict], meta: dict) -> str:
         f"torch {records[0]['torch'] if records else '?'}; bf16; median of triton do_bench (L2 flushed before every call);"
         " speedup = dense_ms / vnm_ms (cuBLAS via torch.matmul, same run); cslt24 = cuSPARSELt 2:4 via torch._cslt_sparse_mm"
         " (searched algorithm), '-' where refused. Ceiling: decode GB/s vs 3.0 TB/s; tensor-core dense-equivalent TFLOP/s vs"
-        " 950 x M/4. Graph columns (decode): per-call time inside one CUDA graph over weight copies larger than 2x L2 (no launch"
+        " 950 x M/4 (mma.sp, measured peak) or 1979 x M/4 (wgmma, datasheet 2:4 peak). Graph columns (decode): per-call time inside one CUDA graph over weight copies larger than 2x L2 (no launch"
         " overhead, weights from DRAM). Generated by bench/kernel.py; runs: " + "; ".join(r.get("command", "") for r in meta.get("runs", [])),
         "",
         "| R x C | N | pattern | path | dense ms | vnm ms | vnm speedup | cslt24 ms | cslt24 speedup | rel err | achieved | % of ceiling | graph: dense / vnm ms (speedup) |",
         "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    if any("mma_sp_ms" in r for r in records):  # --path wgmma: the mma.sp time of the same case in the last column
+        lines[-2] = lines[-2].replace("graph: dense / vnm ms (speedup) |", "mma.sp ms (wgmma speedup over it) |")
     for r in records:
         ach = f"{r['gbps']:.0f} GB/s" if "gbps" in r else f"{r['dense_equiv_tflops']:.0f} TFLOP/s"
         cs = "-" if r["cslt24_ms"] is None else f"{r['cslt24_ms']:.4f}"
         csp = "-" if r["cslt24_speedup"] is None else f"{r['cslt24_speedup']:.2f}x"
         graph = f"{r['dense_graph_ms']:.4f} / {r['vnm_graph_ms']:.4f} ({r['graph_speedup']:.2f}x)" if "vnm_graph_ms" in r else ""
+        if "mma_sp_ms" in r:
+            graph = f"{r['mma_sp_ms']:.4f} ({r['mma_sp_ms'] / r['vnm_ms']:.2f}x)"
         lines.append(
             f"| {r['R']}x{r['C']} | {r['N']} | {r['pattern']} | {r['path']} | {r['dense_ms']:.4f} | {r['vnm_ms']:.4f} | "
             f"{r['speedup']:.2f}x | {cs} | {csp} | {r['rel_err']:.1e} | {ach} | {r['pct_of_ceiling']:.0f}% | {graph} |"
@@ -281,6 +304,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--merge", action="store_true", help="keep records of other cases already in the JSON")
     p.add_argument("--variants", action="store_true", help="also time every compiled kernel that can run each case")
+    p.add_argument("--path", choices=("auto", "mma_sp", "wgmma"), default="auto",
+                   help="tensor-core path: auto (dispatch default, VNMSPARSE_WGMMA), mma_sp, or wgmma (sm_90a; own JSON)")
     p.add_argument("--no-cslt", action="store_true")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (launch-overhead-free) decode timings")
     p.add_argument("--warmup-ms", type=float, default=10.0)
@@ -298,7 +323,7 @@ def main(argv=None) -> None:
             }
         ]
     }
-    path, md = write(records, args.out, args.merge, meta)
+    path, md = write(records, args.out, args.merge, meta, "-wgmma" if args.path == "wgmma" else "")
     print(f"wrote {path} and {md} ({len(records)} new records)")
 
 

@@ -3,10 +3,15 @@
 # mma.sp register layout, run the GPU tests, benchmark, profile, and run compute-sanitizer over the GPU tests.
 #
 #   bash bench/run_gpu.sh [STEPS] [bench/kernel.py args]
-#   STEPS: comma-separated from probe,test,bench,cpu,profile,sanitize (default probe,test,bench,sanitize);
+#   STEPS: comma-separated from probe,test,bench,cpu,profile,sanitize,wgmma (default probe,test,bench,sanitize);
 #          the build always runs first.
 #   e.g.   bash bench/run_gpu.sh bench --shapes 4096x4096 --n 1,16 --patterns 64:2:8
 #
+#   wgmma: the sm_90a sparse-wgmma validation in one call (bench/NOTES-wgmma.md): layout probe, a smoke run (a hang
+#          stops the wgmma steps there), its GPU tests, its benchmark against cuBLAS, cuSPARSELt and the mma.sp
+#          path in the same run (kernel-<gpu>-wgmma.json/.md), compute-sanitizer memcheck over its tests. Every
+#          GPU step has a timeout, so the whole call stays under 10 minutes.
+#          bash bench/run_gpu.sh wgmma
 # Into $OUT (the device tool brings it back): log.txt (env, probe, build, tests, sanitizer), bench.txt, ncu.txt,
 # and kernel-<gpu>.json/.md (the benchmark merges into bench/results/kernel-<gpu>.json and copies it here).
 set -uo pipefail
@@ -16,9 +21,11 @@ mkdir -p "$OUT"
 STEPS=${1:-probe,test,bench,sanitize}
 [ $# -gt 0 ] && shift
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
+WGMMA_BENCH=${WGMMA_BENCH:---shapes 4096x4096,8192x8192,28672x8192 --n 2048,4096,8192 --patterns 64:2:8,64:2:5,128:2:8,64:2:16 --variants --warmup-ms 5 --rep-ms 25}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export VNMSPARSE_BUILD_DIR=${VNMSPARSE_BUILD_DIR:-/tmp/vnm_build} MAX_JOBS=${MAX_JOBS:-16}
 LOG="$OUT/log.txt"
+rm -f /tmp/wgmma_hang
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
 
@@ -40,6 +47,24 @@ m = ops.extension('cuda')
 print('kernels built and loaded' if m else 'BUILD FAILED: ' + str(ops.unavailable_reason('cuda')))
 raise SystemExit(0 if m else 1)" || { echo "build failed"; exit 1; }
 
+if has wgmma; then
+  step "wgmma: layout probe (A registers, metadata, N-major swizzled B, D)"
+  nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc/vnmsparse/ops/csrc -o /tmp/wgmma_probe \
+    bench/wgmma_sp_probe.cu && timeout 60 /tmp/wgmma_probe || status=1
+  step "wgmma: smoke run (one kernel, 1024x2048, N=1024; a timeout here means a pipeline hang)"
+  timeout 120 python3 -m pytest tests/ops/test_wgmma_gpu.py -q -x -p no:cacheprovider -k matches_mma_sp 2>&1 | tail -15
+  smoke=${PIPESTATUS[0]}
+  echo "smoke exit $smoke"
+  if [ "$smoke" -eq 124 ]; then echo "WGMMA HANG: skipping the other wgmma steps"; touch /tmp/wgmma_hang; status=1
+  else
+    [ "$smoke" -eq 0 ] || status=1
+    step "wgmma: GPU tests"
+    timeout 240 python3 -m pytest tests/ops/test_wgmma_gpu.py -q -rf -p no:cacheprovider -W ignore::DeprecationWarning \
+      > "$OUT/wgmma_tests.txt" 2>&1; rc=$?
+    tail -25 "$OUT/wgmma_tests.txt"; echo "wgmma tests exit $rc"; [ $rc -eq 0 ] || status=1
+  fi
+fi
+
 if has test; then
   step "GPU tests"
   python3 -m pytest tests/ops -q -rf -p no:cacheprovider -W ignore::DeprecationWarning > /tmp/tests.txt 2>&1 || status=1
@@ -53,6 +78,22 @@ if has bench; then
   step benchmark | tee -a "$LOG"
   python3 bench/kernel.py --merge "$@" 2>&1 | grep -v "Warning\|found = torch" | tee "$OUT/bench.txt" || status=1
   cp bench/results/kernel-*.json bench/results/kernel-*.md "$OUT/" 2>/dev/null
+fi
+
+if has wgmma && [ ! -e /tmp/wgmma_hang ]; then
+  step "wgmma: benchmark (--path wgmma $WGMMA_BENCH)" | tee -a "$LOG"
+  # shellcheck disable=SC2086
+  timeout 240 python3 bench/kernel.py --path wgmma --merge $WGMMA_BENCH 2>&1 | grep -v "Warning\|found = torch" \
+    | tee "$OUT/wgmma_bench.txt"; rc=${PIPESTATUS[0]}
+  echo "wgmma bench exit $rc" | tee -a "$LOG"; [ "$rc" -eq 0 ] || status=1
+  cp bench/results/kernel-*-wgmma.json bench/results/kernel-*-wgmma.md "$OUT/" 2>/dev/null
+  step "wgmma: compute-sanitizer memcheck over its tests (bf16 variants, public path; no graphs)" | tee -a "$LOG"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest \
+    tests/ops/test_wgmma_gpu.py -q -p no:cacheprovider -W ignore::DeprecationWarning -k "bf16 or public or refused" \
+    > "$OUT/wgmma_sanitizer.txt" 2>&1
+  rc=$?
+  { grep -E "^=========" "$OUT/wgmma_sanitizer.txt" | head -40; tail -5 "$OUT/wgmma_sanitizer.txt"; echo "wgmma sanitizer exit $rc (124: timed out)"; } | tee -a "$LOG"
+  [ $rc -eq 0 ] || status=1
 fi
 
 if has cpu; then

@@ -33,10 +33,12 @@ SMALL_BELOW_WAVES = 1.0
 _override: str | None = os.environ.get("VNMSPARSE_KERNEL") or None
 
 # Sparse wgmma (sm_90a): opt-in until validated on the H100. Tiles in order of preference per V as
-# (CONSUMERS, WG_M, BN, STAGES); WGMMA_SMALL_TILE when the preferred one would not fill a wave.
+# (CONSUMERS, WG_M, BN, STAGES); WGMMA_SMALL_TILE when the preferred one would not fill a wave. Unmeasured order,
+# from the traffic model in bench/NOTES-wgmma.md (V=64: four row blocks per CTA share gathered rows through L1;
+# V=128: the widest N, least A traffic per FLOP). Replace it with the measured order (bench/kernel.py --variants).
 _wgmma: bool = os.environ.get("VNMSPARSE_WGMMA", "") not in ("", "0")
 WGMMA_MIN_N = 256
-WGMMA_PREFERRED = {64: ((2, 1, 256, 4), (2, 2, 128, 4), (2, 1, 128, 6)), 128: ((2, 1, 256, 6), (2, 2, 128, 6))}
+WGMMA_PREFERRED = {64: ((2, 2, 128, 4), (2, 1, 256, 4), (2, 1, 128, 6)), 128: ((2, 1, 256, 6), (2, 2, 128, 6))}
 WGMMA_SMALL_TILE = {64: (2, 1, 128, 6), 128: (2, 2, 128, 6)}
 
 

@@ -150,7 +150,7 @@ class Wgmma:
 
 
 def _wgmma_variants() -> list[Wgmma]:
-    # Per V: a wide-N tile (fewest instructions per byte of B), a 4-block tile (most rows per gathered byte in L1)
+    # Per V: a wide-N tile (least A traffic per FLOP), a 4-block tile (most rows per gathered byte through L1)
     # and a smaller one for mid-size problems. bench/NOTES-wgmma.md: smem budgets and what to measure first.
     return [
         Wgmma(V=64, consumers=2, wg_m=1, BN=256, stages=4),

@@ -1,0 +1,129 @@
+"""The sm_90a sparse-wgmma kernels on the GPU, against a float64 reference, outputs poisoned with NaN first.
+
+Every compiled `Wgmma` variant is run directly (by its table index) over odd shapes: R not a multiple of the
+tile (nor of 16), C not a multiple of M (padding slots), N = 1, 3, 17, 100, 257, 4095 (token tails, one and
+several token tiles), K from one k-step to many (pipeline wrap-around, phase flips), folded input permutations,
+bias or not, both dtypes. Then the public path with `enable_wgmma()`: leading dims, bias, CUDA-graph replay,
+determinism. Skipped unless the GPU is sm_90 (bench/run_gpu.sh runs them, once under compute-sanitizer).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opshelp import fp64_reference, random_vnm, rel_err
+
+from vnmsparse import ops
+from vnmsparse.ops import dispatch, instantiations
+
+SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 (Hopper) GPU")]
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+WGMMA_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "wgmma"]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = ops.extension("cuda")
+    if module is None:
+        pytest.fail(f"kernels did not build: {ops.unavailable_reason('cuda')}")
+    return module
+
+
+@pytest.fixture
+def wgmma_on():
+    before = dispatch.wgmma_enabled()
+    dispatch.enable_wgmma(True)
+    yield
+    dispatch.enable_wgmma(before)
+
+
+def _run(ext, kernel, t, x, bias=None):
+    p = t.pack(x.device)
+    R, C = t.shape
+    out = torch.full((x.shape[0], R), float("nan"), dtype=x.dtype, device=x.device)
+    y = ext.run(x, p.a_vals, p.a_meta, p.cols, bias, R, C, t.pattern.V, kernel.index, 1, out)
+    torch.cuda.synchronize()
+    assert y.data_ptr() == out.data_ptr()
+    return out
+
+
+def _check(y, ref, dtype, what):
+    assert torch.isfinite(y).all(), f"{what}: output not fully written (NaN poison left) or non-finite"
+    err = rel_err(y, ref)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.0e}"
+
+
+def _shapes(V: int):
+    # (R, C, pattern, token counts): tails on every edge; C = 33 gives one k-step (fewer than the producer's lag),
+    # C = 4096 at M = 8 gives 64 k-steps (many trips around the stage ring and the A-register ring).
+    return [
+        (2 * V + 3, 77, f"{V}:2:5", (1, 17, 257)),
+        (300, 1001, f"{V}:2:8", (3, 100, 4095)),
+        (V * 5 + 7, 2000, f"{V}:2:16", (130,)),
+        (1000, 4096, f"{V}:2:8", (256, 1000)),
+        (17, 33, f"{V}:2:32", (9,)),
+        (3 * V, 512, f"{V}:2:4", (300,)),
+    ]
+
+
+@pytest.mark.parametrize("kernel", WGMMA_KERNELS, ids=lambda k: k.name)
+def test_wgmma_kernel(ext, kernel):
+    dtype = DTYPES[kernel.dtype]
+    for s, (R, C, pattern, ns) in enumerate(_shapes(kernel.V)):
+        for i, N in enumerate(ns):
+            t = random_vnm(R, C, pattern, dtype=dtype, device="cuda", permute=(s + i) % 2 == 1, seed=R + C + N)
+            x = torch.randn(N, C, device="cuda").to(dtype)
+            bias = torch.randn(R, device="cuda").to(dtype) if (s + i) % 2 == 0 else None
+            y = _run(ext, kernel, t, x, bias)
+            _check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern}")
+
+
+def test_wgmma_matches_mma_sp_and_is_deterministic(ext):
+    kernel = next(k for k in WGMMA_KERNELS if k.dtype == "bf16" and k.V == 64)
+    gemm = next(k for k in instantiations.KERNELS if k.variant.kind == "gemm" and k.V == 64 and k.dtype == "bf16")
+    t = random_vnm(1024, 2048, "64:2:8", device="cuda", seed=3)
+    x = torch.randn(1024, 2048, device="cuda").to(torch.bfloat16)
+    y1, y2 = _run(ext, kernel, t, x), _run(ext, kernel, t, x)
+    assert torch.equal(y1, y2)  # no split-k, no atomics: bitwise repeatable
+    ref = fp64_reference(x, t)
+    _check(y1, ref, torch.bfloat16, "wgmma 1024x2048 N=1024")
+    assert rel_err(y1, ref) <= 1.5 * rel_err(_run(ext, gemm, t, x), ref) + 1e-4  # as accurate as the mma.sp path
+
+
+def test_wrong_v_is_refused(ext):
+    kernel = next(k for k in WGMMA_KERNELS if k.V == 64 and k.dtype == "bf16")
+    t = random_vnm(256, 256, "128:2:8", device="cuda")
+    x = torch.randn(300, 256, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="built for V=64"):
+        _run(ext, kernel, t, x)
+
+
+@pytest.mark.parametrize("lead", [(300,), (2, 150), (4095,)])
+def test_public_linear_with_wgmma(wgmma_on, lead):
+    t = random_vnm(1000, 700, "64:2:8", device="cuda", permute=True, seed=9)
+    x = torch.randn(*lead, 700, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(1000, device="cuda").to(torch.bfloat16)
+    N = x.numel() // 700
+    chosen = dispatch.choose(N, 1000, 64, "bf16", torch.cuda.get_device_properties(0).multi_processor_count, (9, 0))
+    assert chosen.variant.kind == "wgmma"
+    y = ops.linear(x, t, bias)
+    assert y.shape == (*lead, 1000)
+    _check(y.reshape(-1, 1000), fp64_reference(x.reshape(-1, 700), t, bias), torch.bfloat16, f"linear {lead}")
+
+
+def test_cuda_graph_replay_with_wgmma(wgmma_on):
+    t = random_vnm(512, 384, "128:2:5", device="cuda", seed=2)
+    static_x = torch.randn(512, 384, device="cuda").to(torch.bfloat16)
+    ops.linear(static_x, t)  # build, pack and warm up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = ops.linear(static_x, t)
+    for seed in range(3):
+        static_x.copy_(torch.randn(512, 384, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(static_y, fp64_reference(static_x, t), torch.bfloat16, "graph replay")
