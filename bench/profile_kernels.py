@@ -25,6 +25,10 @@ CASES = [  # (R, C, N, pattern, kernel name or None for the dispatcher's choice)
     (4096, 4096, 4096, "64:2:8", "gemm_bf16_v64_m64n64w2x2s4"),
     (4096, 4096, 4096, "64:2:8", "gemm_bf16_v64_m128n128w2x4s4"),
     (4096, 4096, 4096, "64:2:8", "gemm_bf16_v64_m128n128w2x2s4"),
+    # sm_90a sparse wgmma (pinned by name: applies on sm_90 only; elsewhere the dispatcher's choice is profiled)
+    (4096, 4096, 4096, "64:2:8", "wgmma_bf16_v64_c2m2n128s4a4"),
+    (8192, 8192, 8192, "64:2:8", "wgmma_bf16_v64_c2m2n128s4a4"),
+    (8192, 8192, 8192, "128:2:8", "wgmma_bf16_v128_c2m1n256s6a4"),
 ]
 
 
@@ -51,7 +55,8 @@ def main() -> None:
             cpu_us = (time.perf_counter() - t0) / 200 * 1e6
             torch.cuda.synchronize()
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
-            chosen = dispatch.choose(N, R, t.pattern.V, "bf16", sms)
+            props = torch.cuda.get_device_properties(dev)
+            chosen = dispatch.choose(N, R, t.pattern.V, "bf16", sms, (props.major, props.minor))
             ks = dispatch.decode_ksplit(chosen, R, t.pack(dev).a_vals.shape[1], sms)
             print(f"case {i}: R={R} C={C} N={N} {pattern} kernel={chosen.name} ksplit={ks}: {cpu_us:.1f} us CPU per call", flush=True)
             cudart.cudaProfilerStart()
