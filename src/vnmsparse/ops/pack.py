@@ -15,6 +15,12 @@ With R x C logical, G = ceil(C/M) groups, Rt = ceil(R/16) row tiles, Kc = ceil(G
   Values there are zero, so what is read does not matter.
 
 Padding rows and groups hold zero values and the valid metadata nibble 0b0100 (slots 0 and 1).
+
+The same arrays feed the sm_90a sparse-wgmma kernel (vnm_wgmma.cuh) unchanged: a 16-row record is exactly the
+register fragment warp w of a warpgroup supplies to `wgmma.mma_async.sp.m64nNk32` for rows 16w..16w+15 of an
+m64 tile (A from registers; metadata with sparsity selector 0), so record 4*tile + w is what warp w loads. One
+packed copy of the weights serves the decode, mma.sp and wgmma kernels (tests/ops/test_wgmma_layout.py checks
+this against the ISA's layouts).
 """
 
 from __future__ import annotations
