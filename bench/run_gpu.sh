@@ -52,14 +52,14 @@ if has wgmma; then
   nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc/vnmsparse/ops/csrc -o /tmp/wgmma_probe \
     bench/wgmma_sp_probe.cu && timeout 60 /tmp/wgmma_probe || status=1
   step "wgmma: smoke run (one kernel, 1024x2048, N=1024; a timeout here means a pipeline hang)"
-  timeout 120 python3 -m pytest tests/ops/test_wgmma_gpu.py -q -x -p no:cacheprovider -k matches_mma_sp 2>&1 | tail -15
+  timeout 90 python3 -m pytest tests/ops/test_wgmma_gpu.py -q -x -p no:cacheprovider -k matches_mma_sp 2>&1 | tail -15
   smoke=${PIPESTATUS[0]}
   echo "smoke exit $smoke"
   if [ "$smoke" -eq 124 ]; then echo "WGMMA HANG: skipping the other wgmma steps"; touch /tmp/wgmma_hang; status=1
   else
     [ "$smoke" -eq 0 ] || status=1
     step "wgmma: GPU tests"
-    timeout 240 python3 -m pytest tests/ops/test_wgmma_gpu.py -q -rf -p no:cacheprovider -W ignore::DeprecationWarning \
+    timeout 180 python3 -m pytest tests/ops/test_wgmma_gpu.py -q -rf -p no:cacheprovider -W ignore::DeprecationWarning \
       > "$OUT/wgmma_tests.txt" 2>&1; rc=$?
     tail -25 "$OUT/wgmma_tests.txt"; echo "wgmma tests exit $rc"; [ $rc -eq 0 ] || status=1
   fi
@@ -83,12 +83,12 @@ fi
 if has wgmma && [ ! -e /tmp/wgmma_hang ]; then
   step "wgmma: benchmark (--path wgmma $WGMMA_BENCH)" | tee -a "$LOG"
   # shellcheck disable=SC2086
-  timeout 240 python3 bench/kernel.py --path wgmma --merge $WGMMA_BENCH 2>&1 | grep -v "Warning\|found = torch" \
+  timeout 210 python3 bench/kernel.py --path wgmma --merge $WGMMA_BENCH 2>&1 | grep -v "Warning\|found = torch" \
     | tee "$OUT/wgmma_bench.txt"; rc=${PIPESTATUS[0]}
   echo "wgmma bench exit $rc" | tee -a "$LOG"; [ "$rc" -eq 0 ] || status=1
   cp bench/results/kernel-*-wgmma.json bench/results/kernel-*-wgmma.md "$OUT/" 2>/dev/null
   step "wgmma: compute-sanitizer memcheck over its tests (bf16 variants, public path; no graphs)" | tee -a "$LOG"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest \
     tests/ops/test_wgmma_gpu.py -q -p no:cacheprovider -W ignore::DeprecationWarning -k "bf16 or public or refused" \
     > "$OUT/wgmma_sanitizer.txt" 2>&1
   rc=$?
