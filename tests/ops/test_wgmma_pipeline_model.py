@@ -1,0 +1,154 @@
+"""The sparse-wgmma kernel's synchronisation protocol, model-checked on the CPU under random interleavings.
+
+The producer and consumer loops of `vnm_wgmma.cuh` are transcribed statement by statement as Python generators
+over a model of the primitives they use: mbarriers (arrival count, phase, `try_wait.parity`), cp.async groups that
+land after random delays (`wait_group N`), asynchronous wgmma groups that retire after random delays
+(`wait_group 1`). A random scheduler runs them; the checks are the ones a wrong count or parity would break:
+no deadlock, a wgmma only reads a stage whose copies for its k-step have all landed, and a copy never overwrites
+a stage that a not-yet-retired wgmma reads. Run for every STAGES in the list and for k-step counts below, at and
+above the ring size and the producer lag.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from vnmsparse.ops import instantiations
+
+PRODUCERS = 4  # producer threads modelled (the kernel has 128; each runs the same code)
+WARPS_PER_WG = 4
+
+
+class Barrier:
+    def __init__(self, count: int):
+        self.count, self.pending, self.phase = count, count, 0  # phase = completed phases
+
+    def arrive(self):
+        self.pending -= 1
+        assert self.pending >= 0
+        if self.pending == 0:
+            self.phase += 1
+            self.pending = self.count
+
+    def done(self, parity: int) -> bool:  # mbarrier.try_wait.parity: has the phase with this parity completed?
+        return (self.phase & 1) != parity
+
+
+class Machine:
+    def __init__(self, stages: int, consumers: int, kc: int, rng: random.Random):
+        self.stages, self.kc, self.rng = stages, kc, rng
+        self.full = [Barrier(PRODUCERS) for _ in range(stages)]
+        self.empty = [Barrier(WARPS_PER_WG * consumers) for _ in range(stages)]
+        self.landed = {}  # (producer, k-step) -> landed?
+        self.stage_kstep = [[None] * PRODUCERS for _ in range(stages)]  # which k-step each producer last wrote there
+        self.readers = [set() for _ in range(stages)]  # in-flight wgmma (consumer, k-step) reading each stage
+        self.events = []  # pending async completions: callables
+
+    def later(self, fn):
+        self.events.append(fn)
+
+
+def producer(m: Machine, pid: int, lag: int):
+    groups = []  # k-steps of this thread's cp.async groups, oldest first
+
+    def wait_group(n):  # cp.async.wait_group n: all but the n most recent groups have landed
+        while any(not m.landed[(pid, k)] for k in groups[: max(len(groups) - n, 0)]):
+            yield
+
+    for kc in range(m.kc):
+        s = kc % m.stages
+        if kc >= m.stages:
+            while not m.empty[s].done(((kc // m.stages) - 1) & 1):
+                yield
+        # the copies of this k-step: nobody may still be reading the stage
+        assert not m.readers[s], f"producer {pid} overwrites stage {s} (k-step {kc}) under wgmma {m.readers[s]}"
+        m.stage_kstep[s][pid] = kc
+        m.landed[(pid, kc)] = False
+        groups.append(kc)
+        m.later(lambda k=kc: m.landed.__setitem__((pid, k), True))
+        if kc >= lag:
+            yield from wait_group(lag)
+            m.full[(kc - lag) % m.stages].arrive()
+        yield
+    yield from wait_group(0)
+    for kc in range(max(m.kc - lag, 0), m.kc):
+        m.full[kc % m.stages].arrive()
+
+
+def consumer(m: Machine, cid: int):
+    inflight = []  # k-steps of this warpgroup's committed wgmma groups not yet retired
+
+    def retire(k):
+        m.readers[k % m.stages].discard((cid, k))
+        inflight.remove(k)
+
+    for kc in range(m.kc):
+        s = kc % m.stages
+        while not m.full[s].done((kc // m.stages) & 1):
+            yield
+        for pid in range(PRODUCERS):  # what the wgmma reads must be this k-step's data, landed
+            assert m.stage_kstep[s][pid] == kc and m.landed[(pid, kc)], f"consumer {cid} reads stage {s} for k-step {kc} too early"
+        m.readers[s].add((cid, kc))
+        inflight.append(kc)
+        m.later(lambda k=kc: retire(k))
+        while any(k < kc for k in inflight):  # wgmma.wait_group 1: all groups but the newest have retired
+            yield
+        if kc > 0:
+            for _ in range(WARPS_PER_WG):  # lane 0 of each warp
+                m.empty[(kc - 1) % m.stages].arrive()
+        yield
+    while inflight:  # wgmma.wait_group 0
+        yield
+
+
+class Stuck(Exception):
+    """No agent can make progress: a deadlock."""
+
+
+def run(stages: int, consumers: int, kc: int, seed: int, lag: int | None = None) -> None:
+    rng = random.Random(seed)
+    m = Machine(stages, consumers, kc, rng)
+    lag = stages - 2 if lag is None else lag  # the kernel's kLag
+    agents = [producer(m, p, lag) for p in range(PRODUCERS)] + [consumer(m, c) for c in range(consumers)]
+    for _ in range(5_000 + 3_000 * kc):
+        if not agents and not m.events:
+            return
+        if m.events and (not agents or rng.random() < 0.3):  # an asynchronous copy or wgmma completes
+            m.events.pop(rng.randrange(len(m.events)))()
+            continue
+        a = agents[rng.randrange(len(agents))]
+        try:
+            next(a)
+        except StopIteration:
+            agents.remove(a)
+    raise Stuck(f"STAGES={stages} consumers={consumers} Kc={kc} lag={lag} seed={seed}")
+
+
+STAGES = sorted({v.stages for v in instantiations.VARIANTS if isinstance(v, instantiations.Wgmma)})
+
+
+@pytest.mark.parametrize("stages", STAGES)
+@pytest.mark.parametrize("kc", [1, 2, 3, 7, 13])
+def test_protocol_under_random_schedules(stages, kc):
+    for seed in range(25):
+        run(stages, 2, kc, seed * 1000 + stages * 10 + kc)
+
+
+def test_a_producer_lag_of_stages_minus_one_deadlocks():
+    # Why the kernel keeps STAGES - 2 groups in flight, not STAGES - 1: the consumer releases a stage only after
+    # issuing the next k-step, which needs the `full` arrival that the producer would make one k-step too late.
+    with pytest.raises(Stuck):
+        run(4, 2, 13, 0, lag=3)
+
+
+def test_the_model_catches_a_wrong_parity(monkeypatch):
+    # Teeth: a producer that waits on the wrong `empty` parity overwrites a stage under a running wgmma.
+    def bad_done(self, parity):
+        return (self.phase & 1) == parity or self.phase > 0
+
+    monkeypatch.setattr(Barrier, "done", bad_done)
+    with pytest.raises(AssertionError):
+        for seed in range(50):
+            run(4, 2, 13, seed)
