@@ -6,9 +6,12 @@ The data path, top to bottom: weights -> scores (`scores`) -> mask (`masks`) -> 
 
 from .format import VNMTensor, compress, fold_input_permutation
 from .masks import check_vnm, is_vnm, vnm_mask
+from .nn import VNMLinear
 from .pattern import VNMPattern
+from .permute import find_permutation
 from .reference import vnm_linear
 from .scores import magnitude_scores, ria_scores
+from .sparsify import SparsifyConfig, sparsify
 from .select import SpeedTable, analytic_speedups, candidate_patterns, mask_diversity, pareto_patterns, select_pattern
 
 __version__ = "0.1.0"
@@ -16,11 +19,15 @@ __version__ = "0.1.0"
 __all__ = [
     "VNMPattern",
     "VNMTensor",
+    "VNMLinear",
+    "SparsifyConfig",
+    "sparsify",
     "SpeedTable",
     "analytic_speedups",
     "candidate_patterns",
     "check_vnm",
     "compress",
+    "find_permutation",
     "fold_input_permutation",
     "is_vnm",
     "magnitude_scores",
