@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -38,11 +39,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     env = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "python": platform.python_version()}
+           "torch": torch.__version__, "python": platform.python_version(),
+           "load_average_1min": os.getloadavg()[0]}
     rows = [time_mask(11008, 4096, p, args.repeats) for p in ("64:2:8", "64:2:5", "128:2:16", "16:2:32", "1:2:4")]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "mask-time-cpu.json").write_text(json.dumps({"env": env, "results": rows}, indent=2) + "\n")
-    lines = [f"# vnm_mask time, 11008 x 4096 float32 scores, CPU ({env['threads']} threads, torch {env['torch']})", "",
+    lines = [f"# vnm_mask time, 11008 x 4096 float32 scores, CPU ({env['threads']} threads, torch {env['torch']}, "
+             f"load average {env['load_average_1min']:.1f} at the start: a shared machine inflates these)", "",
              "Command: `python bench/mask_time.py`", "", "| pattern | median s | min s |", "| --- | --- | --- |"]
     lines += [f"| {r['pattern']} | {r['median_s']:.3f} | {r['min_s']:.3f} |" for r in rows]
     (RESULTS / "mask-time-cpu.md").write_text("\n".join(lines) + "\n")
