@@ -29,6 +29,7 @@ import json
 import re
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -473,6 +474,7 @@ def run_part(part: str, variants: list[str], setup: Setup) -> dict[str, dict]:
         except Exception as error:  # noqa: BLE001 - one variant's failure must not lose the others' results
             message = f"{type(error).__name__}: {error}"[:500]
             print(f"[{part}] {variant}: ERROR {message}", flush=True)
+            traceback.print_exc()
             results[f"{model_name}/error/-/{variant}"] = {"model": model_name, "phase": "error", "shape": "-",
                                                           "variant": variant, "check": {"ok": False, "error": message}}
         print(f"[{part}] {variant}: {time.perf_counter() - start:.0f} s", flush=True)

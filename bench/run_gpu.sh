@@ -3,7 +3,7 @@
 # mma.sp register layout, run the GPU tests, benchmark, profile, and run compute-sanitizer over the GPU tests.
 #
 #   bash bench/run_gpu.sh [STEPS] [bench/kernel.py args]
-#   STEPS: comma-separated from probe,test,bench,cpu,profile,sanitize,wgmma (default probe,test,bench,sanitize);
+#   STEPS: comma-separated from probe,errors,test,bench,cpu,profile,table,sanitize,wgmma (default probe,test,bench,sanitize);
 #          the build always runs first.
 #   e.g.   bash bench/run_gpu.sh bench --shapes 4096x4096 --n 1,16 --patterns 64:2:8
 #
@@ -12,6 +12,10 @@
 #          path in the same run (kernel-<gpu>-wgmma.json/.md), compute-sanitizer memcheck over its tests. Every
 #          GPU step has a timeout, so the whole call stays under 10 minutes.
 #          bash bench/run_gpu.sh wgmma
+#   errors: every input check of the binding, each bad call in its own process (bench/binding_errors.py).
+#   profile: ncu over bench/profile_kernels.py (PROFILE_CASES=6,7 picks cases; full report in $OUT/ncu.txt).
+#   table:   `vnm profile` of the speed table shipped in src/vnmsparse/tables (TABLE_ARGS, default LLaMA-2-7B
+#            shapes at N=16), copied to $OUT/tables.
 # Into $OUT (the device tool brings it back): log.txt (env, probe, build, tests, sanitizer), bench.txt, ncu.txt,
 # and kernel-<gpu>.json/.md (the benchmark merges into bench/results/kernel-<gpu>.json and copies it here).
 set -uo pipefail
@@ -46,6 +50,11 @@ from vnmsparse import ops
 m = ops.extension('cuda')
 print('kernels built and loaded' if m else 'BUILD FAILED: ' + str(ops.unavailable_reason('cuda')))
 raise SystemExit(0 if m else 1)" || { echo "build failed"; exit 1; }
+
+if has errors; then
+  step "binding input checks (one process per bad call)"
+  timeout 120 python3 bench/binding_errors.py || status=1
+fi
 
 if has wgmma; then
   step "wgmma: layout probe (A registers, metadata, N-major swizzled B, D)"
@@ -105,9 +114,17 @@ if has profile; then
   step "Nsight Compute" | tee -a "$LOG"
   timeout "${PROFILE_TIMEOUT:-240}" ncu --profile-from-start off --clock-control none -k regex:vnm_ \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-    --section WarpStateStats --section SchedulerStats python3 bench/profile_kernels.py > "$OUT/ncu.txt" 2>&1
+    --section WarpStateStats --section SchedulerStats python3 bench/profile_kernels.py ${PROFILE_CASES:+--cases $PROFILE_CASES} \
+    > "$OUT/ncu.txt" 2>&1
   echo "ncu exit $?" | tee -a "$LOG"
   grep -E "^case|vnm_.*_kernel|Duration|DRAM Throughput|Memory Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issued Warp Per Scheduler" "$OUT/ncu.txt" | head -150 | tee -a "$LOG"
+fi
+
+if has table; then
+  step "vnm profile (speed table)" | tee -a "$LOG"
+  # shellcheck disable=SC2086
+  timeout "${TABLE_TIMEOUT:-300}" python3 -m vnmsparse.cli profile ${TABLE_ARGS:---shapes 4096x4096,11008x4096,4096x11008 --tokens 16} \
+    --out "$OUT/tables" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -40 | tee -a "$LOG"
 fi
 
 if has sanitize; then
