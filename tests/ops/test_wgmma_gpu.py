@@ -4,7 +4,8 @@ Every compiled `Wgmma` variant is run directly (by its table index) over odd sha
 tile (nor of 16), C not a multiple of M (padding slots), N = 1, 3, 17, 100, 257, 4095 (token tails, one and
 several token tiles), K from one k-step to many (pipeline wrap-around, phase flips), folded input permutations,
 bias or not, both dtypes. Then the public path with `enable_wgmma()`: leading dims, bias, CUDA-graph replay,
-determinism. Skipped unless the GPU is sm_90 (bench/run_gpu.sh runs them, once under compute-sanitizer).
+determinism. The wrong-V refusal is in tests/ops/test_binding_gpu.py (one process per case). Skipped unless the
+GPU is sm_90 (bench/run_gpu.sh runs them, once under compute-sanitizer).
 """
 
 from __future__ import annotations
@@ -91,14 +92,6 @@ def test_wgmma_matches_mma_sp_and_is_deterministic(ext):
     ref = fp64_reference(x, t)
     _check(y1, ref, torch.bfloat16, "wgmma 1024x2048 N=1024")
     assert rel_err(y1, ref) <= 1.5 * rel_err(_run(ext, gemm, t, x), ref) + 1e-4  # as accurate as the mma.sp path
-
-
-def test_wrong_v_is_refused(ext):
-    kernel = next(k for k in WGMMA_KERNELS if k.V == 64 and k.dtype == "bf16")
-    t = random_vnm(256, 256, "128:2:8", device="cuda")
-    x = torch.randn(300, 256, device="cuda").to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="built for V=64"):
-        _run(ext, kernel, t, x)
 
 
 @pytest.mark.parametrize("lead", [(300,), (2, 150), (4095,)])

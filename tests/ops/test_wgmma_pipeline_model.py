@@ -1,12 +1,12 @@
 """The sparse-wgmma kernel's synchronisation protocol, model-checked on the CPU under random interleavings.
 
 The producer and consumer loops of `vnm_wgmma.cuh` are transcribed statement by statement as Python generators
-over a model of the primitives they use: mbarriers (arrival count, phase, `try_wait.parity`), cp.async groups that
-land after random delays (`wait_group N`), asynchronous wgmma groups that retire after random delays
-(`wait_group 1`). A random scheduler runs them; the checks are the ones a wrong count or parity would break:
+over a model of the primitives they use: mbarriers (arrival count, phase, `try_wait.parity`), cp.async copies that
+land after random delays with `cp.async.mbarrier.arrive.noinc` (an arrival once all of the thread's copies so far
+have landed), asynchronous wgmma groups that retire after random delays (`wait_group 1`). A random scheduler runs them; the checks are the ones a wrong count or parity would break:
 no deadlock, a wgmma only reads a stage whose copies for its k-step have all landed, and a copy never overwrites
 a stage that a not-yet-retired wgmma reads. Run for every STAGES in the list and for k-step counts below, at and
-above the ring size and the producer lag.
+above the ring size.
 """
 
 from __future__ import annotations
@@ -50,12 +50,16 @@ class Machine:
         self.events.append(fn)
 
 
-def producer(m: Machine, pid: int, lag: int):
-    groups = []  # k-steps of this thread's cp.async groups, oldest first
+def producer(m: Machine, pid: int, early: bool = False):
+    issued = []  # k-steps whose copies this thread has issued
 
-    def wait_group(n):  # cp.async.wait_group n: all but the n most recent groups have landed
-        while any(not m.landed[(pid, k)] for k in groups[: max(len(groups) - n, 0)]):
-            yield
+    def arrive_on_copies(kc):  # cp.async.mbarrier.arrive.noinc: fires once all copies issued so far have landed
+        def fire():
+            if early or all(m.landed[(pid, k)] for k in issued[: issued.index(kc) + 1]):
+                m.full[kc % m.stages].arrive()
+            else:
+                m.later(fire)
+        m.later(fire)
 
     for kc in range(m.kc):
         s = kc % m.stages
@@ -66,15 +70,12 @@ def producer(m: Machine, pid: int, lag: int):
         assert not m.readers[s], f"producer {pid} overwrites stage {s} (k-step {kc}) under wgmma {m.readers[s]}"
         m.stage_kstep[s][pid] = kc
         m.landed[(pid, kc)] = False
-        groups.append(kc)
+        issued.append(kc)
         m.later(lambda k=kc: m.landed.__setitem__((pid, k), True))
-        if kc >= lag:
-            yield from wait_group(lag)
-            m.full[(kc - lag) % m.stages].arrive()
+        arrive_on_copies(kc)
         yield
-    yield from wait_group(0)
-    for kc in range(max(m.kc - lag, 0), m.kc):
-        m.full[kc % m.stages].arrive()
+    while not all(m.landed[(pid, k)] for k in issued):  # cp.async.wait_all before the thread exits
+        yield
 
 
 def consumer(m: Machine, cid: int):
@@ -107,11 +108,10 @@ class Stuck(Exception):
     """No agent can make progress: a deadlock."""
 
 
-def run(stages: int, consumers: int, kc: int, seed: int, lag: int | None = None) -> None:
+def run(stages: int, consumers: int, kc: int, seed: int, early: bool = False) -> None:
     rng = random.Random(seed)
     m = Machine(stages, consumers, kc, rng)
-    lag = stages - 2 if lag is None else lag  # the kernel's kLag
-    agents = [producer(m, p, lag) for p in range(PRODUCERS)] + [consumer(m, c) for c in range(consumers)]
+    agents = [producer(m, p, early) for p in range(PRODUCERS)] + [consumer(m, c) for c in range(consumers)]
     for _ in range(5_000 + 3_000 * kc):
         if not agents and not m.events:
             return
@@ -123,7 +123,7 @@ def run(stages: int, consumers: int, kc: int, seed: int, lag: int | None = None)
             next(a)
         except StopIteration:
             agents.remove(a)
-    raise Stuck(f"STAGES={stages} consumers={consumers} Kc={kc} lag={lag} seed={seed}")
+    raise Stuck(f"STAGES={stages} consumers={consumers} Kc={kc} seed={seed}")
 
 
 STAGES = sorted({v.stages for v in instantiations.VARIANTS if isinstance(v, instantiations.Wgmma)})
@@ -136,11 +136,12 @@ def test_protocol_under_random_schedules(stages, kc):
         run(stages, 2, kc, seed * 1000 + stages * 10 + kc)
 
 
-def test_a_producer_lag_of_stages_minus_one_deadlocks():
-    # Why the kernel keeps STAGES - 2 groups in flight, not STAGES - 1: the consumer releases a stage only after
-    # issuing the next k-step, which needs the `full` arrival that the producer would make one k-step too late.
-    with pytest.raises(Stuck):
-        run(4, 2, 13, 0, lag=3)
+def test_an_arrival_before_the_copies_land_is_caught():
+    # Teeth: a producer that arrives on `full` when it issues its copies (not when they land) lets a wgmma read
+    # a stage too early; the model must see it.
+    with pytest.raises(AssertionError, match="too early"):
+        for seed in range(50):
+            run(4, 2, 13, seed, early=True)
 
 
 def test_the_model_catches_a_wrong_parity(monkeypatch):
