@@ -1,4 +1,4 @@
-"""Dispatch of the sm_90a sparse-wgmma kernels (CPU): opt-in only, sm_90 only, V in {64, 128}, large N only."""
+"""Dispatch of the sm_90a sparse-wgmma kernels (CPU): on by default, sm_90 only, V in {64, 128}, large N only."""
 
 from __future__ import annotations
 
@@ -26,9 +26,24 @@ def wgmma_off():
 
 
 @pytest.mark.parametrize("V", instantiations.SUPPORTED_V)
-def test_off_by_default_keeps_the_mma_sp_kernel(wgmma_off, V):
+def test_turned_off_keeps_the_mma_sp_kernel(wgmma_off, V):
     for N in (1, 256, 4096):
         assert dispatch.choose(N, 4096, V, "bf16", 132, H100).variant.kind in ("decode", "gemm")
+
+
+def test_on_by_default_unless_the_environment_says_0(monkeypatch):
+    import importlib
+
+    for value, expected in (("", True), ("1", True), ("0", False)):
+        if value:
+            monkeypatch.setenv("VNMSPARSE_WGMMA", value)
+        else:
+            monkeypatch.delenv("VNMSPARSE_WGMMA", raising=False)
+        try:
+            assert importlib.reload(dispatch).wgmma_enabled() is expected
+        finally:
+            monkeypatch.delenv("VNMSPARSE_WGMMA", raising=False)
+            importlib.reload(dispatch)
 
 
 @pytest.mark.parametrize("V", (64, 128))

@@ -2,7 +2,7 @@
 
     from vnmsparse.ops import linear
     y = linear(x, vnm_tensor, bias)          # CUDA kernels on sm_80+, the plain-torch reference elsewhere
-    enable_wgmma()                           # opt in to the sm_90a sparse-wgmma kernel (or VNMSPARSE_WGMMA=1)
+    enable_wgmma(False)                      # keep sm_90 on the mma.sp kernel (or VNMSPARSE_WGMMA=0)
 
 Importing this needs no compiler and no GPU: kernels are built just in time (`build.extension`) on the
 first CUDA call. `pack_for_device` is what `VNMTensor.pack(device)` calls (and caches).

@@ -155,7 +155,6 @@ def _wgmma_variants() -> list[Wgmma]:
     return [
         Wgmma(V=64, consumers=2, wg_m=1, BN=256, stages=4),
         Wgmma(V=64, consumers=2, wg_m=2, BN=128, stages=4),
-        Wgmma(V=64, consumers=2, wg_m=2, BN=128, stages=6),  # deeper gather pipeline (ncu: latency-bound)
         Wgmma(V=64, consumers=2, wg_m=1, BN=128, stages=6),
         Wgmma(V=128, consumers=2, wg_m=1, BN=256, stages=6),
         Wgmma(V=128, consumers=2, wg_m=2, BN=128, stages=6),

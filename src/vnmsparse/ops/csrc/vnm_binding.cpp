@@ -6,6 +6,8 @@
 
 #include <map>
 #include <mutex>
+#include <string>
+#include <type_traits>
 
 #include "vnm_params.h"
 
@@ -13,16 +15,38 @@ namespace {
 
 constexpr const char* kOp = "vnmsparse::linear";
 
+// Error messages are assembled here without iostreams and handed to TORCH_CHECK as one string: on the H100 image
+// (g++ 13.3, torch 2.11) an extension that formats an integer through std::ostream segfaults in the num_put facet
+// lookup (cuda-gdb: basic_ostream::_M_insert<long> inside our .so), which turned every refusal into a crash.
+void append(std::string& s, const char* v) { s += v; }
+void append(std::string& s, const std::string& v) { s += v; }
+void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+void append(std::string& s, const c10::Device& v) { s += v.str(); }
+void append(std::string& s, at::IntArrayRef v) {
+  s += "(";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  s += ")";
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0> void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+template <typename... Args> std::string message(const Args&... args) {
+  std::string s;
+  (append(s, args), ...);
+  return s;
+}
+#define VNM_CHECK(cond, ...) TORCH_CHECK(cond, message(__VA_ARGS__))
+
 vnm::ElemType elem_type(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, kOp,
+  VNM_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, kOp,
               ": x must be bfloat16 or float16, got ", t.scalar_type());
   return t.scalar_type() == at::kBFloat16 ? vnm::ElemType::kBf16 : vnm::ElemType::kFp16;
 }
 
 void check_cuda_contiguous(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.is_cuda(), kOp, ": ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == x.device(), kOp, ": ", name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
+  VNM_CHECK(t.is_cuda(), kOp, ": ", name, " must be a CUDA tensor");
+  VNM_CHECK(t.device() == x.device(), kOp, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+  VNM_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
 }
 
 // Arrival counters of the split-k decode: zero between launches (the last CTA of each row group resets
@@ -41,51 +65,51 @@ at::Tensor counters_for(const at::Device& device, int64_t n) {
 at::Tensor run(const at::Tensor& x, const at::Tensor& a_vals, const at::Tensor& a_meta, const at::Tensor& cols,
                const c10::optional<at::Tensor>& bias, int64_t R, int64_t C, int64_t V, int64_t kernel,
                int64_t ksplit, const c10::optional<at::Tensor>& out) {
-  TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D (N, C) here, got ", x.dim(), " dims");
-  TORCH_CHECK(x.size(1) == C, kOp, ": x has ", x.size(1), " columns but the weight has in_features=", C);
-  TORCH_CHECK(x.stride(1) == 1 && x.stride(0) >= C, kOp, ": x rows must be contiguous");
-  TORCH_CHECK(x.is_cuda(), kOp, ": x must be a CUDA tensor");
+  VNM_CHECK(x.dim() == 2, kOp, ": x must be 2-D (N, C) here, got ", x.dim(), " dims");
+  VNM_CHECK(x.size(1) == C, kOp, ": x has ", x.size(1), " columns but the weight has in_features=", C);
+  VNM_CHECK(x.stride(1) == 1 && x.stride(0) >= C, kOp, ": x rows must be contiguous");
+  VNM_CHECK(x.is_cuda(), kOp, ": x must be a CUDA tensor");
   const vnm::ElemType et = elem_type(x);
   check_cuda_contiguous(a_vals, "a_vals", x);
   check_cuda_contiguous(a_meta, "a_meta", x);
   check_cuda_contiguous(cols, "cols", x);
-  TORCH_CHECK(a_vals.scalar_type() == x.scalar_type(), kOp, ": weight dtype ", a_vals.scalar_type(),
+  VNM_CHECK(a_vals.scalar_type() == x.scalar_type(), kOp, ": weight dtype ", a_vals.scalar_type(),
               " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(a_meta.scalar_type() == at::kInt && cols.scalar_type() == at::kInt, kOp,
+  VNM_CHECK(a_meta.scalar_type() == at::kInt && cols.scalar_type() == at::kInt, kOp,
               ": a_meta and cols must be int32");
-  TORCH_CHECK(R >= 1 && C >= 1, kOp, ": R and C must be positive");
-  TORCH_CHECK(V == 16 || V == 32 || V == 64 || V == 128, kOp, ": V must be 16, 32, 64 or 128, got ", V);
+  VNM_CHECK(R >= 1 && C >= 1, kOp, ": R and C must be positive");
+  VNM_CHECK(V == 16 || V == 32 || V == 64 || V == 128, kOp, ": V must be 16, 32, 64 or 128, got ", V);
   const int64_t Rt = (R + 15) / 16, Bn = (R + V - 1) / V;
-  TORCH_CHECK(a_vals.dim() == 4 && a_vals.size(0) == Rt && a_vals.size(2) == 32 && a_vals.size(3) == 8, kOp,
+  VNM_CHECK(a_vals.dim() == 4 && a_vals.size(0) == Rt && a_vals.size(2) == 32 && a_vals.size(3) == 8, kOp,
               ": a_vals must be (", Rt, ", Kc, 32, 8), got ", a_vals.sizes());
   const int64_t Kc = a_vals.size(1);
-  TORCH_CHECK(a_meta.dim() == 3 && a_meta.size(0) == Rt && a_meta.size(1) == Kc && a_meta.size(2) == 16, kOp,
+  VNM_CHECK(a_meta.dim() == 3 && a_meta.size(0) == Rt && a_meta.size(1) == Kc && a_meta.size(2) == 16, kOp,
               ": a_meta must be (", Rt, ", ", Kc, ", 16), got ", a_meta.sizes());
-  TORCH_CHECK(cols.dim() == 3 && cols.size(0) == Bn && cols.size(1) == 8 * Kc && cols.size(2) == 4, kOp,
+  VNM_CHECK(cols.dim() == 3 && cols.size(0) == Bn && cols.size(1) == 8 * Kc && cols.size(2) == 4, kOp,
               ": cols must be (", Bn, ", ", 8 * Kc, ", 4), got ", cols.sizes());
   if (bias.has_value()) {
     check_cuda_contiguous(*bias, "bias", x);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == R, kOp, ": bias must have shape (", R, ",)");
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), kOp, ": bias dtype must match x");
+    VNM_CHECK(bias->dim() == 1 && bias->size(0) == R, kOp, ": bias must have shape (", R, ",)");
+    VNM_CHECK(bias->scalar_type() == x.scalar_type(), kOp, ": bias dtype must match x");
   }
   const int64_t N = x.size(0);
-  TORCH_CHECK(N < (int64_t(1) << 31) && R * 16 < (int64_t(1) << 31), kOp, ": sizes too large");
+  VNM_CHECK(N < (int64_t(1) << 31) && R * 16 < (int64_t(1) << 31), kOp, ": sizes too large");
 
   int count = 0;
   const vnm::KernelEntry* table = vnm::kernel_table(&count);
-  TORCH_CHECK(kernel >= 0 && kernel < count, kOp, ": kernel index ", kernel, " outside the table of ", count);
+  VNM_CHECK(kernel >= 0 && kernel < count, kOp, ": kernel index ", kernel, " outside the table of ", count);
   const vnm::KernelEntry& entry = table[kernel];
-  TORCH_CHECK(entry.dtype == et, kOp, ": kernel ", entry.name, " is for another dtype");
-  TORCH_CHECK(entry.V == 0 || entry.V == V, kOp, ": kernel ", entry.name, " is built for V=", entry.V, ", got V=", V);
-  TORCH_CHECK(N <= entry.max_n, kOp, ": kernel ", entry.name, " takes at most N=", entry.max_n, " tokens, got ", N);
-  TORCH_CHECK(entry.rows * 16 <= V, kOp, ": kernel ", entry.name, " needs V >= ", entry.rows * 16, ", got V=", V);
-  TORCH_CHECK(ksplit >= 1 && ksplit <= 4096, kOp, ": ksplit must be in 1..4096, got ", ksplit);
+  VNM_CHECK(entry.dtype == et, kOp, ": kernel ", entry.name, " is for another dtype");
+  VNM_CHECK(entry.V == 0 || entry.V == V, kOp, ": kernel ", entry.name, " is built for V=", entry.V, ", got V=", V);
+  VNM_CHECK(N <= entry.max_n, kOp, ": kernel ", entry.name, " takes at most N=", entry.max_n, " tokens, got ", N);
+  VNM_CHECK(entry.rows * 16 <= V, kOp, ": kernel ", entry.name, " needs V >= ", entry.rows * 16, ", got V=", V);
+  VNM_CHECK(ksplit >= 1 && ksplit <= 4096, kOp, ": ksplit must be in 1..4096, got ", ksplit);
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y;
   if (out.has_value()) {  // tests poison it first; every element must be written
     check_cuda_contiguous(*out, "out", x);
-    TORCH_CHECK(out->dim() == 2 && out->size(0) == N && out->size(1) == R && out->scalar_type() == x.scalar_type(),
+    VNM_CHECK(out->dim() == 2 && out->size(0) == N && out->size(1) == R && out->scalar_type() == x.scalar_type(),
                 kOp, ": out must be (", N, ", ", R, ") of x's dtype");
     y = *out;
   } else {
@@ -126,7 +150,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& a_vals, const at::Tensor& 
     p.xt = xt.data_ptr();
   }
   const cudaError_t err = entry.launch(p, c10::cuda::getCurrentCUDAStream(x.device().index()));
-  TORCH_CHECK(err == cudaSuccess, kOp, ": kernel ", entry.name, " failed to launch: ", cudaGetErrorString(err));
+  VNM_CHECK(err == cudaSuccess, kOp, ": kernel ", entry.name, " failed to launch: ", cudaGetErrorString(err));
   return y;
 }
 
