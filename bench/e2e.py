@@ -376,6 +376,20 @@ def llama_prefill(model: nn.Module, variant: str, check: dict, setup: Setup) -> 
     return entries
 
 
+def rewind(cache, length: int) -> None:
+    """Make a static KV cache hold its first `length` tokens again, in place (CUDA graphs keep their addresses).
+
+    Recent transformers (5.23 here) count the tokens of a StaticCache themselves (`cumulative_length` per layer)
+    and ignore `cache_position`, so every timed decode step would append past the end without this.
+    """
+    for layer in getattr(cache, "layers", ()):
+        counter = getattr(layer, "cumulative_length", None)
+        if isinstance(counter, torch.Tensor):
+            counter.fill_(length)
+        elif isinstance(counter, int):
+            layer.cumulative_length = length
+
+
 def llama_decode(model: nn.Module, variant: str, check: dict, setup: Setup) -> list[dict]:
     """Decode: greedy, one token per step for every sequence of the batch, after a prompt, with a static KV cache."""
     from transformers import StaticCache
@@ -399,16 +413,19 @@ def llama_decode(model: nn.Module, variant: str, check: dict, setup: Setup) -> l
         def step():
             return model(token, past_key_values=cache, cache_position=position).logits
 
+        rewind(cache, setup.prompt_len)
         position.fill_(setup.prompt_len)
         fn, mode, failures = runnable(step, setup)
 
         @torch.no_grad()
-        def generate():
+        def generate():  # the prompt stays cached; each run decodes the same decode_steps positions after it
+            rewind(cache, setup.prompt_len)
             for i in range(setup.decode_steps):
                 position.fill_(setup.prompt_len + i)
                 token.copy_(fn()[:, -1:].argmax(-1))
 
         ms = median_ms(generate, setup)
+        rewind(cache, setup.prompt_len)
         position.fill_(setup.prompt_len)
         entries.append(_entry("decode", f"batch {batch}", variant, ms, batch * setup.decode_steps, "tokens/s", mode,
                               failures, time_split(model, step, setup), check))
