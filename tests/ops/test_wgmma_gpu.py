@@ -34,11 +34,15 @@ def ext():
 
 
 @pytest.fixture
-def wgmma_on():
+def wgmma_on(monkeypatch):
+    """Public-path tests on small problems: wgmma enabled even below one wave of tiles."""
     before = dispatch.wgmma_enabled()
     dispatch.enable_wgmma(True)
+    monkeypatch.setattr(dispatch, "WGMMA_MIN_WAVES", 0.0)
+    dispatch._choose.cache_clear()
     yield
     dispatch.enable_wgmma(before)
+    dispatch._choose.cache_clear()
 
 
 def _run(ext, kernel, t, x, bias=None):

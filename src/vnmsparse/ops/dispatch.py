@@ -35,12 +35,12 @@ _override: str | None = os.environ.get("VNMSPARSE_KERNEL") or None
 
 # Sparse wgmma (sm_90a): on by default (VNMSPARSE_WGMMA=0 turns it off). Tiles in order of preference per V as
 # (CONSUMERS, WG_M, BN, STAGES), measured on the H100 (bench/results/kernel-h100-wgmma.json, `variants_ms`):
-# for V=64 the 2-block BN=256 tile is fastest on every 64:2:8 and 64:2:5 case (1-7% ahead of the 4-block BN=128
-# one); WGMMA_SMALL_TILE when the preferred one would not fill a wave.
+# the BN=256 tiles are fastest on every measured case (1-7% ahead of the BM=256 x BN=128 ones). Below one wave
+# of those tiles the mma.sp kernel is as fast or faster (N = 256-1024 crossover in the same file), so it keeps them.
 _wgmma: bool = os.environ.get("VNMSPARSE_WGMMA", "1") not in ("", "0")
 WGMMA_MIN_N = 256
-WGMMA_PREFERRED = {64: ((2, 1, 256, 4), (2, 2, 128, 4), (2, 1, 128, 6)), 128: ((2, 1, 256, 6), (2, 2, 128, 6))}
-WGMMA_SMALL_TILE = {64: (2, 1, 128, 6), 128: (2, 2, 128, 6)}
+WGMMA_MIN_WAVES = 1.0
+WGMMA_PREFERRED = {64: ((2, 1, 256, 4), (2, 2, 128, 4)), 128: ((2, 1, 256, 6), (2, 2, 128, 6))}
 
 
 def override(name: str | None) -> None:
@@ -88,15 +88,15 @@ def choose(N: int, R: int, V: int, dtype: str, sm_count: int, arch: tuple[int, i
 
 
 def _wgmma_choice(N: int, R: int, V: int, dtype: str, sm_count: int, arch) -> Kernel | None:
+    """The preferred compiled sparse-wgmma tile, or None (mma.sp) when it would not fill WGMMA_MIN_WAVES waves."""
     tiles = {(k.variant.consumers, k.variant.wg_m, k.variant.BN, k.variant.stages): k
              for k in candidates(N, V, dtype, arch) if isinstance(k.variant, Wgmma)}
     preferred = [tiles[t] for t in WGMMA_PREFERRED.get(V, ()) if t in tiles]
     if not preferred:
         return None
-    large = preferred[0]
-    waves = math.ceil(R / large.variant.BM) * math.ceil(N / large.variant.BN) / max(sm_count, 1)
-    small = tiles.get(WGMMA_SMALL_TILE.get(V))
-    return small if waves < SMALL_BELOW_WAVES and small is not None else large
+    best = preferred[0]
+    waves = math.ceil(R / best.variant.BM) * math.ceil(N / best.variant.BN) / max(sm_count, 1)
+    return best if waves >= WGMMA_MIN_WAVES else None
 
 
 @functools.lru_cache(maxsize=4096)  # called on every matmul: keep it off the launch path's CPU time
