@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vnmsparse import VNMPattern
-from vnmsparse.profile import model_shapes, parse_shapes, profile, table_path, write_table
+from vnmsparse.profile import SHIPPED_TABLES, model_shapes, parse_shapes, profile, table_path, write_table
 from vnmsparse.select import ANALYTIC_SOURCE, SpeedTable, gpu_slug
 
 
@@ -58,3 +58,39 @@ def test_profile_measures_and_checks_on_the_gpu():
     assert table["layers_per_shape"] == {"256x512": 2}
     for row in table["per_shape"]["256x512"].values():
         assert row["rel_err"] < 1e-2 and row["vnm_ms"] > 0
+
+
+# --- the tables shipped in the package (measured on the H100 by `vnm profile`) ---------------------------------
+
+SHIPPED = sorted(SHIPPED_TABLES.glob("speed-*.json"))
+
+
+def test_an_h100_table_is_shipped_for_decode_and_prefill():
+    names = {p.name for p in SHIPPED}
+    assert {"speed-nvidia-h100-80gb-hbm3-n16.json", "speed-nvidia-h100-80gb-hbm3-n2048.json"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_table_is_complete_and_checked(path):
+    data = json.loads(path.read_text())
+    table = SpeedTable.load(path)
+    assert table.source.startswith("measured on NVIDIA H100")
+    swept = {VNMPattern.parse(f"{V}:2:{M}") for V in (16, 32, 64, 128) for M in range(4, 33)}
+    assert set(table.speedups) == swept, "the sweep covers V in {16, 32, 64, 128} and M = 4..32"
+    for shape, records in data["per_shape"].items():
+        assert set(records) == {str(p) for p in swept}, shape
+        for pattern, r in records.items():
+            assert r["rel_err"] <= 1e-2, f"{shape} {pattern}: the kernel was not checked correct"
+            assert abs(r["speedup"] - r["dense_ms"] / r["vnm_ms"]) < 1e-9
+    # the aggregate is total dense time over total sparse time across the layer shapes
+    def total(key: str) -> float:
+        return sum(data["per_shape"][s]["64:2:8"][key] * count for s, count in data["layers_per_shape"].items())
+
+    assert table.speedups[VNMPattern.parse("64:2:8")] == pytest.approx(total("dense_ms") / total("vnm_ms"))
+
+
+def test_select_finds_the_shipped_table_nearest_the_token_count():
+    gpu = "NVIDIA H100 80GB HBM3"
+    assert SpeedTable.find(gpu, 1, [SHIPPED_TABLES]).source.endswith("N=16, 3 shapes")
+    assert SpeedTable.find(gpu, 4096, [SHIPPED_TABLES]).source.endswith("N=2048, 3 shapes")
+    assert SpeedTable.find("Some Other GPU", 16, [SHIPPED_TABLES]).source == SpeedTable.analytic().source
