@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 DTYPES = ("bf16", "fp16")
 _CUDA_TYPE = {"bf16": "__nv_bfloat16", "fp16": "__half"}
@@ -23,8 +25,38 @@ SUPPORTED_V = (16, 32, 64, 128)
 DECODE_MAX_N = 16  # the decode kernel's largest token count (2 MMA tiles of 8)
 
 
+def _traits_struct(name: str, fields: Sequence[str]) -> str:
+    """A tile traits struct, one `static constexpr int` per "NAME = value;  // comment": the shape all kinds share."""
+    body = "".join(f"  static constexpr int {field}\n" for field in fields)
+    return f"struct {name} {{\n{body}}};\n"
+
+
+class _Generated:
+    """The C++ a variant generates, named from its `kind` and `tag`: written once for all three kinds."""
+
+    kind: ClassVar[str]
+    tag: str
+
+    def fields(self) -> Sequence[str]:
+        """The traits struct's lines, "NAME = value;  // comment"."""
+        raise NotImplementedError
+
+    @property
+    def struct(self) -> str:
+        """The traits struct's name, e.g. GemmTile_v64_m128n128w2x4s4."""
+        return f"{self.kind.capitalize()}Tile_{self.tag}"
+
+    def traits(self) -> str:
+        """The traits struct (for vnm_tiles.h)."""
+        return _traits_struct(self.struct, self.fields())
+
+    def launcher(self, dtype: str) -> str:
+        """The launcher template instantiated for this variant and dtype, e.g. launch_gemm<GemmTile_..., __half>."""
+        return f"launch_{self.kind}<{self.struct}, {_CUDA_TYPE[dtype]}>"
+
+
 @dataclass(frozen=True)
-class Decode:
+class Decode(_Generated):
     """Memory-bound kernel for N <= 8 * n_tiles tokens."""
 
     n_tiles: int  # 8-token MMA tiles
@@ -48,24 +80,19 @@ class Decode:
     def tag(self) -> str:
         return f"nt{self.n_tiles}r{self.rows}w{self.warps}u{self.steps}"
 
-    def traits(self) -> str:
+    def fields(self) -> tuple[str, ...]:
         return (
-            f"struct DecodeTile_{self.tag} {{\n"
-            f"  static constexpr int N_TILES = {self.n_tiles};  // 8-token MMA tiles\n"
-            f"  static constexpr int ROWS = {self.rows};     // 16-row tiles per warp (one V-row block)\n"
-            f"  static constexpr int WARPS = {self.warps};    // warps splitting the CTA's k chunks\n"
-            f"  static constexpr int UNROLL = {self.steps};   // k chunks in flight per warp\n"
-            f"}};\n"
+            f"N_TILES = {self.n_tiles};  // 8-token MMA tiles",
+            f"ROWS = {self.rows};     // 16-row tiles per warp (one V-row block)",
+            f"WARPS = {self.warps};    // warps splitting the CTA's k chunks",
+            f"UNROLL = {self.steps};   // k chunks in flight per warp",
         )
-
-    def launcher(self, dtype: str) -> str:
-        return f"launch_decode<DecodeTile_{self.tag}, {_CUDA_TYPE[dtype]}>"
 
     header = "vnm_decode.cuh"
 
 
 @dataclass(frozen=True)
-class Gemm:
+class Gemm(_Generated):
     """Tensor-core kernel (mma.sp) for one V; any N."""
 
     V: int
@@ -84,21 +111,16 @@ class Gemm:
     def tag(self) -> str:
         return f"v{self.V}_m{self.BM}n{self.BN}w{self.warps_m}x{self.warps_n}s{self.stages}"
 
-    def traits(self) -> str:
+    def fields(self) -> tuple[str, ...]:
         return (
-            f"struct GemmTile_{self.tag} {{\n"
-            f"  static constexpr int V = {self.V};         // rows per V:N:M block\n"
-            f"  static constexpr int BM = {self.BM};       // rows of W per CTA\n"
-            f"  static constexpr int BN = {self.BN};       // tokens per CTA\n"
-            f"  static constexpr int WARPS_M = {self.warps_m};   // warp grid, rows\n"
-            f"  static constexpr int WARPS_N = {self.warps_n};   // warp grid, tokens\n"
-            f"  static constexpr int STAGES = {self.stages};    // cp.async pipeline depth\n"
-            f"  static constexpr int MIN_CTAS = {self.min_ctas};  // CTAs per SM for __launch_bounds__\n"
-            f"}};\n"
+            f"V = {self.V};         // rows per V:N:M block",
+            f"BM = {self.BM};       // rows of W per CTA",
+            f"BN = {self.BN};       // tokens per CTA",
+            f"WARPS_M = {self.warps_m};   // warp grid, rows",
+            f"WARPS_N = {self.warps_n};   // warp grid, tokens",
+            f"STAGES = {self.stages};    // cp.async pipeline depth",
+            f"MIN_CTAS = {self.min_ctas};  // CTAs per SM for __launch_bounds__",
         )
-
-    def launcher(self, dtype: str) -> str:
-        return f"launch_gemm<GemmTile_{self.tag}, {_CUDA_TYPE[dtype]}>"
 
     header = "vnm_gemm.cuh"
 
@@ -108,7 +130,7 @@ class Gemm:
 
 
 @dataclass(frozen=True)
-class Wgmma:
+class Wgmma(_Generated):
     """Hopper (sm_90a) sparse-wgmma kernel for one V in {64, 128}; any N. Built everywhere, runs only on sm_90."""
 
     V: int
@@ -131,20 +153,15 @@ class Wgmma:
     def tag(self) -> str:
         return f"v{self.V}_c{self.consumers}m{self.wg_m}n{self.BN}s{self.stages}a{self.a_ring}"
 
-    def traits(self) -> str:
+    def fields(self) -> tuple[str, ...]:
         return (
-            f"struct WgmmaTile_{self.tag} {{\n"
-            f"  static constexpr int V = {self.V};          // rows per V:N:M block\n"
-            f"  static constexpr int CONSUMERS = {self.consumers};   // consumer warpgroups\n"
-            f"  static constexpr int WG_M = {self.wg_m};        // m64 tiles per consumer warpgroup\n"
-            f"  static constexpr int BN = {self.BN};        // tokens per CTA (wgmma N)\n"
-            f"  static constexpr int STAGES = {self.stages};      // gathered-B ring depth\n"
-            f"  static constexpr int A_RING = {self.a_ring};      // k-steps of A fragments in registers\n"
-            f"}};\n"
+            f"V = {self.V};          // rows per V:N:M block",
+            f"CONSUMERS = {self.consumers};   // consumer warpgroups",
+            f"WG_M = {self.wg_m};        // m64 tiles per consumer warpgroup",
+            f"BN = {self.BN};        // tokens per CTA (wgmma N)",
+            f"STAGES = {self.stages};      // gathered-B ring depth",
+            f"A_RING = {self.a_ring};      // k-steps of A fragments in registers",
         )
-
-    def launcher(self, dtype: str) -> str:
-        return f"launch_wgmma<WgmmaTile_{self.tag}, {_CUDA_TYPE[dtype]}>"
 
     header = "vnm_wgmma.cuh"
 
