@@ -35,7 +35,11 @@ class _Generated:
     """The C++ a variant generates, named from its `kind` and `tag`: written once for all three kinds."""
 
     kind: ClassVar[str]
-    tag: str
+
+    @property
+    def tag(self) -> str:
+        """The tile's parameters in short, unique among the variants of its kind."""
+        raise NotImplementedError
 
     def fields(self) -> Sequence[str]:
         """The traits struct's lines, "NAME = value;  // comment"."""
