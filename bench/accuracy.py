@@ -20,8 +20,10 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 os.environ.setdefault("VNMSPARSE_NO_KERNELS", "1")  # accuracy needs no CUDA kernels; never pay for a JIT build
 
@@ -58,16 +60,19 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def expand_arms(text: str, presets: dict[str, list[str]]) -> list[str]:
+DENSE_ARMS = {"llm": ("dense", "dense-lora"), "vit": ("dense", "dense-more")}  # the dense arms each experiment runs
+
+
+def expand_arms(text: str, presets: dict[str, list[str]], dense_arms: tuple[str, ...]) -> list[str]:
     """Comma-separated arms or preset names, in order, without repeats; unknown kinds are refused."""
     arms: list[str] = []
     for item in (a.strip() for a in text.split(",") if a.strip()):
         for arm in _expand(item, presets):
             kind, _, pattern = arm.partition("-")
-            if arm not in ("dense", "dense-lora", "dense-more") and (kind not in ("oneshot", *TRAINED_KINDS) or not pattern):
-                raise SystemExit(f"--arms: unknown arm {arm!r}; use presets {sorted(presets)} or kind-V:N:M with kind "
-                                 f"in oneshot, {', '.join(TRAINED_KINDS)}")
-            if pattern and arm not in ("dense-lora", "dense-more"):
+            if arm not in dense_arms and (kind not in ("oneshot", *TRAINED_KINDS) or not pattern):
+                raise SystemExit(f"--arms: unknown arm {arm!r}; use presets {sorted(presets)}, {', '.join(dense_arms)} "
+                                 f"or kind-V:N:M with kind in oneshot, {', '.join(TRAINED_KINDS)}")
+            if pattern and arm not in dense_arms:
                 try:
                     VNMPattern.parse(pattern)
                 except (TypeError, ValueError) as error:
@@ -183,6 +188,50 @@ def train_record(result, planned: int, config: TrainConfig) -> dict:
     return record
 
 
+# --- what both experiments share ------------------------------------------------------------------------------------
+Settings = TypeVar("Settings", "LLMSettings", "ViTSettings")
+
+
+class Arm(NamedTuple):
+    """One arm: its name as given to --arms, the kind of run and its V:N:M pattern ("" for dense arms)."""
+
+    name: str
+    kind: str
+    pattern: str
+
+
+def start_experiment(args: argparse.Namespace, experiment: str, settings: type[Settings], smoke: dict,
+                     presets: dict[str, list[str]]) -> tuple[Settings, list[str], torch.device]:
+    """The settings (smoke budgets, then --set; no autocast on the CPU), the arms and the device, logged."""
+    s = settings(**{**(smoke if args.smoke else {}), **args.overrides})
+    arms = expand_arms(args.arms, presets, DENSE_ARMS[experiment])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    s = s if device.type == "cuda" else replace(s, autocast=None)
+    log(f"{experiment} on {device_name(device)}: arms {arms}; {s}")
+    return s, arms, device
+
+
+def run_arms(args: argparse.Namespace, experiment: str, setup: dict, s: LLMSettings | ViTSettings, base: nn.Module,
+             arms: Iterable[Arm], run_arm: Callable[[nn.Module, Arm, dict], str]) -> None:
+    """Run each arm on its own copy of `base`, timed, and save its record as soon as it ends.
+
+    run_arm prunes / trains / evaluates the copy, adds its results to the record and returns the metric to log.
+    """
+    for arm in arms:
+        start = time.perf_counter()
+        model = copy.deepcopy(base)
+        sparsity = None if not arm.pattern else 1 - 2 / int(arm.pattern.split(":")[2])
+        record: dict = {"kind": arm.kind, "pattern": arm.pattern or None, "command": args.command,
+                        "settings": asdict(s), "sparsity": sparsity}
+        metric = run_arm(model, arm, record)
+        record["seconds_total"] = time.perf_counter() - start
+        log(f"{arm.name}: {metric} ({record['seconds_total']:.0f} s)")
+        save_arm(args, experiment, setup, arm.name, record)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 # --- SmolLM2 on Austen / Moby Dick ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LLMSettings:
@@ -234,12 +283,16 @@ def llm_method(kind: str, pattern: str, s: LLMSettings, scorer: RIAScorer):
     return method, s.lora_lr, not dense
 
 
+def llm_arm(name: str) -> Arm:
+    """kind-pattern; dense-lora is a kind of its own, with no pattern."""
+    if name == "dense-lora":
+        return Arm(name, "dense-lora", "")
+    kind, _, pattern = name.partition("-")
+    return Arm(name, kind, pattern)
+
+
 def run_llm(args: argparse.Namespace) -> None:
-    s = LLMSettings(**{**(LLM_SMOKE if args.smoke else {}), **args.overrides})
-    arms = expand_arms(args.arms, LLM_PRESETS)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    s = s if device.type == "cuda" else replace(s, autocast=None)
-    log(f"llm on {device_name(device)}: arms {arms}; {s}")
+    s, arms, device = start_experiment(args, "llm", LLMSettings, LLM_SMOKE, LLM_PRESETS)
     base, tokenizer = load_causal_lm(args.model, device=device)
     train_chunks = token_chunks(tokenizer, austen_text(), s.seq_len, s.train_chunks)
     eval_chunks = token_chunks(tokenizer, moby_dick_text(), s.seq_len, s.eval_chunks)
@@ -254,14 +307,8 @@ def run_llm(args: argparse.Namespace) -> None:
         model.eval()
         return perplexity(model, eval_chunks, batch_size=max(1, s.batch_size), progress=False)
 
-    for arm in arms:
-        start = time.perf_counter()
-        kind, _, pattern = arm.partition("-")
-        kind = "dense-lora" if arm == "dense-lora" else kind
-        pattern = "" if arm == "dense-lora" else pattern
-        model = copy.deepcopy(base)
-        record: dict = {"kind": kind, "pattern": pattern or None, "command": args.command, "settings": asdict(s),
-                        "sparsity": None if not pattern else 1 - 2 / int(pattern.split(":")[2])}
+    def run_arm(model: nn.Module, arm: Arm, record: dict) -> str:
+        kind, pattern = arm.kind, arm.pattern
         if kind == "oneshot":
             report = sparsify(model, oneshot_config(pattern), calib=calib.to(device), progress=False)
             record.update(ppl=ppl(model), sparsity=report.sparsity, prune_seconds=report.seconds,
@@ -279,12 +326,9 @@ def run_llm(args: argparse.Namespace) -> None:
             record["ppl"] = ppl(model)
         else:
             record["ppl"] = ppl(model)
-        record["seconds_total"] = time.perf_counter() - start
-        log(f"{arm}: ppl {record['ppl']:.2f} ({record['seconds_total']:.0f} s)")
-        save_arm(args, "llm", setup, arm, record)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        return f"ppl {record['ppl']:.2f}"
+
+    run_arms(args, "llm", setup, s, base, map(llm_arm, arms), run_arm)
 
 
 # --- ViT on Fashion-MNIST -------------------------------------------------------------------------------------
@@ -348,14 +392,16 @@ def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(y)
 
 
+def vit_arm(name: str) -> Arm:
+    """kind-pattern; every dense-* arm (dense-more) is kind dense, with no pattern."""
+    kind, _, pattern = name.partition("-")
+    return Arm(name, kind, "" if kind == "dense" else pattern)
+
+
 def run_vit(args: argparse.Namespace) -> None:
     from timm.models.vision_transformer import VisionTransformer
 
-    s = ViTSettings(**{**(VIT_SMOKE if args.smoke else {}), **args.overrides})
-    arms = expand_arms(args.arms, VIT_PRESETS)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    s = s if device.type == "cuda" else replace(s, autocast=None)
-    log(f"vit on {device_name(device)}: arms {arms}; {s}")
+    s, arms, device = start_experiment(args, "vit", ViTSettings, VIT_SMOKE, VIT_PRESETS)
 
     def load(split: str, limit: int | None):
         images, labels = fashion_mnist(split)
@@ -385,12 +431,9 @@ def run_vit(args: argparse.Namespace) -> None:
     calib = xtr[: s.calib_images]
     names = [n for n, m in dense.named_modules() if default_filter(m, n)]
     scorer = RIAScorer.calibrate(dense, calib.split(256), names, progress=False)
-    for arm in (a for a in arms if a != "dense"):
-        start = time.perf_counter()
-        kind, _, pattern = arm.partition("-")
-        model = copy.deepcopy(dense)
-        record = {"kind": kind, "pattern": pattern if kind != "dense" else None, "command": args.command,
-                  "settings": asdict(s), "sparsity": None if kind == "dense" else 1 - 2 / int(pattern.split(":")[2])}
+
+    def run_arm(model: nn.Module, arm: Arm, record: dict) -> str:
+        kind, pattern = arm.kind, arm.pattern
         if kind == "oneshot":
             report = sparsify(model, oneshot_config(pattern), calib=calib, progress=False)
             record.update(sparsity=report.sparsity, calibration=report.calibration)
@@ -403,12 +446,13 @@ def run_vit(args: argparse.Namespace) -> None:
             record["top1_masked"] = top1(model, xte, yte)
             method.convert(model)
         else:
-            raise SystemExit(f"--arms: {arm!r} is not a ViT arm; choose from {VIT_PRESETS['all']}")
-        record.update(top1=top1(model, xte, yte), seconds_total=time.perf_counter() - start)
+            raise SystemExit(f"--arms: {arm.name!r} is not a ViT arm; choose from {VIT_PRESETS['all']}")
+        record["top1"] = top1(model, xte, yte)
         if kind == "dense":
             record["epochs"] = s.dense_epochs + s.ft_epochs
-        log(f"{arm}: top-1 {record['top1']:.4f} ({record['seconds_total']:.0f} s)")
-        save_arm(args, "vit", setup, arm, record)
+        return f"top-1 {record['top1']:.4f}"
+
+    run_arms(args, "vit", setup, s, dense, (vit_arm(a) for a in arms if a != "dense"), run_arm)
 
 
 # --- command line -----------------------------------------------------------------------------------------------

@@ -3,6 +3,19 @@
 import pytest
 import torch
 
+pytest.register_assert_rewrite("opshelp")  # its asserts (run_kernel, check) report like the tests' own
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The built CUDA extension; a test that asks for it fails (not skips) when the kernels did not build."""
+    from vnmsparse import ops
+
+    module = ops.extension("cuda")
+    if module is None:
+        pytest.fail(f"kernels did not build: {ops.unavailable_reason('cuda')}")
+    return module
+
 
 @pytest.fixture
 def cuda_device():

@@ -1,10 +1,19 @@
-"""Helpers shared by the ops tests: random V:N:M weights in awkward shapes, a float64 reference."""
+"""Helpers shared by the ops tests: random V:N:M weights in awkward shapes, a float64 reference, running one
+kernel of the table on a NaN-poisoned output and checking it, CUDA-graph replay, wgmma dispatch on or off."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
 import vnmsparse as vs
+from vnmsparse import ops
+from vnmsparse.ops import dispatch
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def random_vnm(R: int, C: int, pattern: str, dtype=torch.bfloat16, device="cpu", permute: bool = False, seed: int = 0):
@@ -28,3 +37,48 @@ def fp64_reference(x: torch.Tensor, t, bias=None) -> torch.Tensor:
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.to(torch.float64) - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def run_kernel(ext, kernel, t, x: torch.Tensor, bias=None, ksplit: int = 1) -> torch.Tensor:
+    """Run one table entry with a NaN-poisoned output; return it."""
+    p = t.pack(x.device)
+    R, C = t.shape
+    out = torch.full((x.shape[0], R), float("nan"), dtype=x.dtype, device=x.device)
+    y = ext.run(x, p.a_vals, p.a_meta, p.cols, bias, R, C, t.pattern.V, kernel.index, ksplit, out)
+    torch.cuda.synchronize()
+    assert y.data_ptr() == out.data_ptr()
+    return out
+
+
+def check(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Assert a kernel output is fully written and within TOL of the float64 reference."""
+    assert torch.isfinite(y).all(), f"{what}: output not fully written (NaN poison left) or non-finite"
+    err = rel_err(y, ref)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.0e}"
+
+
+def check_graph_replay(t, N: int, what: str) -> None:
+    """ops.linear on a static (N, C) bf16 input captured in a CUDA graph: each replay on new data must be right."""
+    C = t.shape[1]
+    static_x = torch.randn(N, C, device="cuda").to(torch.bfloat16)
+    ops.linear(static_x, t)  # build, pack and warm up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = ops.linear(static_x, t)
+    for seed in range(3):
+        static_x.copy_(torch.randn(N, C, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(static_y, fp64_reference(static_x, t), torch.bfloat16, what)
+
+
+@contextlib.contextmanager
+def wgmma_dispatch(flag: bool) -> Iterator[None]:
+    """Let dispatch pick the wgmma kernels (or not) inside the block, then restore the previous setting."""
+    before = dispatch.wgmma_enabled()
+    dispatch.enable_wgmma(flag)
+    try:
+        yield
+    finally:
+        dispatch.enable_wgmma(before)

@@ -15,42 +15,13 @@ import sys
 
 import pytest
 import torch
-from opshelp import fp64_reference, random_vnm, rel_err
+from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, run_kernel
 
 import vnmsparse as vs
 from vnmsparse import ops
 from vnmsparse.ops import instantiations, op
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@pytest.fixture(scope="module")
-def ext():
-    module = ops.extension("cuda")
-    if module is None:
-        pytest.fail(f"kernels did not build: {ops.unavailable_reason('cuda')}")
-    return module
-
-
-def _run_kernel(ext, kernel, t, x, bias=None, ksplit=1):
-    """Run one table entry with a NaN-poisoned output; return it."""
-    p = t.pack(x.device)
-    R, C = t.shape
-    out = torch.full((x.shape[0], R), float("nan"), dtype=x.dtype, device=x.device)
-    y = ext.run(x, p.a_vals, p.a_meta, p.cols, bias, R, C, t.pattern.V, kernel.index, ksplit, out)
-    torch.cuda.synchronize()
-    assert y.data_ptr() == out.data_ptr()
-    return out
-
-
-def _check(y, ref, dtype, what):
-    assert torch.isfinite(y).all(), f"{what}: output not fully written (NaN poison left) or non-finite"
-    err = rel_err(y, ref)
-    assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.0e}"
-
 
 DECODE_SHAPES = [(1, 4, "16:2:4"), (17, 37, "16:2:5"), (100, 1001, "32:2:8"), (300, 250, "64:2:16"), (130, 77, "128:2:32"), (64, 4096, "64:2:8"), (260, 2000, "64:2:5")]
 DECODE_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "decode"]
@@ -70,8 +41,8 @@ def test_decode_kernel(ext, kernel, R, C, pattern):
             t = random_vnm(R, C, pattern, dtype=dtype, device="cuda", permute=i % 2 == 1, seed=R * 7 + N + ksplit)
             x = torch.randn(N, C, device="cuda").to(dtype)
             bias = torch.randn(R, device="cuda").to(dtype) if i == 0 else None
-            y = _run_kernel(ext, kernel, t, x, bias, ksplit)
-            _check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern} ksplit={ksplit}")
+            y = run_kernel(ext, kernel, t, x, bias, ksplit)
+            check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern} ksplit={ksplit}")
 
 
 def test_split_k_counters_reset_between_calls(ext):
@@ -79,9 +50,9 @@ def test_split_k_counters_reset_between_calls(ext):
     kernel = next(k for k in DECODE_KERNELS if k.dtype == "bf16" and k.variant.max_n == 16 and k.variant.rows == 4)
     t = random_vnm(1000, 3000, "64:2:8", device="cuda", seed=1)
     x = torch.randn(16, 3000, device="cuda").to(torch.bfloat16)
-    ys = [_run_kernel(ext, kernel, t, x, None, ks) for ks in (5, 5, 3, 5)]
+    ys = [run_kernel(ext, kernel, t, x, None, ks) for ks in (5, 5, 3, 5)]
     for y in ys:
-        _check(y, fp64_reference(x, t), torch.bfloat16, "split-k repeat")
+        check(y, fp64_reference(x, t), torch.bfloat16, "split-k repeat")
     assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[3])  # fixed summation order: deterministic
 
 
@@ -98,8 +69,8 @@ def test_gemm_kernel(ext, kernel):
             t = random_vnm(R, C, pattern, dtype=dtype, device="cuda", permute=(s + i) % 2 == 1, seed=R + C + N)
             x = torch.randn(N, C, device="cuda").to(dtype)
             bias = torch.randn(R, device="cuda").to(dtype) if i == 1 else None
-            y = _run_kernel(ext, kernel, t, x, bias)
-            _check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern}")
+            y = run_kernel(ext, kernel, t, x, bias)
+            check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern}")
 
 
 def test_strided_rows_of_x(ext):
@@ -108,7 +79,7 @@ def test_strided_rows_of_x(ext):
     for N in (5, 40):
         x = wide[:N, :300]  # row stride 320: taken as it comes, no copy
         y = ops.linear(x, t)
-        _check(y, fp64_reference(x, t), torch.bfloat16, f"strided x N={N}")
+        check(y, fp64_reference(x, t), torch.bfloat16, f"strided x N={N}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -119,23 +90,13 @@ def test_public_linear(dtype, lead):
     bias = torch.randn(1000, device="cuda").to(dtype)
     y = ops.linear(x, t, bias)
     assert y.shape == (*lead, 1000) and y.dtype == dtype
-    _check(y.reshape(-1, 1000), fp64_reference(x.reshape(-1, 700), t, bias), dtype, f"linear {lead}")
+    check(y.reshape(-1, 1000), fp64_reference(x.reshape(-1, 700), t, bias), dtype, f"linear {lead}")
 
 
 @pytest.mark.parametrize("N", [4, 256])
 def test_cuda_graph_replay(N):
     t = random_vnm(512, 384, "64:2:5", device="cuda", seed=2)
-    static_x = torch.randn(N, 384, device="cuda").to(torch.bfloat16)
-    ops.linear(static_x, t)  # build, pack and warm up outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = ops.linear(static_x, t)
-    for seed in range(3):
-        static_x.copy_(torch.randn(N, 384, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).to(torch.bfloat16))
-        graph.replay()
-        torch.cuda.synchronize()
-        _check(static_y, fp64_reference(static_x, t), torch.bfloat16, f"graph replay N={N}")
+    check_graph_replay(t, N, f"graph replay N={N}")
 
 
 def test_torch_compile_on_cuda():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from opshelp import wgmma_dispatch
 
 from vnmsparse.ops import dispatch, instantiations
 
@@ -11,18 +12,14 @@ H100 = (9, 0)
 
 @pytest.fixture
 def wgmma_on():
-    before = dispatch.wgmma_enabled()
-    dispatch.enable_wgmma(True)
-    yield
-    dispatch.enable_wgmma(before)
+    with wgmma_dispatch(True):
+        yield
 
 
 @pytest.fixture
 def wgmma_off():
-    before = dispatch.wgmma_enabled()
-    dispatch.enable_wgmma(False)
-    yield
-    dispatch.enable_wgmma(before)
+    with wgmma_dispatch(False):
+        yield
 
 
 @pytest.mark.parametrize("V", instantiations.SUPPORTED_V)

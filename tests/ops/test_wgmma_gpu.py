@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opshelp import fp64_reference, random_vnm, rel_err
+from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, rel_err, run_kernel, wgmma_dispatch
 
 from vnmsparse import ops
 from vnmsparse.ops import dispatch, instantiations
@@ -20,45 +20,17 @@ from vnmsparse.ops import dispatch, instantiations
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 (Hopper) GPU")]
 
-TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WGMMA_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "wgmma"]
-
-
-@pytest.fixture(scope="module")
-def ext():
-    module = ops.extension("cuda")
-    if module is None:
-        pytest.fail(f"kernels did not build: {ops.unavailable_reason('cuda')}")
-    return module
 
 
 @pytest.fixture
 def wgmma_on(monkeypatch):
     """Public-path tests on small problems: wgmma enabled even below one wave of tiles."""
-    before = dispatch.wgmma_enabled()
-    dispatch.enable_wgmma(True)
-    monkeypatch.setattr(dispatch, "WGMMA_MIN_WAVES", 0.0)
+    with wgmma_dispatch(True):
+        monkeypatch.setattr(dispatch, "WGMMA_MIN_WAVES", 0.0)
+        dispatch._choose.cache_clear()
+        yield
     dispatch._choose.cache_clear()
-    yield
-    dispatch.enable_wgmma(before)
-    dispatch._choose.cache_clear()
-
-
-def _run(ext, kernel, t, x, bias=None):
-    p = t.pack(x.device)
-    R, C = t.shape
-    out = torch.full((x.shape[0], R), float("nan"), dtype=x.dtype, device=x.device)
-    y = ext.run(x, p.a_vals, p.a_meta, p.cols, bias, R, C, t.pattern.V, kernel.index, 1, out)
-    torch.cuda.synchronize()
-    assert y.data_ptr() == out.data_ptr()
-    return out
-
-
-def _check(y, ref, dtype, what):
-    assert torch.isfinite(y).all(), f"{what}: output not fully written (NaN poison left) or non-finite"
-    err = rel_err(y, ref)
-    assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.0e}"
 
 
 def _shapes(V: int):
@@ -82,8 +54,8 @@ def test_wgmma_kernel(ext, kernel):
             t = random_vnm(R, C, pattern, dtype=dtype, device="cuda", permute=(s + i) % 2 == 1, seed=R + C + N)
             x = torch.randn(N, C, device="cuda").to(dtype)
             bias = torch.randn(R, device="cuda").to(dtype) if (s + i) % 2 == 0 else None
-            y = _run(ext, kernel, t, x, bias)
-            _check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern}")
+            y = run_kernel(ext, kernel, t, x, bias)
+            check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern}")
 
 
 def test_wgmma_matches_mma_sp_and_is_deterministic(ext):
@@ -91,11 +63,11 @@ def test_wgmma_matches_mma_sp_and_is_deterministic(ext):
     gemm = next(k for k in instantiations.KERNELS if k.variant.kind == "gemm" and k.V == 64 and k.dtype == "bf16")
     t = random_vnm(1024, 2048, "64:2:8", device="cuda", seed=3)
     x = torch.randn(1024, 2048, device="cuda").to(torch.bfloat16)
-    y1, y2 = _run(ext, kernel, t, x), _run(ext, kernel, t, x)
+    y1, y2 = run_kernel(ext, kernel, t, x), run_kernel(ext, kernel, t, x)
     assert torch.equal(y1, y2)  # no split-k, no atomics: bitwise repeatable
     ref = fp64_reference(x, t)
-    _check(y1, ref, torch.bfloat16, "wgmma 1024x2048 N=1024")
-    assert rel_err(y1, ref) <= 1.5 * rel_err(_run(ext, gemm, t, x), ref) + 1e-4  # as accurate as the mma.sp path
+    check(y1, ref, torch.bfloat16, "wgmma 1024x2048 N=1024")
+    assert rel_err(y1, ref) <= 1.5 * rel_err(run_kernel(ext, gemm, t, x), ref) + 1e-4  # as accurate as the mma.sp path
 
 
 @pytest.mark.parametrize("lead", [(300,), (2, 150), (4095,)])
@@ -108,19 +80,9 @@ def test_public_linear_with_wgmma(wgmma_on, lead):
     assert chosen.variant.kind == "wgmma"
     y = ops.linear(x, t, bias)
     assert y.shape == (*lead, 1000)
-    _check(y.reshape(-1, 1000), fp64_reference(x.reshape(-1, 700), t, bias), torch.bfloat16, f"linear {lead}")
+    check(y.reshape(-1, 1000), fp64_reference(x.reshape(-1, 700), t, bias), torch.bfloat16, f"linear {lead}")
 
 
 def test_cuda_graph_replay_with_wgmma(wgmma_on):
     t = random_vnm(512, 384, "128:2:5", device="cuda", seed=2)
-    static_x = torch.randn(512, 384, device="cuda").to(torch.bfloat16)
-    ops.linear(static_x, t)  # build, pack and warm up outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = ops.linear(static_x, t)
-    for seed in range(3):
-        static_x.copy_(torch.randn(512, 384, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).to(torch.bfloat16))
-        graph.replay()
-        torch.cuda.synchronize()
-        _check(static_y, fp64_reference(static_x, t), torch.bfloat16, "graph replay")
+    check_graph_replay(t, 512, "graph replay")
