@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -96,25 +97,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _median_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` runs, the device synchronised around each."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 @torch.no_grad()
-def throughput(model: nn.Module, ids: torch.Tensor, new_tokens: int = 64) -> dict[str, float]:
-    """Tokens/s of a prefill of `ids` and of greedy decoding `new_tokens` tokens at batch 1 (KV cache on)."""
+def throughput(model: nn.Module, ids: torch.Tensor, new_tokens: int = 64, repeats: int = 3) -> dict[str, float]:
+    """Tokens/s of a prefill of `ids` and of greedy decoding `new_tokens` tokens at batch 1 (KV cache on).
+
+    Each is the median of `repeats` runs after one untimed run of the same call (kernel builds, packing, caches).
+    """
     device = next(model.parameters()).device
     ids = ids.to(device)
-    model(ids[:, :8])  # warm-up: kernel builds and packing
-    _sync(device)
-    start = time.perf_counter()
-    model(ids)
-    _sync(device)
-    prefill = ids.numel() / (time.perf_counter() - start)
     prompt = ids[:1, :32]
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
-    _sync(device)
-    start = time.perf_counter()
+    model(ids)
+    prefill = ids.numel() / _median_seconds(lambda: model(ids), device, repeats)
     model.generate(prompt, **kwargs)
-    _sync(device)
-    return {"prefill": prefill, "decode": new_tokens / (time.perf_counter() - start)}
+    decode = new_tokens / _median_seconds(lambda: model.generate(prompt, **kwargs), device, repeats)
+    return {"prefill": prefill, "decode": decode}
 
 
 def _measure(
