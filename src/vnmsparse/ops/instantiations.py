@@ -66,7 +66,7 @@ class Decode(_Generated):
     n_tiles: int  # 8-token MMA tiles
     rows: int  # 16-row tiles per warp, one gather serving all (needs 16 * rows <= V)
     warps: int = 8  # warps per CTA, splitting the CTA's k chunks
-    unroll: int = 0  # k chunks in flight per warp; 0: as many as registers allow (see steps)
+    unroll: int = 0  # k chunks per stage (two stages in flight); 0: as many as registers allow (see steps)
 
     kind = "decode"
     ctas_per_sm = 2  # what its registers (<= 128) and static shared memory (<= 40 KB) allow
@@ -77,8 +77,8 @@ class Decode(_Generated):
 
     @property
     def steps(self) -> int:
-        # Registers: U chunks hold U*rows 16-byte weight records and U*8*n_tiles gathered values per lane.
-        return self.unroll or {1: 4, 2: 4 if self.n_tiles == 1 else 2, 4: 2}[self.rows]
+        # Registers: two stages of U chunks hold 2*U*rows 16-byte weight records, U*8*n_tiles gathered values.
+        return self.unroll or {1: 2, 2: 2 if self.n_tiles == 1 else 1, 4: 1}[self.rows]
 
     @property
     def tag(self) -> str:
@@ -89,7 +89,7 @@ class Decode(_Generated):
             f"N_TILES = {self.n_tiles};  // 8-token MMA tiles",
             f"ROWS = {self.rows};     // 16-row tiles per warp (one V-row block)",
             f"WARPS = {self.warps};    // warps splitting the CTA's k chunks",
-            f"UNROLL = {self.steps};   // k chunks in flight per warp",
+            f"UNROLL = {self.steps};   // k chunks per stage (two stages in flight per warp)",
         )
 
     header = "vnm_decode.cuh"
