@@ -66,7 +66,7 @@ class Decode(_Generated):
     n_tiles: int  # 8-token MMA tiles
     rows: int  # 16-row tiles per warp, one gather serving all (needs 16 * rows <= V)
     warps: int = 8  # warps per CTA, splitting the CTA's k chunks
-    unroll: int = 0  # k chunks per stage (two stages in flight); 0: as many as registers allow (see steps)
+    unroll: int = 0  # k chunks per stage; 0: as many as registers allow (see steps)
 
     kind = "decode"
     ctas_per_sm = 2  # what its registers (<= 128) and static shared memory (<= 40 KB) allow
@@ -76,20 +76,28 @@ class Decode(_Generated):
         return 8 * self.n_tiles
 
     @property
+    def stages(self) -> int:
+        # Two stages of chunks in flight measured 1-6% faster at N <= 8 and 4-9% slower at N = 16 (one stage of
+        # twice the chunks keeps more of the 16-token gathers in flight): bench/results/decode-sweep-h100.md.
+        return 2 if self.n_tiles == 1 else 1
+
+    @property
     def steps(self) -> int:
-        # Registers: two stages of U chunks hold 2*U*rows 16-byte weight records, U*8*n_tiles gathered values.
-        return self.unroll or {1: 2, 2: 2 if self.n_tiles == 1 else 1, 4: 1}[self.rows]
+        # Registers: STAGES x U chunks hold STAGES*U*rows 16-byte weight records and U*8*n_tiles gathered values.
+        per_stage = {1: 4, 2: 4 if self.n_tiles == 1 else 2, 4: 2}[self.rows] // self.stages
+        return self.unroll or per_stage
 
     @property
     def tag(self) -> str:
-        return f"nt{self.n_tiles}r{self.rows}w{self.warps}u{self.steps}"
+        return f"nt{self.n_tiles}r{self.rows}w{self.warps}u{self.steps}s{self.stages}"
 
     def fields(self) -> tuple[str, ...]:
         return (
             f"N_TILES = {self.n_tiles};  // 8-token MMA tiles",
             f"ROWS = {self.rows};     // 16-row tiles per warp (one V-row block)",
             f"WARPS = {self.warps};    // warps splitting the CTA's k chunks",
-            f"UNROLL = {self.steps};   // k chunks per stage (two stages in flight per warp)",
+            f"UNROLL = {self.steps};   // k chunks per stage",
+            f"STAGES = {self.stages};   // stages of chunks in flight per warp",
         )
 
     header = "vnm_decode.cuh"

@@ -23,12 +23,14 @@ namespace vnm {
 //   N_TILES: 8-token MMA tiles (1: N <= 8, 2: N <= 16)
 //   ROWS:    16-row tiles per warp (all in one V-row block: the host only picks ROWS <= V/16)
 //   WARPS:   warps per CTA, splitting the CTA's k chunks
-//   UNROLL:  k chunks per stage; each warp has two stages in flight
+//   UNROLL:  k chunks per stage
+//   STAGES:  1 or 2 stages of UNROLL chunks in flight per warp
 template <typename Tile> struct DecodeShape {
   static constexpr int kNTiles = Tile::N_TILES;
   static constexpr int kRows = Tile::ROWS;
   static constexpr int kWarps = Tile::WARPS;
   static constexpr int kUnroll = Tile::UNROLL;
+  static constexpr int kStages = Tile::STAGES;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kMaxN = 8 * kNTiles;
   static constexpr int kPitch = 40;  // staged row: 32 kept columns + 8 pad (80 bytes: ldmatrix conflict-free)
@@ -39,7 +41,8 @@ template <typename Tile> struct DecodeShape {
   static_assert(kNTiles == 1 || kNTiles == 2, "decode N_TILES must be 1 or 2 (N <= 16 tokens)");
   static_assert(kRows == 1 || kRows == 2 || kRows == 4, "decode ROWS must be 1, 2 or 4 (ROWS*16 <= V)");
   static_assert(kWarps >= 1 && kWarps <= 16, "decode WARPS must be in 1..16");
-  static_assert(kUnroll >= 1 && kUnroll * kRows <= 4, "decode UNROLL*ROWS must be at most 4 (two stages in registers)");
+  static_assert(kStages == 1 || kStages == 2, "decode STAGES must be 1 or 2");
+  static_assert(kUnroll >= 1 && kStages * kUnroll * kRows <= 8, "decode STAGES*UNROLL*ROWS must be at most 8 (registers)");
   static_assert(kSmemBytes <= 48 * 1024, "decode shared memory must fit the static 48 KB");
 };
 
@@ -83,12 +86,13 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mi][nt][i] = 0.f;
 
-  // Two stages of U chunks each: the weight records, metadata and column indices of the next stage are in
-  // flight while this one gathers x and multiplies (ncu on the single-stage loop: 23-44% of DRAM bandwidth,
-  // warps waiting on L1TEX, each warp alternating between waiting for its weights and for its gather).
-  uint4 av[2][U][MT];
-  uint32_t ev[2][U][MT];
-  int col[2][U];
+  // STAGES = 2: the weight records, metadata and column indices of the next U chunks are in flight while this
+  // stage gathers x and multiplies (ncu on the single-stage loop at N = 1: 23-29% of DRAM bandwidth, warps
+  // alternating between waiting for their weights and for their gather). Measured: 1-6% faster at N <= 8, but
+  // 4-9% slower at N = 16, where a single stage of twice the chunks keeps more gathers in flight instead.
+  uint4 av[S::kStages][U][MT];
+  uint32_t ev[S::kStages][U][MT];
+  int col[S::kStages][U];
   auto load = [&](int k0, int b) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -140,13 +144,20 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
     __syncwarp();  // the next stage overwrites the staging tiles
   };
 
-  if (kbeg < kend) load(kbeg, 0);
-  for (int k0 = kbeg; k0 < kend; k0 += 2 * U) {  // unrolled by two so that the stage index is a constant
-    if (k0 + U < kend) load(k0 + U, 1);
-    compute(k0, 0);
-    if (k0 + U >= kend) break;
-    if (k0 + 2 * U < kend) load(k0 + 2 * U, 0);
-    compute(k0 + U, 1);
+  if constexpr (S::kStages == 2) {
+    if (kbeg < kend) load(kbeg, 0);
+    for (int k0 = kbeg; k0 < kend; k0 += 2 * U) {  // unrolled by two so that the stage index is a constant
+      if (k0 + U < kend) load(k0 + U, 1);
+      compute(k0, 0);
+      if (k0 + U >= kend) break;
+      if (k0 + 2 * U < kend) load(k0 + 2 * U, 0);
+      compute(k0 + U, 1);
+    }
+  } else {
+    for (int k0 = kbeg; k0 < kend; k0 += U) {
+      load(k0, 0);
+      compute(k0, 0);
+    }
   }
 
   // Reduce the warps: red[warp][mi][nt][i][lane].
