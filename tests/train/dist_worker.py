@@ -71,6 +71,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(runs, f)
+    dist.barrier()  # no rank tears gloo down while the other still has work in flight (seen once: SIGABRT)
     dist.destroy_process_group()
 
 
