@@ -16,6 +16,7 @@ on the CPU. Rank 0 merges each run by name into --out.json and rewrites --out.md
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         (run_lora if args.mode == "lora" else run_prune)(args, device)
     finally:
+        gc.collect()  # wrapped models hold reference cycles: free them while their process group is alive
         dist.destroy_process_group()
 
 

@@ -6,6 +6,7 @@ statistics are averaged and the masks agree across ranks.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -67,11 +68,15 @@ def run(method_name: str, strategy: str) -> dict:
 
 def main() -> None:
     dist.init_process_group("gloo")
-    runs = {f"{m}-{s}": run(m, s) for m, s in (("lora", "ddp"), ("lora", "fsdp"), ("srste", "ddp"), ("srste", "fsdp"))}
+    runs = {}
+    for m, s in (("lora", "ddp"), ("lora", "fsdp"), ("srste", "ddp"), ("srste", "fsdp")):
+        print(f"rank {dist.get_rank()}: {m}-{s}", file=sys.stderr, flush=True)  # where a failure happened, in the log
+        runs[f"{m}-{s}"] = run(m, s)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(runs, f)
-    dist.barrier()  # no rank tears gloo down while the other still has work in flight (seen once: SIGABRT)
+    gc.collect()  # free the wrapped models (reference cycles) while their process group is still alive
+    dist.barrier()
     dist.destroy_process_group()
 
 
