@@ -128,7 +128,8 @@ def train(model: nn.Module, method: SparseMethod | None, batches: Iterable[Any],
     """Train `model` in place with `method` for `config.steps` steps (or until the time budget).
 
     `finish=False` leaves the layers as trained (a dense LoRA reference run keeps no mask); None as the method
-    trains every parameter that requires grad, densely.
+    trains every parameter that requires grad, densely. Under torch.distributed, let the model go and run
+    `gc.collect()` before `destroy_process_group()`: DDP/FSDP wrappers freed after it can abort a gloo rank.
     """
     if method is not None and not isinstance(method, SparseMethod):
         raise TypeError(f"method must be a SparseMethod (SRSTE, StagedLoRA) or None, got {type(method).__name__}")
