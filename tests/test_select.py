@@ -73,6 +73,13 @@ def test_selection_is_the_most_diverse_fast_enough_pattern(table, target):
     assert choice in pareto_patterns(table)
 
 
+def test_ties_on_speed_and_diversity_pick_the_same_pattern_as_the_front():
+    # V:2:4 patterns all have log 6 / 4 per weight: equal speeds make an exact tie on both axes (found by hypothesis)
+    table = {"16:2:4": 2.0, "128:2:4": 2.0, "64:2:8": 1.0}
+    choice = select_pattern(1.5, table)
+    assert choice == VNMPattern.parse("16:2:4") and choice in pareto_patterns(table)
+
+
 def test_select_accepts_strings_and_uses_the_analytic_estimate_without_a_table():
     assert select_pattern(1.5, {"64:2:5": 1.6, "64:2:8": 2.2, "128:2:8": 2.4}) == VNMPattern.parse("64:2:5")
     estimate = analytic_speedups()

@@ -107,7 +107,8 @@ def _normalise(speedups: Mapping[VNMPattern | str, float]) -> dict[VNMPattern, f
 def pareto_patterns(speedups: Mapping[VNMPattern | str, float]) -> list[VNMPattern]:
     """Patterns no other beats on both speedup and diversity, fastest first."""
     table = _normalise(speedups)
-    ranked = sorted(table, key=lambda p: (-table[p], -mask_diversity(p), str(p)))
+    # exact ties on both axes keep the pattern select_pattern would pick: the smaller M, then the smaller V
+    ranked = sorted(table, key=lambda p: (-table[p], -mask_diversity(p), p.M, p.V))
     front, best_diversity = [], -math.inf
     for p in ranked:
         if mask_diversity(p) > best_diversity:
