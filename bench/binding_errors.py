@@ -10,6 +10,7 @@ the first H100 run hit in the wgmma tests: every check after the kernel-table lo
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -63,9 +64,12 @@ def run_case(case: str) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) > 1:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("case", nargs="?", choices=list(CASES), help="run one case in this process (default: all, isolated)")
+    case = parser.parse_args().case
+    if case is not None:
         try:
-            run_case(sys.argv[1])
+            run_case(case)
         except RuntimeError as error:
             print(f"RuntimeError: {str(error).splitlines()[0][:160]}")
         return 0
