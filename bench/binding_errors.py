@@ -41,24 +41,18 @@ def run_case(case: str) -> None:
     from vnmsparse.ops import instantiations
 
     ext = ops.extension("cuda")
-    kernels = instantiations.KERNELS
-    pick = {kind: next(k for k in kernels if k.variant.kind == kind and k.dtype == "bf16" and k.V in (0, 64))
-            for kind in ("decode", "gemm", "wgmma")}
-    W = torch.randn(256, 256) + 0.1
-    v = 128 if case.endswith("wrong_v") else 64
-    t = vs.compress(W.to(torch.bfloat16), f"{v}:2:8")
-    p = t.pack(torch.device("cuda"))
-    x = torch.randn(300 if "wgmma" in case or "gemm" in case else 4, 256, device="cuda").to(torch.bfloat16)
     kind = "wgmma" if "wgmma" in case else "gemm" if "gemm" in case else "decode"
-    index = pick[kind].index
-    args = dict(x=x, a_vals=p.a_vals, a_meta=p.a_meta, cols=p.cols)
+    kernel = next(k for k in instantiations.KERNELS if k.variant.kind == kind and k.dtype == "bf16" and k.V in (0, 64))
+    v = 128 if case.endswith("wrong_v") else 64
+    t = vs.compress((torch.randn(256, 256) + 0.1).to(torch.bfloat16), f"{v}:2:8")
+    p = t.pack(torch.device("cuda"))
+    x = torch.randn(4 if kind == "decode" else 300, 256, device="cuda").to(torch.bfloat16)
     if case == "x_on_cpu":
-        args["x"] = x.cpu()
-    if case == "wrong_dtype":
-        args["x"] = x.half()
-    if case == "decode_bad_index":
-        index = 10_000
-    y = ext.run(args["x"], args["a_vals"], args["a_meta"], args["cols"], None, 256, 256, v, index, 1, None)
+        x = x.cpu()
+    elif case == "wrong_dtype":
+        x = x.half()
+    index = 10_000 if case == "decode_bad_index" else kernel.index
+    y = ext.run(x, p.a_vals, p.a_meta, p.cols, None, 256, 256, v, index, 1, None)
     torch.cuda.synchronize()
     print(f"returned {tuple(y.shape)}")
 
