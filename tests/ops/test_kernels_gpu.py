@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, run_kernel
 
 import vnmsparse as vs
@@ -106,6 +107,25 @@ def test_torch_compile_on_cuda():
     for N in (2, 64):
         x = torch.randn(N, 200, device="cuda").to(torch.bfloat16)
         torch.testing.assert_close(f(x), ops.linear(x, t), rtol=0, atol=0)
+
+
+def test_eager_fast_path_matches_the_op_and_steps_aside_for_tracing(monkeypatch):
+    t = random_vnm(300, 256, "64:2:8", device="cuda", seed=9)
+    bias = torch.randn(300, device="cuda").to(torch.bfloat16)
+    p = t.pack("cuda")
+    direct = []
+    real = op._linear_cuda
+    monkeypatch.setattr(op, "_linear_cuda", lambda *a: direct.append(1) or real(*a))  # the dispatcher keeps `real`
+    for N in (1, 16, 300):
+        x = torch.randn(2, N, 256, device="cuda").to(torch.bfloat16)
+        y = ops.linear(x, t, bias)
+        assert direct, "plain eager call did not take the direct path"
+        assert torch.equal(y, torch.ops.vnmsparse.linear(x, p.a_vals, p.a_meta, p.cols, bias, 300, 256, 64))
+        direct.clear()
+    graph = make_fx(lambda x: ops.linear(x, t, bias))(x)
+    assert not direct and "vnmsparse.linear" in str(graph.code)  # traced: the op is recorded, not bypassed
+    ops.linear(x.requires_grad_(), t, bias)
+    assert not direct  # autograd in play: the op path decides, as before
 
 
 def test_unsupported_cases_fall_back_and_log_once(caplog):

@@ -173,3 +173,49 @@ def test_module_reload_free_registration():
     # The op is registered at import; importing again must not re-register (it would raise).
     importlib.import_module("vnmsparse.ops.op")
     assert hasattr(torch.ops.vnmsparse, "linear")
+
+
+# ---- the eager fast path's guard ----------------------------------------------------------------------------
+def test_runs_eagerly_only_when_nothing_traces_or_intercepts():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class PassthroughFunctions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x, bias = torch.randn(3, 8), torch.nn.Parameter(torch.randn(5))
+    assert op._runs_eagerly(x, None)
+    with torch.no_grad():
+        assert op._runs_eagerly(x, bias)  # a Parameter is a plain tensor to the kernels; no graph under no_grad
+    assert not op._runs_eagerly(x, bias)  # bias needs a gradient: the op path (no autograd formula) decides
+    assert not op._runs_eagerly(x.requires_grad_(), None)
+    x.requires_grad_(False)
+    with Passthrough():
+        assert not op._runs_eagerly(x, None)
+    with PassthroughFunctions():
+        assert not op._runs_eagerly(x, None)
+    with FakeTensorMode() as mode:
+        assert not op._runs_eagerly(mode.from_tensor(x), None)
+    assert not op._runs_eagerly(x.as_subclass(type("Subclass", (torch.Tensor,), {})), None)  # may override anything
+    compiled = torch.compile(lambda x: x + 1 if op._runs_eagerly(x, None) else x - 1, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), x - 1)  # traced: the custom op, not the direct call
+
+
+@pytest.mark.parametrize("V", instantiations.SUPPORTED_V)
+@pytest.mark.parametrize("N", [1, 9, 16, 17, 300, 4096])
+def test_plan_is_the_chosen_kernel_and_its_ksplit(N, V):
+    for wgmma in (True, False):
+        was = dispatch.wgmma_enabled()
+        try:
+            dispatch.enable_wgmma(wgmma)
+            index, ksplit = dispatch.plan(N, 4096, V, 64, "bf16", 132, (9, 0))
+            kernel = dispatch.choose(N, 4096, V, "bf16", 132, (9, 0))
+        finally:
+            dispatch.enable_wgmma(was)
+        assert instantiations.KERNELS[index] == kernel and ksplit == dispatch.decode_ksplit(kernel, 4096, 64, 132)

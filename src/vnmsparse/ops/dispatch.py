@@ -127,6 +127,17 @@ def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, arch, _override: 
     return large
 
 
+def plan(N: int, R: int, V: int, Kc: int, dtype: str, sm_count: int, arch: tuple[int, int] | None) -> tuple[int, int]:
+    """(kernel table index, k-split) for one call: what the op hands the binding, one cache lookup per call."""
+    return _plan(N, R, V, Kc, dtype, sm_count, arch, _override, _wgmma)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(N: int, R: int, V: int, Kc: int, dtype: str, sm_count: int, arch, _override: str | None, _wgmma: bool):
+    kernel = _choose(N, R, V, dtype, sm_count, arch, _override, _wgmma)
+    return kernel.index, decode_ksplit(kernel, R, Kc, sm_count)
+
+
 @functools.lru_cache(maxsize=4096)
 def decode_ksplit(kernel: Kernel, R: int, Kc: int, sm_count: int) -> int:
     """CTAs splitting the k chunks of one decode row group.

@@ -5,7 +5,8 @@
 
 y = x @ W^T + bias with nn.Linear semantics and any leading dims of x, fp32 accumulation. On CUDA the
 compiled kernels run (chosen by `dispatch.choose`); on CPU, or a GPU where no kernel can run, the plain-torch
-reference runs instead and that is logged once.
+reference runs instead and that is logged once. In plain eager calls (`_runs_eagerly`: no tracing, modes,
+subclasses or autograd) `linear` calls the CUDA implementation directly: the dispatcher would add ~20 us a call.
 """
 
 # The schema is declared as a string below; no `from __future__ import annotations` needed or used.
@@ -66,24 +67,38 @@ def _device_info(index: int):
     return ext, build.unavailable_reason(device), props.multi_processor_count, (props.major, props.minor)
 
 
+_DTYPE_TAGS = {dtype: dispatch.dtype_tag(dtype) for dtype in SUPPORTED_DTYPES}
+
+
 def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V):
     if x.shape[-1] != C:
         raise ValueError(f"vnmsparse::linear: x's last dim must be in_features={C}, got {tuple(x.shape)}")
     ext, why, sms, arch = _device_info(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    if ext is None or x.dtype not in SUPPORTED_DTYPES:
+    if ext is None or x.dtype not in _DTYPE_TAGS:
         log_once(logging.WARNING, f"vnmsparse::linear: {why or f'x dtype {x.dtype} has no kernel'}; using the plain-torch reference")
         return _reference_from_packed(x, a_vals, a_meta, cols, bias, R, C, V)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, C)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < C):
         x2 = x2.contiguous()
-    if bias is not None:
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
-    N = x2.shape[0]
-    kernel = dispatch.choose(N, R, V, dispatch.dtype_tag(x.dtype), sms, arch)
-    ksplit = dispatch.decode_ksplit(kernel, R, a_vals.shape[1], sms)
-    y = ext.run(x2, a_vals, a_meta, cols, bias, R, C, V, kernel.index, ksplit)
+    kernel, ksplit = dispatch.plan(x2.shape[0], R, V, a_vals.shape[1], _DTYPE_TAGS[x.dtype], sms, arch)
+    y = ext.run(x2, a_vals, a_meta, cols, bias, R, C, V, kernel, ksplit)
     return y.view(*lead, R)
+
+
+def _runs_eagerly(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """True when calling the CUDA implementation directly gives exactly what the dispatcher would, minus its
+    ~20 us per call (bench/results/op-overhead-h100.md): nothing tracing (torch.compile, export, make_fx) or
+    intercepting (torch function or dispatch modes, fake or other tensor subclasses), no autograd graph to record."""
+    if torch.compiler.is_compiling():  # first: dynamo folds it, and never traces the private calls below
+        return False
+    if type(x) is not torch.Tensor or (bias is not None and type(bias) not in (torch.Tensor, torch.nn.Parameter)):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return not (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack())
 
 
 _LIB.impl("linear", _linear_reference, "CPU")
@@ -122,4 +137,6 @@ def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None) -> torc
         log_once(level, f"vnmsparse.ops.linear: {reason}; using the plain-torch reference vnm_linear")
         return vnm_linear(x, tensor, bias)
     packed = tensor.pack(x.device)
+    if _runs_eagerly(x, bias):  # same kernels and result as the op below, without the dispatcher's cost
+        return _linear_cuda(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, tensor.pattern.V)
     return torch.ops.vnmsparse.linear.default(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, tensor.pattern.V)
