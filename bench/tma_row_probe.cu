@@ -43,6 +43,7 @@ constexpr int kRows = 64;                // gathered rows per k-step: 2 row bloc
 constexpr int kStages = 4;
 constexpr int kStageBytes = kRows * kBN * 2;  // 32 KB
 constexpr int kThreads = 128;
+constexpr int kMaxWindows = 32;               // C / 64 of the probe's x^T
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 __device__ __forceinline__ void bar_init(uint32_t b, uint32_t n) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(b), "r"(n)); }
@@ -89,7 +90,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                 const uint16_t* xt, int np, const int* cols, int windows, int steps, int mode, int issuers, int* sink) {
   extern __shared__ __align__(1024) unsigned char smem[];
   __shared__ __align__(8) uint64_t full[kStages];
-  const int tid = threadIdx.x;
+  __shared__ int scols[kMaxWindows * kRows];  // every window's column indices, read from shared memory as the
+  const int tid = threadIdx.x;                // kernel reads them from registers: no global latency per copy
+  for (int i = tid; i < windows * kRows; i += kThreads) scols[i] = cols[i];
   const int n0 = (blockIdx.x % (np / kBN)) * kBN;
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) bar_init(smem_u32(&full[s]), mode == kCpAsync ? kThreads : 1);
@@ -102,9 +105,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t bar = smem_u32(&full[st]);
     if (s >= kStages) bar_wait(bar, ((s / kStages) - 1) & 1);  // the stage's previous fill has landed
     const int w = (blockIdx.x / (np / kBN) + s) % windows;     // 64-column window of this k-step
-    const int* c = cols + static_cast<size_t>(w) * kRows;
+    const int* c = scols + w * kRows;
     const uint32_t stage = base + st * kStageBytes;
     if (mode == kCpAsync) {
+#pragma unroll 4
       for (int q = tid; q < kRows * (kBN / 8); q += kThreads) {  // (row, 16-byte piece): the kernel's gather
         const int row = q / (kBN / 8), piece = q % (kBN / 8);
         const uint32_t dst = stage + line_offset(row, piece / 8) + (((piece % 8) ^ (row % 8)) * 16);
@@ -184,6 +188,10 @@ int rate(const uint16_t* d_xt, int C, int np) {
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
   const int windows = C / 64, steps = 512;
+  if (windows > kMaxWindows) {
+    std::printf("rate: C / 64 = %d windows exceed kMaxWindows = %d\n", windows, kMaxWindows);
+    return 2;
+  }
   // Kept columns of an unpermuted 64:2:8 weight: per 8-column group, each of the 2 blocks keeps 4 at random.
   std::mt19937 rng(1);
   std::vector<int> cols(static_cast<size_t>(windows) * kRows);

@@ -135,12 +135,15 @@ class VNMTensor:
 
     def pack(self, device: torch.device | str) -> Any:
         """The layout a GPU kernel reads, built once per device from this canonical form and cached."""
-        device = torch.device(device)
-        if device not in self._packed:
-            from .ops import pack_for_device  # deferred: ops may build CUDA code
+        packed = self._packed.get(device)  # called per matmul: the common case is one dict lookup
+        if packed is None:
+            device = torch.device(device)
+            if device not in self._packed:
+                from .ops import pack_for_device  # deferred: ops may build CUDA code
 
-            self._packed[device] = pack_for_device(self, device)
-        return self._packed[device]
+                self._packed[device] = pack_for_device(self, device)
+            packed = self._packed[device]
+        return packed
 
     # --- files ----------------------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:

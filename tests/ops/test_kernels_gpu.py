@@ -122,6 +122,12 @@ def test_eager_fast_path_matches_the_op_and_steps_aside_for_tracing(monkeypatch)
         assert direct, "plain eager call did not take the direct path"
         assert torch.equal(y, torch.ops.vnmsparse.linear(x, p.a_vals, p.a_meta, p.cols, bias, 300, 256, 64))
         direct.clear()
+    for x in (torch.randn(256, device="cuda"), torch.randn(40, 512, device="cuda")[:, ::2], torch.randn(2, 0, 256, device="cuda")):
+        x = x.to(torch.bfloat16)  # 1-D, rows not contiguous, empty: the binding flattens and shapes like nn.Linear
+        y = ops.linear(x, t, bias)
+        assert y.shape == (*x.shape[:-1], 300) and direct
+        check(y, fp64_reference(x.reshape(-1, 256), t, bias).reshape(y.shape), torch.bfloat16, f"eager {tuple(x.shape)}")
+    direct.clear()
     graph = make_fx(lambda x: ops.linear(x, t, bias))(x)
     assert not direct and "vnmsparse.linear" in str(graph.code)  # traced: the op is recorded, not bypassed
     ops.linear(x.requires_grad_(), t, bias)

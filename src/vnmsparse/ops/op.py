@@ -71,21 +71,18 @@ _DTYPE_TAGS = {dtype: dispatch.dtype_tag(dtype) for dtype in SUPPORTED_DTYPES}
 
 
 def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V):
+    # Also the eager fast path of `linear`: every Python-level step here costs microseconds per layer in decode,
+    # so the binding flattens x's leading dims itself and one cached lookup picks the kernel.
     if x.shape[-1] != C:
         raise ValueError(f"vnmsparse::linear: x's last dim must be in_features={C}, got {tuple(x.shape)}")
-    ext, why, sms, arch = _device_info(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    ext, why, sms, arch = _device_info(x.get_device())
     if ext is None or x.dtype not in _DTYPE_TAGS:
         log_once(logging.WARNING, f"vnmsparse::linear: {why or f'x dtype {x.dtype} has no kernel'}; using the plain-torch reference")
         return _reference_from_packed(x, a_vals, a_meta, cols, bias, R, C, V)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, C)
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < C):
-        x2 = x2.contiguous()
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
-    kernel, ksplit = dispatch.plan(x2.shape[0], R, V, a_vals.shape[1], _DTYPE_TAGS[x.dtype], sms, arch)
-    y = ext.run(x2, a_vals, a_meta, cols, bias, R, C, V, kernel, ksplit)
-    return y.view(*lead, R)
+    kernel, ksplit = dispatch.plan(x.numel() // C, R, V, a_vals.shape[1], _DTYPE_TAGS[x.dtype], sms, arch)
+    return ext.run(x, a_vals, a_meta, cols, bias, R, C, V, kernel, ksplit)
 
 
 def _runs_eagerly(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:

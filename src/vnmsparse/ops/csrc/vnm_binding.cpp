@@ -8,6 +8,7 @@
 #include <mutex>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "vnm_params.h"
 
@@ -61,14 +62,17 @@ at::Tensor counters_for(const at::Device& device, int64_t n) {
   return buf;
 }
 
-// y = x @ W^T + bias with W given by its packed parts; x is (N, C) (leading dims already flattened).
-at::Tensor run(const at::Tensor& x, const at::Tensor& a_vals, const at::Tensor& a_meta, const at::Tensor& cols,
+// y = x @ W^T + bias with W given by its packed parts; x is (..., C) with any leading dims (nn.Linear's rule),
+// y is (..., R). Flattening here rather than in Python keeps two tensor ops per call off the eager decode path.
+at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tensor& a_meta, const at::Tensor& cols,
                const c10::optional<at::Tensor>& bias, int64_t R, int64_t C, int64_t V, int64_t kernel,
                int64_t ksplit, const c10::optional<at::Tensor>& out) {
-  VNM_CHECK(x.dim() == 2, kOp, ": x must be 2-D (N, C) here, got ", x.dim(), " dims");
-  VNM_CHECK(x.size(1) == C, kOp, ": x has ", x.size(1), " columns but the weight has in_features=", C);
-  VNM_CHECK(x.stride(1) == 1 && x.stride(0) >= C, kOp, ": x rows must be contiguous");
-  VNM_CHECK(x.is_cuda(), kOp, ": x must be a CUDA tensor");
+  VNM_CHECK(x_in.dim() >= 1, kOp, ": x must have at least 1 dim, got a scalar");
+  VNM_CHECK(x_in.size(-1) == C, kOp, ": x has ", x_in.size(-1), " columns but the weight has in_features=", C);
+  VNM_CHECK(x_in.is_cuda(), kOp, ": x must be a CUDA tensor");
+  // (N, C) with contiguous rows: a 2-D x with a row stride >= C as it is (no copy), anything else flattened.
+  const bool rows_ok = x_in.dim() == 2 && x_in.stride(1) == 1 && (x_in.size(0) <= 1 || x_in.stride(0) >= C);
+  const at::Tensor x = rows_ok ? x_in : x_in.contiguous().view({-1, C});
   const vnm::ElemType et = elem_type(x);
   check_cuda_contiguous(a_vals, "a_vals", x);
   check_cuda_contiguous(a_meta, "a_meta", x);
@@ -93,6 +97,8 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& a_vals, const at::Tensor& 
     VNM_CHECK(bias->scalar_type() == x.scalar_type(), kOp, ": bias dtype must match x");
   }
   const int64_t N = x.size(0);
+  std::vector<int64_t> y_sizes(x_in.sizes().begin(), x_in.sizes().end());
+  y_sizes.back() = R;
   VNM_CHECK(N < (int64_t(1) << 31) && R * 16 < (int64_t(1) << 31), kOp, ": sizes too large");
 
   int count = 0;
@@ -109,11 +115,11 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& a_vals, const at::Tensor& 
   at::Tensor y;
   if (out.has_value()) {  // tests poison it first; every element must be written
     check_cuda_contiguous(*out, "out", x);
-    VNM_CHECK(out->dim() == 2 && out->size(0) == N && out->size(1) == R && out->scalar_type() == x.scalar_type(),
-                kOp, ": out must be (", N, ", ", R, ") of x's dtype");
+    VNM_CHECK(out->sizes() == at::IntArrayRef(y_sizes) && out->scalar_type() == x.scalar_type(), kOp, ": out must be ",
+              at::IntArrayRef(y_sizes), " of x's dtype");
     y = *out;
   } else {
-    y = at::empty({N, R}, x.options());
+    y = at::empty(y_sizes, x.options());
   }
   if (N == 0) return y;
 
@@ -133,7 +139,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& a_vals, const at::Tensor& 
   p.Gp = static_cast<int>(8 * Kc);
   p.Bn = static_cast<int>(Bn);
   p.Np = static_cast<int>((N + 7) / 8 * 8);
-  p.ldx = x.stride(0);
+  p.ldx = N > 1 ? x.stride(0) : C;  // one row: its stride is never used (and may be anything)
   p.ldy = R;
   at::Tensor xt, ws, counters;
   p.ksplit = 1;
