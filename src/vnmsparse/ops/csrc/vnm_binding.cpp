@@ -8,6 +8,7 @@
 #include <mutex>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "vnm_params.h"
@@ -50,13 +51,15 @@ void check_cuda_contiguous(const at::Tensor& t, const char* name, const at::Tens
   VNM_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
 }
 
-// Arrival counters of the split-k decode: zero between launches (the last CTA of each row group resets
-// its own), so one buffer per device serves every call and CUDA-graph replay. Never freed.
-at::Tensor counters_for(const at::Device& device, int64_t n) {
+// Arrival counters of the split-k decode: zero between launches (the last CTA of each row group resets its
+// own), so one buffer per (device, stream) serves every call and CUDA-graph replay: launches on one stream
+// never overlap, while two streams sharing a buffer could (a row group's partials would be summed by the wrong
+// CTA). Graphs use the counters of the stream they were captured on. Never freed.
+at::Tensor counters_for(const at::Device& device, const c10::cuda::CUDAStream& stream, int64_t n) {
   static std::mutex mu;
-  static auto* buffers = new std::map<int, at::Tensor>();
+  static auto* buffers = new std::map<std::pair<int, int64_t>, at::Tensor>();
   std::lock_guard<std::mutex> lock(mu);
-  at::Tensor& buf = (*buffers)[device.index()];
+  at::Tensor& buf = (*buffers)[{device.index(), stream.id()}];
   if (!buf.defined() || buf.numel() < n)
     buf = at::zeros({std::max<int64_t>(n, 4096)}, at::TensorOptions().dtype(at::kInt).device(device));
   return buf;
@@ -123,6 +126,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   }
   if (N == 0) return y;
 
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   vnm::VnmParams p{};
   p.x = x.data_ptr();
   p.a_vals = reinterpret_cast<const uint4*>(a_vals.data_ptr());
@@ -147,7 +151,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
     const int64_t groups = (Rt + entry.rows - 1) / entry.rows;
     p.ksplit = static_cast<int>(ksplit);
     ws = at::empty({groups * ksplit * 16 * entry.rows * entry.max_n}, x.options().dtype(at::kFloat));
-    counters = counters_for(x.device(), groups);
+    counters = counters_for(x.device(), stream, groups);
     p.ws = ws.data_ptr<float>();
     p.counters = counters.data_ptr<int32_t>();
   }
@@ -155,7 +159,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
     xt = at::empty({C, p.Np}, x.options());
     p.xt = xt.data_ptr();
   }
-  const cudaError_t err = entry.launch(p, c10::cuda::getCurrentCUDAStream(x.device().index()));
+  const cudaError_t err = entry.launch(p, stream);
   VNM_CHECK(err == cudaSuccess, kOp, ": kernel ", entry.name, " failed to launch: ", cudaGetErrorString(err));
   return y;
 }
