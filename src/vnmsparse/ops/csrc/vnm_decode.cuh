@@ -46,6 +46,8 @@ template <typename Tile> struct DecodeShape {
   static_assert(kSmemBytes <= 48 * 1024, "decode shared memory must fit the static 48 KB");
 };
 
+constexpr int kMaxClusterK = 8;  // portable cluster size: the most split-k CTAs that reduce through a cluster
+
 template <typename Tile, typename T>
 __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per SM: <= 128 registers
     vnm_decode_kernel(const VnmParams p) {
@@ -204,14 +206,22 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
     cluster_sync();
     const bool summing = cluster_rank() == 0;
     if (summing) {
+      // Every remote load first (they overlap: one round trip, not one per rank and output), then the sums.
+      constexpr int kJ = (S::kOutputs + S::kThreads - 1) / S::kThreads;
+      float got[kJ][kMaxClusterK];
 #pragma unroll
-      for (int j = 0; j < (S::kOutputs + S::kThreads - 1) / S::kThreads; ++j) {
-        const int o = threadIdx.x + j * S::kThreads;
-        if (o < S::kOutputs) {
-          float s = 0.f;
-          for (int r = 0; r < static_cast<int>(gridDim.y); ++r) s += ld_cluster_f32(smem_addr(mine + o), r);
-          part[j] = s;
-        }
+      for (int j = 0; j < kJ; ++j) {
+        const int o = min(static_cast<int>(threadIdx.x) + j * S::kThreads, S::kOutputs - 1);
+#pragma unroll
+        for (int r = 0; r < kMaxClusterK; ++r) got[j][r] = r < static_cast<int>(gridDim.y) ? ld_cluster_f32(smem_addr(mine + o), r) : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kJ; ++j) {
+        float s = 0.f;
+#pragma unroll
+        for (int r = 0; r < kMaxClusterK; ++r)
+          if (r < static_cast<int>(gridDim.y)) s += got[j][r];
+        part[j] = s;
       }
     }
     cluster_sync();  // no CTA exits (freeing its shared memory) before rank 0 has read it
@@ -266,7 +276,7 @@ inline bool decode_clusters(int ks) {
     return v == nullptr || (v[0] != '\0' && !(v[0] == '0' && v[1] == '\0'));
   }();
   int dev = 0;
-  return enabled && ks > 1 && ks <= 8 && cudaGetDevice(&dev) == cudaSuccess && is_sm90(dev);
+  return enabled && ks > 1 && ks <= kMaxClusterK && cudaGetDevice(&dev) == cudaSuccess && is_sm90(dev);
 }
 
 // Launch with gridDim.y = p.ksplit k slices; p.ws / p.counters must be set when ksplit > 1.
