@@ -2,7 +2,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -121,41 +120,6 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t r;
   asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(addr));
   return r;
-}
-
-// ---- thread block clusters (sm_90): the decode's split-k partials meet in distributed shared memory ----------
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// Every thread of every CTA of the cluster arrives, then waits: shared-memory writes before it are visible to
-// the cluster's other CTAs after it (release / acquire at cluster scope).
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-// The float at this thread block's shared address `addr`, read from the same offset in CTA `rank` of the cluster.
-__device__ __forceinline__ float ld_cluster_f32(uint32_t addr, uint32_t rank) {
-  uint32_t remote;
-  float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-  return v;
-}
-#endif
-
-// True when `device` is compute capability 9.0 (Hopper: clusters, and the only target of the wgmma kernel).
-// Cached per device.
-inline bool is_sm90(int device) {
-  static int cached[64] = {};  // 0 unknown, 1 yes, 2 no
-  if (device >= 0 && device < 64 && cached[device] != 0) return cached[device] == 1;
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  const bool yes = major == 9 && minor == 0;
-  if (device >= 0 && device < 64) cached[device] = yes ? 1 : 2;
-  return yes;
 }
 
 }  // namespace vnm

@@ -46,8 +46,6 @@ template <typename Tile> struct DecodeShape {
   static_assert(kSmemBytes <= 48 * 1024, "decode shared memory must fit the static 48 KB");
 };
 
-constexpr int kMaxClusterK = 8;  // portable cluster size: the most split-k CTAs that reduce through a cluster
-
 template <typename Tile, typename T>
 __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per SM: <= 128 registers
     vnm_decode_kernel(const VnmParams p) {
@@ -191,43 +189,6 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
     }
   }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (p.cluster_reduce) {
-    // The row group's ksplit CTAs are one cluster: rank 0 sums the others' partials straight from their shared
-    // memory (same fixed order as the global path below, so the same bits), without the global workspace,
-    // fence and atomic round trips that end every CTA's critical path otherwise.
-    __syncthreads();  // `red` was read above; its first kOutputs floats now hold this CTA's partial
-    float* mine = reinterpret_cast<float*>(smem);
-#pragma unroll
-    for (int j = 0; j < (S::kOutputs + S::kThreads - 1) / S::kThreads; ++j) {
-      const int o = threadIdx.x + j * S::kThreads;
-      if (o < S::kOutputs) mine[o] = part[j];
-    }
-    cluster_sync();
-    const bool summing = cluster_rank() == 0;
-    if (summing) {
-      // Every remote load first (they overlap: one round trip, not one per rank and output), then the sums.
-      constexpr int kJ = (S::kOutputs + S::kThreads - 1) / S::kThreads;
-      float got[kJ][kMaxClusterK];
-#pragma unroll
-      for (int j = 0; j < kJ; ++j) {
-        const int o = min(static_cast<int>(threadIdx.x) + j * S::kThreads, S::kOutputs - 1);
-#pragma unroll
-        for (int r = 0; r < kMaxClusterK; ++r) got[j][r] = r < static_cast<int>(gridDim.y) ? ld_cluster_f32(smem_addr(mine + o), r) : 0.f;
-      }
-#pragma unroll
-      for (int j = 0; j < kJ; ++j) {
-        float s = 0.f;
-#pragma unroll
-        for (int r = 0; r < kMaxClusterK; ++r)
-          if (r < static_cast<int>(gridDim.y)) s += got[j][r];
-        part[j] = s;
-      }
-    }
-    cluster_sync();  // no CTA exits (freeing its shared memory) before rank 0 has read it
-    if (!summing) return;
-  } else
-#endif
   if (gridDim.y > 1) {
     // Publish this CTA's partial; the last CTA of the row group finishes.
     float* ws = p.ws + static_cast<size_t>(mg) * gridDim.y * S::kOutputs;
@@ -268,17 +229,6 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
   }
 }
 
-// Split-k row groups run as clusters of ksplit CTAs on sm_90 up to the portable cluster size (8), unless
-// VNMSPARSE_DECODE_CLUSTER=0 (kept for A/B timing); elsewhere their partials meet in global memory.
-inline bool decode_clusters(int ks) {
-  static const bool enabled = [] {
-    const char* v = std::getenv("VNMSPARSE_DECODE_CLUSTER");
-    return v == nullptr || (v[0] != '\0' && !(v[0] == '0' && v[1] == '\0'));
-  }();
-  int dev = 0;
-  return enabled && ks > 1 && ks <= kMaxClusterK && cudaGetDevice(&dev) == cudaSuccess && is_sm90(dev);
-}
-
 // Launch with gridDim.y = p.ksplit k slices; p.ws / p.counters must be set when ksplit > 1.
 template <typename Tile, typename T>
 cudaError_t launch_decode(const VnmParams& p, cudaStream_t stream) {
@@ -288,24 +238,8 @@ cudaError_t launch_decode(const VnmParams& p, cudaStream_t stream) {
   const int groups = (p.Rt + S::kRows - 1) / S::kRows;
   const int ks = p.ksplit > 1 ? p.ksplit : 1;
   if (ks > 1 && (p.ws == nullptr || p.counters == nullptr)) return cudaErrorInvalidValue;
-  VnmParams q = p;
-  q.cluster_reduce = decode_clusters(ks) ? 1 : 0;
-  if (!q.cluster_reduce) {
-    vnm_decode_kernel<Tile, T><<<dim3(groups, ks), S::kThreads, 0, stream>>>(q);
-    return cudaGetLastError();
-  }
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 1;
-  cluster.val.clusterDim.y = static_cast<unsigned>(ks);
-  cluster.val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(groups, ks);
-  config.blockDim = dim3(S::kThreads);
-  config.stream = stream;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, vnm_decode_kernel<Tile, T>, q);
+  vnm_decode_kernel<Tile, T><<<dim3(groups, ks), S::kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace vnm

@@ -32,8 +32,6 @@ struct VnmParams {
   int ksplit;             // decode: CTAs splitting the k chunks of one row group (gridDim.y)
   float* ws;              // decode, ksplit > 1: (row groups, ksplit, outputs per CTA) fp32 partial sums
   int* counters;          // decode, ksplit > 1: one arrival counter per row group, zero between launches
-  int cluster_reduce;     // decode, set by its launcher: 1 when the ksplit CTAs of a row group run as one thread
-                          // block cluster (sm_90) and sum their partials through distributed shared memory
 };
 
 enum class KernelKind : int { kDecode = 0, kGemm = 1, kWgmma = 2 };  // kWgmma: sm_90a only
