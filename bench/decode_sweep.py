@@ -5,9 +5,11 @@ whether more CTAs (a larger k-split, fewer 16-row tiles per warp) beat the dispa
 (kernel, ksplit) is checked against float64 on a poisoned output, then timed with triton's do_bench (L2 flushed
 before every call) through the binding, so no Python op overhead is in the number.
 
-    python bench/decode_sweep.py [--shapes 4096x4096,...] [--n 1,16] [--patterns 64:2:8,64:2:5]
+    python bench/decode_sweep.py [--shapes 4096x4096,...] [--n 1,16] [--patterns 64:2:8,64:2:5] [--gather]
 
-Writes bench/results/decode-sweep-<gpu>.json and .md.
+The weights are unpermuted, so the kernels take x by chunk windows (`PackedVNM.window`, what the op does);
+`--gather` forces the per-column gather instead (the path of permuted weights), for an A/B of the two.
+Writes bench/results/decode-sweep-<gpu>[-gather].json and .md.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from vnmsparse import ops
 from vnmsparse.ops import dispatch, instantiations
 
 
-def sweep_case(ext, R: int, C: int, N: int, pattern: str, sms: int, arch, rep_ms: float) -> dict:
+def sweep_case(ext, R: int, C: int, N: int, pattern: str, sms: int, arch, rep_ms: float, gather: bool) -> dict:
     """Time every (decode kernel, ksplit) for one case; the dispatcher's pick and the fastest."""
     gen = torch.Generator(device="cuda").manual_seed(R + C + N)
     t = vs.compress(torch.randn(R, C, device="cuda", generator=gen).to(torch.bfloat16), pattern)
@@ -32,6 +34,7 @@ def sweep_case(ext, R: int, C: int, N: int, pattern: str, sms: int, arch, rep_ms
     x = torch.randn(N, C, device="cuda", generator=gen).to(torch.bfloat16)
     ref = x.double() @ t.to_dense().double().T
     kc = p.a_vals.shape[1]
+    window = 0 if gather else p.window
     chosen = dispatch.choose(N, R, t.pattern.V, "bf16", sms, arch)
     chosen_ks = dispatch.decode_ksplit(chosen, R, kc, sms)
     grid = []
@@ -40,25 +43,26 @@ def sweep_case(ext, R: int, C: int, N: int, pattern: str, sms: int, arch, rep_ms
             continue
         for ks in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32} & set(range(1, max(1, kc // k.variant.warps) + 1))):
             out = torch.full((N, R), float("nan"), device="cuda", dtype=torch.bfloat16)
-            ext.run(x, p.a_vals, p.a_meta, p.cols, None, R, C, t.pattern.V, k.index, ks, out)
+            ext.run(x, p.a_vals, p.a_meta, p.cols, None, R, C, t.pattern.V, k.index, ks, out, window)
             err = float((out.double() - ref).norm() / ref.norm())
             if not err <= 1e-2:
                 raise RuntimeError(f"{k.name} ksplit={ks} on {R}x{C} N={N} {pattern}: relative error {err:.2e}")
             ms = bench_ms(lambda k=k, ks=ks: ext.run(x, p.a_vals, p.a_meta, p.cols, None, R, C, t.pattern.V, k.index,
-                                                     ks, out), 5, rep_ms)
+                                                     ks, out, window), 5, rep_ms)
             grid.append({"kernel": k.name, "ksplit": ks, "ms": round(ms, 5), "rel_err": float(f"{err:.2e}")})
     dense_w = t.to_dense().to(torch.bfloat16)  # cuBLAS on the same (masked) weight, built once outside the timing
     dense = bench_ms(lambda: torch.matmul(x, dense_w.T), 5, rep_ms)
     best = min(grid, key=lambda g: g["ms"])
     pick = next(g for g in grid if g["kernel"] == chosen.name and g["ksplit"] == chosen_ks)
-    return {"R": R, "C": C, "N": N, "pattern": pattern, "dense_ms": round(dense, 5), "chosen": pick, "best": best,
-            "grid": grid}
+    return {"R": R, "C": C, "N": N, "pattern": pattern, "x_path": "window" if window else "gather",
+            "dense_ms": round(dense, 5), "chosen": pick, "best": best, "grid": grid}
 
 
 def markdown(gpu: str, records: list[dict]) -> str:
     lines = [f"# Decode kernel and k-split sweep on {gpu}", "",
              "Every decode kernel x ksplit through the binding (no Python op overhead), do_bench median with L2 flushed; "
-             "`python bench/decode_sweep.py`.", "",
+             f"x by {records[0]['x_path'] if records else 'window'}; `python bench/decode_sweep.py"
+             f"{' --gather' if records and records[0]['x_path'] == 'gather' else ''}`.", "",
              "| R x C | N | pattern | dense ms | dispatcher: kernel, ksplit | ms | x dense | fastest: kernel, ksplit | ms | x dense |",
              "| --- | ---: | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
     for r in records:
@@ -76,6 +80,7 @@ def main() -> None:
     p.add_argument("--patterns", default="64:2:8,64:2:5")
     p.add_argument("--rep-ms", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--gather", action="store_true", help="take x by per-column gather even where windows apply")
     args = p.parse_args()
     ext = ops.extension("cuda")
     if ext is None:
@@ -89,12 +94,12 @@ def main() -> None:
             for N in (int(v) for v in args.n.split(",")):
                 if N > instantiations.DECODE_MAX_N:
                     raise SystemExit(f"--n: decode covers N <= {instantiations.DECODE_MAX_N}, got {N}")
-                r = sweep_case(ext, R, C, N, pattern, props.multi_processor_count, arch, args.rep_ms)
+                r = sweep_case(ext, R, C, N, pattern, props.multi_processor_count, arch, args.rep_ms, args.gather)
                 records.append(r)
                 print(f"{shape:>11} N={N:<3} {pattern}  chosen {r['chosen']['kernel']}/{r['chosen']['ksplit']} "
                       f"{r['chosen']['ms']:.4f}  best {r['best']['kernel']}/{r['best']['ksplit']} {r['best']['ms']:.4f}  "
                       f"dense {r['dense_ms']:.4f}", flush=True)
-    stem = args.out / f"decode-sweep-{gpu_slug(gpu)}"
+    stem = args.out / f"decode-sweep-{gpu_slug(gpu)}{'-gather' if args.gather else ''}"
     stem.with_suffix(".json").write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "records": records}, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(gpu, records))
     print(f"wrote {stem}.json and .md")

@@ -62,7 +62,8 @@ def main() -> None:
     V = t.pattern.V
     paths = {
         "dense": lambda: F.linear(x, W),
-        "binding": lambda: ext.run(x, packed.a_vals, packed.a_meta, packed.cols, None, R, C, V, kernel.index, ksplit),
+        "binding": lambda: ext.run(x, packed.a_vals, packed.a_meta, packed.cols, None, R, C, V, kernel.index, ksplit, None,
+                                   packed.window),
         "op": lambda: torch.ops.vnmsparse.linear.default(x, packed.a_vals, packed.a_meta, packed.cols, None, R, C, V),
         "linear": lambda: ops.linear(x, t),
         "module": lambda: module(x),

@@ -39,12 +39,13 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.to(torch.float64) - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def run_kernel(ext, kernel, t, x: torch.Tensor, bias=None, ksplit: int = 1) -> torch.Tensor:
-    """Run one table entry with a NaN-poisoned output; return it."""
+def run_kernel(ext, kernel, t, x: torch.Tensor, bias=None, ksplit: int = 1, window: int | None = None) -> torch.Tensor:
+    """Run one table entry with a NaN-poisoned output; return it. `window`: the pack's (default) or 0 (decode gathers)."""
     p = t.pack(x.device)
     R, C = t.shape
     out = torch.full((x.shape[0], R), float("nan"), dtype=x.dtype, device=x.device)
-    y = ext.run(x, p.a_vals, p.a_meta, p.cols, bias, R, C, t.pattern.V, kernel.index, ksplit, out)
+    window = p.window if window is None else window
+    y = ext.run(x, p.a_vals, p.a_meta, p.cols, bias, R, C, t.pattern.V, kernel.index, ksplit, out, window)
     torch.cuda.synchronize()
     assert y.data_ptr() == out.data_ptr()
     return out

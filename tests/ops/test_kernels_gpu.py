@@ -134,6 +134,24 @@ def test_eager_fast_path_matches_the_op_and_steps_aside_for_tracing(monkeypatch)
     assert not direct  # autograd in play: the op path decides, as before
 
 
+@pytest.mark.parametrize("kernel", DECODE_KERNELS, ids=lambda k: k.name)
+def test_decode_window_and_gather_give_the_same_bits(ext, kernel):
+    # Unpermuted weights: x by chunk windows (copied with the weights) or by gather; same B values, same MMAs.
+    dtype = DTYPES[kernel.dtype]
+    V = max(64, 16 * kernel.variant.rows)
+    for C, M, N in ((4096, 8, kernel.variant.max_n), (1000, 5, 1), (808, 4, 3)):  # 808: last window past C
+        t = random_vnm(3 * V + 5, C, f"{V}:2:{M}", dtype=dtype, device="cuda", seed=C + N)
+        assert t.pack("cuda").window == 8 * M
+        x = torch.randn(N, C, device="cuda").to(dtype)
+        for ksplit in (1, 3):
+            windowed = run_kernel(ext, kernel, t, x, ksplit=ksplit)
+            check(windowed, fp64_reference(x, t), dtype, f"{kernel.name} window C={C} M={M} N={N}")
+            assert torch.equal(windowed, run_kernel(ext, kernel, t, x, ksplit=ksplit, window=0))
+    x = torch.randn(5, 4097, device="cuda").to(dtype)[:, 1:]  # rows not 16-byte aligned: the binding gathers
+    t = random_vnm(V, 4096, f"{V}:2:8", dtype=dtype, device="cuda", seed=5)
+    check(run_kernel(ext, kernel, t, x[: min(5, kernel.variant.max_n)]), fp64_reference(x[: min(5, kernel.variant.max_n)], t), dtype, "unaligned x")
+
+
 def test_split_k_decode_on_concurrent_streams():
     # Split-k decode CTAs meet through arrival counters; two streams running at once must not share them.
     ext = ops.extension("cuda")

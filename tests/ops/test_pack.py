@@ -116,3 +116,15 @@ def test_fragment_emulation_matches_reference(R, C, pattern, permute):
     x = torch.randn(3, C).to(torch.bfloat16)
     ref = fp64_reference(x, t)
     assert rel_err(_emulate_decode(p, x), ref) < 1e-12
+
+
+@pytest.mark.parametrize("R,C,pattern", [(17, 9, "16:2:5"), (40, 70, "32:2:6"), (64, 45, "64:2:5"), (130, 1001, "64:2:8"), (5, 3, "16:2:4")])
+def test_window_is_set_exactly_when_columns_stay_in_their_chunk(R, C, pattern):
+    M = int(pattern.split(":")[2])
+    plain = pack_for_device(random_vnm(R, C, pattern, seed=2), "cpu")
+    assert plain.window == 8 * M
+    start = torch.arange(plain.cols.shape[1]).view(1, -1, 1) // 8 * 8 * M
+    assert bool(((plain.cols >= start) & (plain.cols < start + 8 * M) & (plain.cols < C)).all())
+    permuted = pack_for_device(random_vnm(R, C, pattern, permute=True, seed=2), "cpu")
+    moved = bool(((permuted.cols < start) | (permuted.cols >= start + 8 * M)).any())
+    assert permuted.window == (0 if moved else 8 * M)

@@ -1,6 +1,6 @@
 """The `vnmsparse::linear` op (registered once with the dispatcher, with a fake impl) and its wrapper `linear`.
 
-    torch.ops.vnmsparse.linear(x, a_vals, a_meta, cols, bias, R, C, V) -> y     (packed parts, see pack.py)
+    torch.ops.vnmsparse.linear(x, a_vals, a_meta, cols, bias, R, C, V, window=0) -> y   (packed parts, pack.py)
     vnmsparse.ops.linear(x, tensor: VNMTensor, bias=None) -> y                   (packs once, caches per device)
 
 y = x @ W^T + bias with nn.Linear semantics and any leading dims of x, fp32 accumulation. On CUDA the
@@ -42,17 +42,17 @@ def _reference_from_packed(x, a_vals, a_meta, cols, bias, R: int, C: int, V: int
 # the torch.library.custom_op wrapper adds, which matters for decode, where the kernel takes only microseconds.
 _LIB = torch.library.Library("vnmsparse", "DEF")
 _LIB.define(
-    "linear(Tensor x, Tensor a_vals, Tensor a_meta, Tensor cols, Tensor? bias, int R, int C, int V) -> Tensor"
+    "linear(Tensor x, Tensor a_vals, Tensor a_meta, Tensor cols, Tensor? bias, int R, int C, int V, int window=0) -> Tensor"
 )
 
 
-def _linear_reference(x, a_vals, a_meta, cols, bias, R: int, C: int, V: int):
+def _linear_reference(x, a_vals, a_meta, cols, bias, R: int, C: int, V: int, window: int = 0):
     # Devices without a kernel (CPU, ...): the reference, computed from the packed parts.
     log_once(logging.INFO, f"vnmsparse::linear: no kernel for device type {x.device.type!r}; using the plain-torch reference")
     return _reference_from_packed(x, a_vals, a_meta, cols, bias, R, C, V)
 
 
-def _linear_fake(x, a_vals, a_meta, cols, bias, R, C, V):
+def _linear_fake(x, a_vals, a_meta, cols, bias, R, C, V, window=0):
     if x.shape[-1] != C:
         raise ValueError(f"vnmsparse::linear: x's last dim must be in_features={C}, got {tuple(x.shape)}")
     return x.new_empty((*x.shape[:-1], R))
@@ -70,7 +70,7 @@ def _device_info(index: int):
 _DTYPE_TAGS = {dtype: dispatch.dtype_tag(dtype) for dtype in SUPPORTED_DTYPES}
 
 
-def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V):
+def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V, window=0):
     # Also the eager fast path of `linear`: every Python-level step here costs microseconds per layer in decode,
     # so the binding flattens x's leading dims itself and one cached lookup picks the kernel.
     if x.shape[-1] != C:
@@ -82,7 +82,7 @@ def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V):
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
     kernel, ksplit = dispatch.plan(x.numel() // C, R, V, a_vals.shape[1], _DTYPE_TAGS[x.dtype], sms, arch)
-    return ext.run(x, a_vals, a_meta, cols, bias, R, C, V, kernel, ksplit)
+    return ext.run(x, a_vals, a_meta, cols, bias, R, C, V, kernel, ksplit, None, window)
 
 
 def _runs_eagerly(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -135,5 +135,5 @@ def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None) -> torc
         return vnm_linear(x, tensor, bias)
     packed = tensor.pack(x.device)
     if _runs_eagerly(x, bias):  # same kernels and result as the op below, without the dispatcher's cost
-        return _linear_cuda(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, tensor.pattern.V)
-    return torch.ops.vnmsparse.linear.default(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, tensor.pattern.V)
+        return _linear_cuda(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, tensor.pattern.V, packed.window)
+    return torch.ops.vnmsparse.linear.default(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, tensor.pattern.V, packed.window)

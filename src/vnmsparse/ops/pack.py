@@ -11,8 +11,11 @@ With R x C logical, G = ceil(C/M) groups, Rt = ceil(R/16) row tiles, Kc = ceil(G
   (sparsity selector 0): groups 4h..4h+3 of row gid in bits 0-15 and of row gid+8 in bits 16-31, one
   nibble p0 | p1 << 2 per group (exactly the canonical `positions` nibble).
 - `cols` (Bn, Gp, 4) int32: the canonical kept columns, with padding slots (index >= C) remapped to
-  column C-1 and padding groups (g >= G) set to 0, so a kernel never reads x out of bounds.
-  Values there are zero, so what is read does not matter.
+  column C-1 and padding groups (g >= G) to the first column of their chunk, so a kernel never reads x
+  out of bounds. Values there are zero, so what is read does not matter.
+- `window`: 8*M when every kept column of every chunk lies in the chunk's own 8*M input columns (true unless
+  an input permutation was folded in), else 0. The decode kernel then loads each chunk's x window with
+  coalesced 16-byte copies, issued with the weights, instead of a gather that waits for the column indices.
 
 Padding rows and groups hold zero values and the valid metadata nibble 0b0100 (slots 0 and 1).
 
@@ -46,6 +49,7 @@ class PackedVNM:
     shape: tuple[int, int]  # logical (R, C)
     V: int
     M: int
+    window: int = 0  # 8*M if every chunk's kept columns lie in its own 8*M input columns, else 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -103,11 +107,14 @@ def pack_for_device(tensor, device: torch.device | str) -> PackedVNM:
     words = torch.where(words >= 2**31, words - 2**32, words)  # uint32 bit pattern in int32
     a_meta = words.permute(0, 2, 1, 3).reshape(Rt, Kc, 16).to(torch.int32).contiguous()
 
-    # Column indices: padding slots -> C-1, padding groups -> 0.
-    cols = torch.zeros(Bn, Gp, 4, dtype=torch.int32, device=device)
+    # Column indices: padding slots -> C-1 (in the last group's columns), padding groups -> their chunk's first
+    # column (< C: a chunk holds at least one real group).
+    chunk_start = (torch.arange(Gp, device=device, dtype=torch.int32) // 8 * (8 * M)).view(1, Gp, 1)
+    cols = chunk_start.expand(Bn, Gp, 4).contiguous()
     cols[:, :G] = torch.where(columns >= C, torch.full_like(columns, C - 1), columns)
+    local = bool(((cols >= chunk_start) & (cols < chunk_start + 8 * M)).all())
 
-    return PackedVNM(a_vals=a_vals, a_meta=a_meta, cols=cols, shape=(R, C), V=V, M=M)
+    return PackedVNM(a_vals=a_vals, a_meta=a_meta, cols=cols, shape=(R, C), V=V, M=M, window=8 * M if local else 0)
 
 
 def unpack_dense(a_vals: torch.Tensor, a_meta: torch.Tensor, cols: torch.Tensor, R: int, C: int, V: int) -> torch.Tensor:

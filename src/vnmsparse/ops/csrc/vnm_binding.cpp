@@ -1,6 +1,7 @@
 // Thin torch binding: checks the inputs (messages prefixed with the op name), fills VnmParams, and calls
 // the kernel table entry Python chose. No kernel logic here.
 #include <c10/cuda/CUDAStream.h>
+#include <cstdint>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -69,7 +70,7 @@ at::Tensor counters_for(const at::Device& device, const c10::cuda::CUDAStream& s
 // y is (..., R). Flattening here rather than in Python keeps two tensor ops per call off the eager decode path.
 at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tensor& a_meta, const at::Tensor& cols,
                const c10::optional<at::Tensor>& bias, int64_t R, int64_t C, int64_t V, int64_t kernel,
-               int64_t ksplit, const c10::optional<at::Tensor>& out) {
+               int64_t ksplit, const c10::optional<at::Tensor>& out, int64_t window) {
   VNM_CHECK(x_in.dim() >= 1, kOp, ": x must have at least 1 dim, got a scalar");
   VNM_CHECK(x_in.size(-1) == C, kOp, ": x has ", x_in.size(-1), " columns but the weight has in_features=", C);
   VNM_CHECK(x_in.is_cuda(), kOp, ": x must be a CUDA tensor");
@@ -113,6 +114,8 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   VNM_CHECK(N <= entry.max_n, kOp, ": kernel ", entry.name, " takes at most N=", entry.max_n, " tokens, got ", N);
   VNM_CHECK(entry.rows * 16 <= V, kOp, ": kernel ", entry.name, " needs V >= ", entry.rows * 16, ", got V=", V);
   VNM_CHECK(ksplit >= 1 && ksplit <= 4096, kOp, ": ksplit must be in 1..4096, got ", ksplit);
+  VNM_CHECK(window == 0 || (window % 8 == 0 && window >= 32 && window <= 256), kOp,
+            ": window must be 0 or 8*M for M in 4..32 (what pack_for_device computed), got ", window);
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y;
@@ -144,6 +147,9 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   p.Bn = static_cast<int>(Bn);
   p.Np = static_cast<int>((N + 7) / 8 * 8);
   p.ldx = N > 1 ? x.stride(0) : C;  // one row: its stride is never used (and may be anything)
+  // Window copies are 16-byte: x rows and the windows' first columns must be 16-byte aligned.
+  const bool aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && p.ldx % 8 == 0 && C % 8 == 0;
+  p.window = window <= vnm::kDecodeMaxWindow && aligned ? static_cast<int>(window) : 0;
   p.ldy = R;
   at::Tensor xt, ws, counters;
   p.ksplit = 1;
@@ -179,6 +185,6 @@ std::vector<std::tuple<std::string, int, int, int, int64_t, int>> table() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run, "V:N:M linear with a chosen kernel (see vnmsparse.ops)", py::arg("x"), py::arg("a_vals"),
         py::arg("a_meta"), py::arg("cols"), py::arg("bias"), py::arg("R"), py::arg("C"), py::arg("V"),
-        py::arg("kernel"), py::arg("ksplit") = 1, py::arg("out") = py::none());
+        py::arg("kernel"), py::arg("ksplit") = 1, py::arg("out") = py::none(), py::arg("window") = 0);
   m.def("table", &table, "the compiled kernel table");
 }

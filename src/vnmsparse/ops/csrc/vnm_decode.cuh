@@ -2,12 +2,16 @@
 // column indices) exactly once and gathers the activations each sparse MMA needs straight from x by
 // column index. No transpose of x anywhere.
 //
-// Per warp and 8-group chunk (k = 32 kept columns): lane l loads kept column l's index (one coalesced
-// 128-byte load), then x[n][col_l] for every token n: one warp instruction reads one token row, and the 32
-// kept columns of a chunk of an unpermuted weight lie within 8*M consecutive columns, so it touches one or
-// two cache lines. The values go through a small per-warp shared-memory tile [n][k] and come back as the
-// B fragments with ldmatrix. Each warp owns ROWS 16-row tiles of one V-row block, so one gather serves
-// ROWS MMAs and x is read from L2 ROWS times less often.
+// Per warp and 8-group chunk (k = 32 kept columns), two ways to get the B fragments (x at the kept columns):
+//   window (p.window > 0: every kept column of chunk kc lies in x columns [kc*window, (kc+1)*window), i.e. no
+//     input permutation, M <= 8): the chunk's window of x (N rows x 8*M columns) is copied into shared memory
+//     with coalesced 16-byte cp.async, issued together with the weight loads, so it no longer waits for the
+//     column indices; each lane then builds its B registers from the window at the offsets of the kept
+//     columns it needs (indices from the owning lanes by shuffle).
+//   gather (otherwise): lane l loads kept column l's index (one coalesced 128-byte load), then x[n][col_l] for
+//     every token n (one warp instruction per token row), staged through a per-warp [n][k] tile and read back
+//     with ldmatrix.
+// Each warp owns ROWS 16-row tiles of one V-row block, so one copy of x serves ROWS MMAs.
 //
 // Work split: CTA = ROWS*16 rows x a k range; its warps split the range; blockIdx.y splits k across CTAs
 // (so small R still fills the GPU). Partial sums meet in shared memory, then (gridDim.y > 1) in a global
@@ -35,9 +39,15 @@ template <typename Tile> struct DecodeShape {
   static constexpr int kMaxN = 8 * kNTiles;
   static constexpr int kPitch = 40;  // staged row: 32 kept columns + 8 pad (80 bytes: ldmatrix conflict-free)
   static constexpr int kStageElems = kWarps * kUnroll * kMaxN * kPitch;
+  static constexpr int kWinPitch = kDecodeMaxWindow + 8;  // window row: 144 bytes (16-byte aligned, banks shift by 4)
+  static constexpr int kWinElems = kWarps * kStages * kUnroll * kMaxN * kWinPitch;
   static constexpr int kOutputs = 16 * kRows * kMaxN;  // outputs of one CTA
   static constexpr int kRedFloats = kWarps * kRows * kNTiles * 4 * 32;
-  static constexpr int kSmemBytes = kStageElems * 2 > kRedFloats * 4 ? kStageElems * 2 : kRedFloats * 4;
+  // The staging tiles (gather) and the windows are never used by the same launch: one region serves both.
+  static constexpr int kLoopBytes = 2 * (kWinElems > kStageElems ? kWinElems : kStageElems);
+  static constexpr bool kWindowFits = 2 * kWinElems <= 48 * 1024 - 1024;
+  static constexpr int kLoopFitBytes = kWindowFits ? kLoopBytes : 2 * kStageElems;
+  static constexpr int kSmemBytes = kLoopFitBytes > kRedFloats * 4 ? kLoopFitBytes : kRedFloats * 4;
   static_assert(kNTiles == 1 || kNTiles == 2, "decode N_TILES must be 1 or 2 (N <= 16 tokens)");
   static_assert(kRows == 1 || kRows == 2 || kRows == 4, "decode ROWS must be 1, 2 or 4 (ROWS*16 <= V)");
   static_assert(kWarps >= 1 && kWarps <= 16, "decode WARPS must be in 1..16");
@@ -46,10 +56,13 @@ template <typename Tile> struct DecodeShape {
   static_assert(kSmemBytes <= 48 * 1024, "decode shared memory must fit the static 48 KB");
 };
 
-template <typename Tile, typename T>
+// kWindowed: x arrives by chunk windows (p.window > 0) or by gather; one instantiation each, so that neither
+// path's registers constrain the other's (both together spilled at 128 registers).
+template <typename Tile, typename T, bool kWindowed>
 __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per SM: <= 128 registers
     vnm_decode_kernel(const VnmParams p) {
   using S = DecodeShape<Tile>;
+  static_assert(!kWindowed || S::kWindowFits, "decode: this tile's windows do not fit the static shared memory");
   constexpr int NT = S::kNTiles, MT = S::kRows, U = S::kUnroll;
   __shared__ __align__(16) unsigned char smem[S::kSmemBytes];
   __shared__ int last_flag;
@@ -66,11 +79,15 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
   const int per_warp = (max(cend - cbeg, 0) + S::kWarps - 1) / S::kWarps;
   const int kbeg = cbeg + warp * per_warp, kend = min(cend, kbeg + per_warp);
 
+  constexpr bool windowed = kWindowed;
   uint16_t* stage = reinterpret_cast<uint16_t*>(smem) + warp * (U * S::kMaxN * S::kPitch);
-  // Token rows N..8*NT-1 of the staging tile are never written below: zero them once (their MMA columns
-  // are discarded, but they must not be uninitialized reads).
-  for (int i = lane; i < U * S::kMaxN * S::kPitch; i += 32) stage[i] = 0;
-  __syncwarp();
+  uint16_t* win = reinterpret_cast<uint16_t*>(smem) + warp * (S::kStages * U * S::kMaxN * S::kWinPitch);
+  if constexpr (!windowed) {
+    // Token rows N..8*NT-1 of the staging tile are never written below: zero them once (their MMA columns
+    // are discarded, but they must not be uninitialized reads).
+    for (int i = lane; i < U * S::kMaxN * S::kPitch; i += 32) stage[i] = 0;
+    __syncwarp();
+  }
 
   const uint16_t* x16 = static_cast<const uint16_t*>(p.x);
   const int* col_ptr = p.cols + static_cast<size_t>(blk) * p.Gp * 4 + lane;  // + 32*kc: kept column `lane`
@@ -98,6 +115,14 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
     for (int u = 0; u < U; ++u) {
       const int kc = k0 + u;
       if (kc < kend) {
+        if constexpr (windowed) {  // x[n][kc*window ..] for n < N: M 16-byte pieces per row (the host checked alignment)
+          const int per_row = p.window / 8, ws = kc * p.window;
+          const uint32_t dst = smem_addr(win + (b * U + u) * S::kMaxN * S::kWinPitch);
+          for (int i = lane; i < p.N * per_row; i += 32) {
+            const int n = i / per_row, c = ws + 8 * (i - n * per_row);
+            cp_async_ca16(dst + (n * S::kWinPitch + c - ws) * 2, x16 + static_cast<size_t>(n) * p.ldx + (c < p.C ? c : 0), c < p.C);
+          }
+        }
         col[b][u] = __ldg(col_ptr + static_cast<size_t>(kc) * 32);
 #pragma unroll
         for (int mi = 0; mi < MT; ++mi) {
@@ -108,8 +133,49 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
         }
       }
     }
+    if constexpr (windowed) cp_async_commit();  // one group of window copies per load call
   };
-  auto compute = [&](int k0, int b) {
+  // Before computing a stage: its window copies have landed (and are visible to the whole warp); `newer`
+  // says whether a later load's group was committed since (it may stay in flight).
+  auto windows_ready = [&](bool newer) {
+    if constexpr (windowed) {
+      if (newer) cp_async_wait<1>();
+      else cp_async_wait<0>();
+      __syncwarp();
+    }
+  };
+  auto compute_window = [&](int k0, int b) {
+    // B register j of lane (gid, t) is x[n][col(k)] for k = 8j + 2t + {0, 1}, n = 8 nt + gid: the column index
+    // of kept column k is held by lane k; its offset in the window is clamped (a no-op for what pack built).
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (k0 + u < kend) {
+        const int ws = (k0 + u) * p.window;
+        const uint16_t* w = win + (b * U + u) * S::kMaxN * S::kWinPitch;
+        uint32_t off[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q)
+          off[q] = min(static_cast<uint32_t>(__shfl_sync(0xffffffffu, col[b][u], 8 * (q >> 1) + 2 * t + (q & 1)) - ws),
+                       static_cast<uint32_t>(p.window - 1));
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int n = 8 * nt + gid;
+          const uint16_t* row = w + n * S::kWinPitch;
+          uint32_t bf[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            bf[j] = n < p.N ? static_cast<uint32_t>(row[off[2 * j]]) | (static_cast<uint32_t>(row[off[2 * j + 1]]) << 16) : 0u;
+#pragma unroll
+          for (int mi = 0; mi < MT; ++mi) {
+            const uint32_t a[4] = {av[b][u][mi].x, av[b][u][mi].y, av[b][u][mi].z, av[b][u][mi].w};
+            MmaSp<T>::run(acc[mi][nt], a, bf, ev[b][u][mi]);
+          }
+        }
+      }
+    }
+    __syncwarp();  // every lane is done reading these windows before a later load overwrites them
+  };
+  auto compute_gather = [&](int k0, int b) {
     // Gather: one token row per instruction, 32 kept columns across the lanes.
     uint32_t xv[U][S::kMaxN];
 #pragma unroll
@@ -143,19 +209,26 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
     }
     __syncwarp();  // the next stage overwrites the staging tiles
   };
+  auto compute = [&](int k0, int b) {
+    if constexpr (windowed) compute_window(k0, b);
+    else compute_gather(k0, b);
+  };
 
   if constexpr (S::kStages == 2) {
     if (kbeg < kend) load(kbeg, 0);
     for (int k0 = kbeg; k0 < kend; k0 += 2 * U) {  // unrolled by two so that the stage index is a constant
       if (k0 + U < kend) load(k0 + U, 1);
+      windows_ready(k0 + U < kend);
       compute(k0, 0);
       if (k0 + U >= kend) break;
       if (k0 + 2 * U < kend) load(k0 + 2 * U, 0);
+      windows_ready(k0 + 2 * U < kend);
       compute(k0 + U, 1);
     }
   } else {
     for (int k0 = kbeg; k0 < kend; k0 += U) {
       load(k0, 0);
+      windows_ready(false);
       compute(k0, 0);
     }
   }
@@ -238,7 +311,10 @@ cudaError_t launch_decode(const VnmParams& p, cudaStream_t stream) {
   const int groups = (p.Rt + S::kRows - 1) / S::kRows;
   const int ks = p.ksplit > 1 ? p.ksplit : 1;
   if (ks > 1 && (p.ws == nullptr || p.counters == nullptr)) return cudaErrorInvalidValue;
-  vnm_decode_kernel<Tile, T><<<dim3(groups, ks), S::kThreads, 0, stream>>>(p);
+  if (S::kWindowFits && p.window > 0)
+    vnm_decode_kernel<Tile, T, S::kWindowFits><<<dim3(groups, ks), S::kThreads, 0, stream>>>(p);
+  else
+    vnm_decode_kernel<Tile, T, false><<<dim3(groups, ks), S::kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -32,7 +32,12 @@ struct VnmParams {
   int ksplit;             // decode: CTAs splitting the k chunks of one row group (gridDim.y)
   float* ws;              // decode, ksplit > 1: (row groups, ksplit, outputs per CTA) fp32 partial sums
   int* counters;          // decode, ksplit > 1: one arrival counter per row group, zero between launches
+  int window;             // decode: 8*M if chunk kc's kept columns all lie in x columns [kc*window, kc*window +
+                          // window) and x rows are 16-byte aligned (the kernel then copies those windows), else 0
 };
+
+// Widest chunk window the decode kernels stage in shared memory (8 groups of M <= 8 columns).
+constexpr int kDecodeMaxWindow = 64;
 
 enum class KernelKind : int { kDecode = 0, kGemm = 1, kWgmma = 2 };  // kWgmma: sm_90a only
 enum class ElemType : int { kBf16 = 0, kFp16 = 1 };
