@@ -61,8 +61,10 @@ def sweep_case(ext, R: int, C: int, N: int, pattern: str, sms: int, arch, rep_ms
 def markdown(gpu: str, records: list[dict]) -> str:
     lines = [f"# Decode kernel and k-split sweep on {gpu}", "",
              "Every decode kernel x ksplit through the binding (no Python op overhead), do_bench median with L2 flushed; "
-             f"x by {records[0]['x_path'] if records else 'window'}; `python bench/decode_sweep.py"
-             f"{' --gather' if records and records[0]['x_path'] == 'gather' else ''}`.", "",
+             + ("every kernel gathers x by column (`python bench/decode_sweep.py --gather`)."
+                if records and records[0]["x_path"] == "gather" else
+                "the 16-token kernels copy x by chunk windows, the 8-token ones gather (`python bench/decode_sweep.py`)."),
+             "",
              "| R x C | N | pattern | dense ms | dispatcher: kernel, ksplit | ms | x dense | fastest: kernel, ksplit | ms | x dense |",
              "| --- | ---: | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
     for r in records:

@@ -3,8 +3,8 @@
 // column index. No transpose of x anywhere.
 //
 // Per warp and 8-group chunk (k = 32 kept columns), two ways to get the B fragments (x at the kept columns):
-//   window (p.window > 0: every kept column of chunk kc lies in x columns [kc*window, (kc+1)*window), i.e. no
-//     input permutation, M <= 8): the chunk's window of x (N rows x 8*M columns) is copied into shared memory
+//   window (16-token kernels, p.window > 0: every kept column of chunk kc lies in x columns [kc*window,
+//     (kc+1)*window), i.e. no input permutation, M <= 8): the chunk's window of x (N rows x 8*M columns) is copied into shared memory
 //     with coalesced 16-byte cp.async, issued together with the weight loads, so it no longer waits for the
 //     column indices; each lane then builds its B registers from the window at the offsets of the kept
 //     columns it needs (indices from the owning lanes by shuffle).
@@ -45,8 +45,11 @@ template <typename Tile> struct DecodeShape {
   static constexpr int kRedFloats = kWarps * kRows * kNTiles * 4 * 32;
   // The staging tiles (gather) and the windows are never used by the same launch: one region serves both.
   static constexpr int kLoopBytes = 2 * (kWinElems > kStageElems ? kWinElems : kStageElems);
-  static constexpr bool kWindowFits = 2 * kWinElems <= 48 * 1024 - 1024;
-  static constexpr int kLoopFitBytes = kWindowFits ? kLoopBytes : 2 * kStageElems;
+  // Windows for the 16-token kernels only: at N = 16 they beat the gather by 10-18% on every decode shape, at
+  // N = 1 they lost 1-7% (bench/results/decode-sweep-h100*.md: one gathered element per lane is cheaper there
+  // than M 16-byte pieces). And only where the windows fit the static shared memory.
+  static constexpr bool kUsesWindow = kNTiles == 2 && 2 * kWinElems <= 48 * 1024 - 1024;
+  static constexpr int kLoopFitBytes = kUsesWindow ? kLoopBytes : 2 * kStageElems;
   static constexpr int kSmemBytes = kLoopFitBytes > kRedFloats * 4 ? kLoopFitBytes : kRedFloats * 4;
   static_assert(kNTiles == 1 || kNTiles == 2, "decode N_TILES must be 1 or 2 (N <= 16 tokens)");
   static_assert(kRows == 1 || kRows == 2 || kRows == 4, "decode ROWS must be 1, 2 or 4 (ROWS*16 <= V)");
@@ -62,7 +65,7 @@ template <typename Tile, typename T, bool kWindowed>
 __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per SM: <= 128 registers
     vnm_decode_kernel(const VnmParams p) {
   using S = DecodeShape<Tile>;
-  static_assert(!kWindowed || S::kWindowFits, "decode: this tile's windows do not fit the static shared memory");
+  static_assert(!kWindowed || S::kUsesWindow, "decode: this tile takes x by gather only");
   constexpr int NT = S::kNTiles, MT = S::kRows, U = S::kUnroll;
   __shared__ __align__(16) unsigned char smem[S::kSmemBytes];
   __shared__ int last_flag;
@@ -311,8 +314,8 @@ cudaError_t launch_decode(const VnmParams& p, cudaStream_t stream) {
   const int groups = (p.Rt + S::kRows - 1) / S::kRows;
   const int ks = p.ksplit > 1 ? p.ksplit : 1;
   if (ks > 1 && (p.ws == nullptr || p.counters == nullptr)) return cudaErrorInvalidValue;
-  if (S::kWindowFits && p.window > 0)
-    vnm_decode_kernel<Tile, T, S::kWindowFits><<<dim3(groups, ks), S::kThreads, 0, stream>>>(p);
+  if (S::kUsesWindow && p.window > 0)
+    vnm_decode_kernel<Tile, T, S::kUsesWindow><<<dim3(groups, ks), S::kThreads, 0, stream>>>(p);
   else
     vnm_decode_kernel<Tile, T, false><<<dim3(groups, ks), S::kThreads, 0, stream>>>(p);
   return cudaGetLastError();
