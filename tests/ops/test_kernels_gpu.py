@@ -130,6 +130,10 @@ def test_eager_fast_path_matches_the_op_and_steps_aside_for_tracing(monkeypatch)
     direct.clear()
     graph = make_fx(lambda x: ops.linear(x, t, bias))(x)
     assert not direct and "vnmsparse.linear" in str(graph.code)  # traced: the op is recorded, not bypassed
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.linear(x, t, bias)
+        torch.cuda.synchronize()
+    assert not direct and any(e.name == "vnmsparse::linear" for e in prof.events())  # profiled: the op shows
     ops.linear(x.requires_grad_(), t, bias)
     assert not direct  # autograd in play: the op path decides, as before
 

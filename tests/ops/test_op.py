@@ -202,6 +202,8 @@ def test_runs_eagerly_only_when_nothing_traces_or_intercepts():
         assert not op._runs_eagerly(x, None)
     with FakeTensorMode() as mode:
         assert not op._runs_eagerly(mode.from_tensor(x), None)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        assert not op._runs_eagerly(x, None)  # traces show vnmsparse::linear with its kernels
     assert not op._runs_eagerly(x.as_subclass(type("Subclass", (torch.Tensor,), {})), None)  # may override anything
     compiled = torch.compile(lambda x: x + 1 if op._runs_eagerly(x, None) else x - 1, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), x - 1)  # traced: the custom op, not the direct call

@@ -88,14 +88,16 @@ def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V, window=0):
 def _runs_eagerly(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """True when calling the CUDA implementation directly gives exactly what the dispatcher would, minus its
     ~20 us per call (bench/results/op-overhead-h100.md): nothing tracing (torch.compile, export, make_fx) or
-    intercepting (torch function or dispatch modes, fake or other tensor subclasses), no autograd graph to record."""
+    intercepting (torch function or dispatch modes, fake or other tensor subclasses), no autograd graph to record,
+    no profiler running (its traces attribute kernels to the ops that launch them: they should show the op)."""
     if torch.compiler.is_compiling():  # first: dynamo folds it, and never traces the private calls below
         return False
     if type(x) is not torch.Tensor or (bias is not None and type(bias) not in (torch.Tensor, torch.nn.Parameter)):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return False
-    return not (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack())
+    return not (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
+                or torch.autograd._profiler_enabled())
 
 
 _LIB.impl("linear", _linear_reference, "CPU")
