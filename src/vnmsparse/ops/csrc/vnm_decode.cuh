@@ -4,10 +4,10 @@
 //
 // Per warp and 8-group chunk (k = 32 kept columns), two ways to get the B fragments (x at the kept columns):
 //   window (16-token kernels, p.window > 0: every kept column of chunk kc lies in x columns [kc*window,
-//     (kc+1)*window), i.e. no input permutation, M <= 8): the chunk's window of x (N rows x 8*M columns) is copied into shared memory
-//     with coalesced 16-byte cp.async, issued together with the weight loads, so it no longer waits for the
-//     column indices; each lane then builds its B registers from the window at the offsets of the kept
-//     columns it needs (indices from the owning lanes by shuffle).
+//     (kc+1)*window), i.e. no input permutation, M <= 8): the chunk's window of x (N rows x 8*M columns) is
+//     copied into shared memory with coalesced 16-byte cp.async, issued together with the weight loads, so it
+//     no longer waits for the column indices; each lane then builds its B registers from the window at the
+//     offsets of the kept columns it needs (indices from the owning lanes by shuffle).
 //   gather (otherwise): lane l loads kept column l's index (one coalesced 128-byte load), then x[n][col_l] for
 //     every token n (one warp instruction per token row), staged through a per-warp [n][k] tile and read back
 //     with ldmatrix.
@@ -45,7 +45,7 @@ template <typename Tile> struct DecodeShape {
   static constexpr int kRedFloats = kWarps * kRows * kNTiles * 4 * 32;
   // The staging tiles (gather) and the windows are never used by the same launch: one region serves both.
   static constexpr int kLoopBytes = 2 * (kWinElems > kStageElems ? kWinElems : kStageElems);
-  // Windows for the 16-token kernels only: at N = 16 they beat the gather by 10-18% on every decode shape, at
+  // Windows for the 16-token kernels only: at N = 16 they beat the gather by 7-19% on every decode shape, at
   // N = 1 they lost 1-7% (bench/results/decode-sweep-h100*.md: one gathered element per lane is cheaper there
   // than M 16-byte pieces). And only where the windows fit the static shared memory.
   static constexpr bool kUsesWindow = kNTiles == 2 && 2 * kWinElems <= 48 * 1024 - 1024;
