@@ -66,11 +66,7 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
     vnm_decode_kernel(const VnmParams p) {
   using S = DecodeShape<Tile>;
   static_assert(!kWindowed || S::kUsesWindow, "decode: this tile takes x by gather only");
-  // The window path keeps two stages of half the chunks in flight even where the gather keeps one (the 16-token
-  // tiles): its copies hold no registers, so the next chunks' weights and windows can be on their way while
-  // these multiply. Same chunks per warp and loop trip, same shared memory.
-  constexpr int STAGES = kWindowed && S::kStages == 1 && S::kUnroll % 2 == 0 ? 2 : S::kStages;
-  constexpr int NT = S::kNTiles, MT = S::kRows, U = S::kUnroll * S::kStages / STAGES;
+  constexpr int NT = S::kNTiles, MT = S::kRows, U = S::kUnroll;
   __shared__ __align__(16) unsigned char smem[S::kSmemBytes];
   __shared__ int last_flag;
 
@@ -88,7 +84,7 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
 
   constexpr bool windowed = kWindowed;
   uint16_t* stage = reinterpret_cast<uint16_t*>(smem) + warp * (U * S::kMaxN * S::kPitch);
-  uint16_t* win = reinterpret_cast<uint16_t*>(smem) + warp * (STAGES * U * S::kMaxN * S::kWinPitch);
+  uint16_t* win = reinterpret_cast<uint16_t*>(smem) + warp * (S::kStages * U * S::kMaxN * S::kWinPitch);
   if constexpr (!windowed) {
     // Token rows N..8*NT-1 of the staging tile are never written below: zero them once (their MMA columns
     // are discarded, but they must not be uninitialized reads).
@@ -114,9 +110,9 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
   // stage gathers x and multiplies (ncu on the single-stage loop at N = 1: 23-29% of DRAM bandwidth, warps
   // alternating between waiting for their weights and for their gather). Measured: 1-6% faster at N <= 8, but
   // 4-9% slower at N = 16, where a single stage of twice the chunks keeps more gathers in flight instead.
-  uint4 av[STAGES][U][MT];
-  uint32_t ev[STAGES][U][MT];
-  int col[STAGES][U];
+  uint4 av[S::kStages][U][MT];
+  uint32_t ev[S::kStages][U][MT];
+  int col[S::kStages][U];
   auto load = [&](int k0, int b) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -221,7 +217,7 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
     else compute_gather(k0, b);
   };
 
-  if constexpr (STAGES == 2) {
+  if constexpr (S::kStages == 2) {
     if (kbeg < kend) load(kbeg, 0);
     for (int k0 = kbeg; k0 < kend; k0 += 2 * U) {  // unrolled by two so that the stage index is a constant
       if (k0 + U < kend) load(k0 + U, 1);
