@@ -1,10 +1,10 @@
 // Thin torch binding: checks the inputs (messages prefixed with the op name), fills VnmParams, and calls
 // the kernel table entry Python chose. No kernel logic here.
 #include <c10/cuda/CUDAStream.h>
-#include <cstdint>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <string>

@@ -43,14 +43,13 @@ template <typename Tile> struct DecodeShape {
   static constexpr int kWinElems = kWarps * kStages * kUnroll * kMaxN * kWinPitch;
   static constexpr int kOutputs = 16 * kRows * kMaxN;  // outputs of one CTA
   static constexpr int kRedFloats = kWarps * kRows * kNTiles * 4 * 32;
-  // The staging tiles (gather) and the windows are never used by the same launch: one region serves both.
-  static constexpr int kLoopBytes = 2 * (kWinElems > kStageElems ? kWinElems : kStageElems);
   // Windows for the 16-token kernels only: at N = 16 they beat the gather by 7-19% on every decode shape, at
   // N = 1 they lost 1-7% (bench/results/decode-sweep-h100*.md: one gathered element per lane is cheaper there
   // than M 16-byte pieces). And only where the windows fit the static shared memory.
   static constexpr bool kUsesWindow = kNTiles == 2 && 2 * kWinElems <= 48 * 1024 - 1024;
-  static constexpr int kLoopFitBytes = kUsesWindow ? kLoopBytes : 2 * kStageElems;
-  static constexpr int kSmemBytes = kLoopFitBytes > kRedFloats * 4 ? kLoopFitBytes : kRedFloats * 4;
+  // The staging tiles (gather) and the windows are never used by the same launch: one region serves both.
+  static constexpr int kLoopBytes = 2 * (kUsesWindow && kWinElems > kStageElems ? kWinElems : kStageElems);
+  static constexpr int kSmemBytes = kLoopBytes > kRedFloats * 4 ? kLoopBytes : kRedFloats * 4;
   static_assert(kNTiles == 1 || kNTiles == 2, "decode N_TILES must be 1 or 2 (N <= 16 tokens)");
   static_assert(kRows == 1 || kRows == 2 || kRows == 4, "decode ROWS must be 1, 2 or 4 (ROWS*16 <= V)");
   static_assert(kWarps >= 1 && kWarps <= 16, "decode WARPS must be in 1..16");
@@ -82,10 +81,9 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
   const int per_warp = (max(cend - cbeg, 0) + S::kWarps - 1) / S::kWarps;
   const int kbeg = cbeg + warp * per_warp, kend = min(cend, kbeg + per_warp);
 
-  constexpr bool windowed = kWindowed;
   uint16_t* stage = reinterpret_cast<uint16_t*>(smem) + warp * (U * S::kMaxN * S::kPitch);
   uint16_t* win = reinterpret_cast<uint16_t*>(smem) + warp * (S::kStages * U * S::kMaxN * S::kWinPitch);
-  if constexpr (!windowed) {
+  if constexpr (!kWindowed) {
     // Token rows N..8*NT-1 of the staging tile are never written below: zero them once (their MMA columns
     // are discarded, but they must not be uninitialized reads).
     for (int i = lane; i < U * S::kMaxN * S::kPitch; i += 32) stage[i] = 0;
@@ -118,7 +116,7 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
     for (int u = 0; u < U; ++u) {
       const int kc = k0 + u;
       if (kc < kend) {
-        if constexpr (windowed) {  // x[n][kc*window ..] for n < N: M 16-byte pieces per row (the host checked alignment)
+        if constexpr (kWindowed) {  // x[n][kc*window ..] for n < N: M 16-byte pieces per row (the host checked alignment)
           const int per_row = p.window / 8, ws = kc * p.window;
           const uint32_t dst = smem_addr(win + (b * U + u) * S::kMaxN * S::kWinPitch);
           for (int i = lane; i < p.N * per_row; i += 32) {
@@ -136,12 +134,12 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
         }
       }
     }
-    if constexpr (windowed) cp_async_commit();  // one group of window copies per load call
+    if constexpr (kWindowed) cp_async_commit();  // one group of window copies per load call
   };
   // Before computing a stage: its window copies have landed (and are visible to the whole warp); `newer`
   // says whether a later load's group was committed since (it may stay in flight).
   auto windows_ready = [&](bool newer) {
-    if constexpr (windowed) {
+    if constexpr (kWindowed) {
       if (newer) cp_async_wait<1>();
       else cp_async_wait<0>();
       __syncwarp();
@@ -213,7 +211,7 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
     __syncwarp();  // the next stage overwrites the staging tiles
   };
   auto compute = [&](int k0, int b) {
-    if constexpr (windowed) compute_window(k0, b);
+    if constexpr (kWindowed) compute_window(k0, b);
     else compute_gather(k0, b);
   };
 
