@@ -3,6 +3,7 @@
     python bench/kernel.py                                  # the full sweep of issue 3
     python bench/kernel.py --shapes 4096x4096 --n 1,16 --patterns 64:2:8 --merge
     python bench/kernel.py --path wgmma --shapes 8192x8192 --n 4096 --variants   # sm_90a sparse wgmma (H100)
+    python bench/kernel.py --permute ...                   # weights with a folded input (channel) permutation
 
 One record per (R, C, N, pattern, dtype) in bench/results/kernel-<gpu>.json (merged with what is there when
 --merge) and a markdown table beside it. y = x @ W^T with W (R x C) bf16 and x (N x C).
@@ -157,6 +158,8 @@ def run(args) -> list[dict]:
                     cslt_ms[N] = bench_ms(fn, args.warmup_ms, args.rep_ms)
         for pattern in args.patterns:
             t = vs.compress(W, pattern)
+            if args.permute:  # what V:N:M channel permutation leaves: kept columns anywhere, so kernels gather x
+                t = vs.fold_input_permutation(t, torch.randperm(C, generator=torch.Generator().manual_seed(R + C)))
             packed = t.pack(dev)
             Wref = t.to_dense().to(torch.float64)
             M = t.pattern.M
@@ -185,6 +188,7 @@ def run(args) -> list[dict]:
                     "N": N,
                     "pattern": pattern,
                     "dtype": args.dtype,
+                    "window": packed.window,  # 0: kept columns anywhere (permuted), the kernels gather x
                     "dense_ms": round(dense_ms[N], 5),
                     "vnm_ms": round(vnm_ms, 5),
                     "cslt24_ms": None if cslt_ms[N] is None else round(cslt_ms[N], 5),
@@ -308,6 +312,8 @@ def main(argv=None) -> None:
     p.add_argument("--path", choices=("auto", "mma_sp", "wgmma"), default="auto",
                    help="tensor-core path: auto (dispatch default, VNMSPARSE_WGMMA), mma_sp, or wgmma (sm_90a; own JSON)")
     p.add_argument("--no-cslt", action="store_true")
+    p.add_argument("--permute", action="store_true",
+                   help="fold a random input permutation into each weight (as channel permutation does): no chunk windows")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (launch-overhead-free) decode timings")
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=40.0)

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -65,6 +66,27 @@ at::Tensor counters_for(const at::Device& device, const c10::cuda::CUDAStream& s
     buf = at::zeros({std::max<int64_t>(n, 4096)}, at::TensorOptions().dtype(at::kInt).device(device));
   return buf;
 }
+
+// Programmatic dependent launch of the decode kernels: on for sm_90 and newer unless VNMSPARSE_PDL=0 (read once).
+bool pdl_allowed(const at::Device& device) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("VNMSPARSE_PDL");
+    return v == nullptr || (std::string(v) != "0" && std::string(v) != "");
+  }();
+  static std::mutex mu;
+  static std::map<int, bool> sm90_or_newer;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = sm90_or_newer.find(device.index());
+  if (it == sm90_or_newer.end()) {
+    int major = 0;
+    VNM_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()) == cudaSuccess, kOp,
+              ": cannot query the compute capability of ", device);
+    it = sm90_or_newer.emplace(device.index(), major >= 9).first;
+  }
+  return enabled && it->second;
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // y = x @ W^T + bias with W given by its packed parts; x is (..., C) with any leading dims (nn.Linear's rule),
 // y is (..., R). Flattening here rather than in Python keeps two tensor ops per call off the eager decode path.
@@ -148,8 +170,11 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   p.Np = static_cast<int>((N + 7) / 8 * 8);
   p.ldx = N > 1 ? x.stride(0) : C;  // one row: its stride is never used (and may be anything)
   // Window copies are 16-byte: x rows and the windows' first columns must be 16-byte aligned.
-  const bool aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && p.ldx % 8 == 0 && C % 8 == 0;
+  const bool aligned = aligned16(x) && p.ldx % 8 == 0 && C % 8 == 0;
   p.window = window <= vnm::kDecodeMaxWindow && aligned ? static_cast<int>(window) : 0;
+  // Its L2 prefetches take 16-byte aligned ranges: every record is a multiple of 16 bytes, so the bases must be.
+  p.pdl = entry.kind == vnm::KernelKind::kDecode && pdl_allowed(x.device()) && aligned16(a_vals) && aligned16(a_meta) &&
+          aligned16(cols);
   p.ldy = R;
   at::Tensor xt, ws, counters;
   p.ksplit = 1;

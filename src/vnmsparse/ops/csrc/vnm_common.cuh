@@ -1,4 +1,5 @@
-// Device helpers shared by the V:N:M kernels: element types, the sparse MMA, ldmatrix, cp.async, loads.
+// Device helpers shared by the V:N:M kernels: element types, the sparse MMA, loads, programmatic dependent
+// launch, ldmatrix, cp.async.
 #pragma once
 
 #include <cstdint>
@@ -74,6 +75,45 @@ __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
 __device__ __forceinline__ uint32_t ldg_u32(const uint32_t* p) { return __ldg(p); }
 __device__ __forceinline__ int2 ldg_int2(const int* p) { return __ldg(reinterpret_cast<const int2*>(p)); }
 __device__ __forceinline__ uint32_t ldg_u16(const uint16_t* p) { return static_cast<uint32_t>(__ldg(p)); }
+
+// ---- programmatic dependent launch (sm_90+; no-ops before) -------------------------------------------
+// A kernel launched with cudaLaunchAttributeProgrammaticStreamSerialization may start while the kernel before it
+// in the stream is still finishing; everything that kernel may write (x, y, workspaces) is touched only after
+// grid_dependency_wait(), which returns once it has completed and its writes are visible.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+// Lets the next programmatically launched kernel start once every CTA of this one has called it (or exited).
+__device__ __forceinline__ void grid_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+// Asks L2 to fetch [p, p + bytes) (p and bytes multiples of 16). A hint: it reads no register and orders nothing,
+// so it may run before grid_dependency_wait() even on data the previous kernel writes (L2 is coherent).
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+// Launches kernel(p) with static shared memory only; p.pdl: as a programmatic dependent of the previous kernel
+// in the stream (the kernel must call grid_dependency_wait() before touching what that kernel may write).
+template <typename Kernel>
+cudaError_t launch_kernel(Kernel kernel, dim3 grid, dim3 block, const VnmParams& p, cudaStream_t stream) {
+  cudaLaunchAttribute attr[1] = {};
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, p);
+}
 
 // ---- shared memory ----------------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

@@ -81,6 +81,21 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
   const int per_warp = (max(cend - cbeg, 0) + S::kWarps - 1) / S::kWarps;
   const int kbeg = cbeg + warp * per_warp, kend = min(cend, kbeg + per_warp);
 
+  // Programmatic dependent launch (p.pdl): the weights never depend on the kernel before this one, so the first
+  // stage's records, metadata and column indices are requested into L2 while that kernel finishes; the loads below
+  // (after the wait) then find them there. Only a hint: nothing is read into registers before the wait.
+  if (p.pdl && kbeg < kend) {
+    const uint32_t chunks = static_cast<uint32_t>(min(kend, kbeg + S::kStages * U) - kbeg);
+    if (lane < MT && mt0 + lane < p.Rt) {
+      const size_t rec = static_cast<size_t>(mt0 + lane) * p.Kc + kbeg;
+      prefetch_l2(p.a_vals + rec * 32, chunks * 32 * sizeof(uint4));
+      prefetch_l2(p.a_meta + rec * 16, chunks * 16 * sizeof(uint32_t));
+    } else if (lane == MT) {
+      prefetch_l2(p.cols + (static_cast<size_t>(blk) * p.Gp + 8 * kbeg) * 4, chunks * 32 * sizeof(int));
+    }
+  }
+  grid_dependency_wait();
+
   uint16_t* stage = reinterpret_cast<uint16_t*>(smem) + warp * (U * S::kMaxN * S::kPitch);
   uint16_t* win = reinterpret_cast<uint16_t*>(smem) + warp * (S::kStages * U * S::kMaxN * S::kWinPitch);
   if constexpr (!kWindowed) {
@@ -234,6 +249,8 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
     }
   }
 
+  grid_launch_dependents();  // the next kernel's prologue may overlap this reduction
+
   // Reduce the warps: red[warp][mi][nt][i][lane].
   __syncthreads();  // staging memory is reused
   float* red = reinterpret_cast<float*>(smem);
@@ -303,7 +320,8 @@ __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per
   }
 }
 
-// Launch with gridDim.y = p.ksplit k slices; p.ws / p.counters must be set when ksplit > 1.
+// Launch with gridDim.y = p.ksplit k slices; p.ws / p.counters must be set when ksplit > 1; with p.pdl as a
+// programmatic dependent of the previous kernel in the stream.
 template <typename Tile, typename T>
 cudaError_t launch_decode(const VnmParams& p, cudaStream_t stream) {
   using S = DecodeShape<Tile>;
@@ -312,11 +330,9 @@ cudaError_t launch_decode(const VnmParams& p, cudaStream_t stream) {
   const int groups = (p.Rt + S::kRows - 1) / S::kRows;
   const int ks = p.ksplit > 1 ? p.ksplit : 1;
   if (ks > 1 && (p.ws == nullptr || p.counters == nullptr)) return cudaErrorInvalidValue;
-  if (S::kUsesWindow && p.window > 0)
-    vnm_decode_kernel<Tile, T, S::kUsesWindow><<<dim3(groups, ks), S::kThreads, 0, stream>>>(p);
-  else
-    vnm_decode_kernel<Tile, T, false><<<dim3(groups, ks), S::kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  const dim3 grid(groups, ks);
+  if (S::kUsesWindow && p.window > 0) return launch_kernel(vnm_decode_kernel<Tile, T, S::kUsesWindow>, grid, S::kThreads, p, stream);
+  return launch_kernel(vnm_decode_kernel<Tile, T, false>, grid, S::kThreads, p, stream);
 }
 
 }  // namespace vnm

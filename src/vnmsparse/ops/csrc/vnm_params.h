@@ -34,6 +34,8 @@ struct VnmParams {
   int* counters;          // decode, ksplit > 1: one arrival counter per row group, zero between launches
   int window;             // decode: 8*M if chunk kc's kept columns all lie in x columns [kc*window, kc*window +
                           // window) and x rows are 16-byte aligned (the kernel then copies those windows), else 0
+  int pdl;                // decode: 1 = launched as a programmatic dependent of the previous kernel (sm_90+, the
+                          // packed arrays 16-byte aligned): its first weights are prefetched into L2 before waiting
 };
 
 // Widest chunk window the decode kernels stage in shared memory (8 groups of M <= 8 columns).
