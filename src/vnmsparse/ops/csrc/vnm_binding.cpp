@@ -73,17 +73,7 @@ bool pdl_allowed(const at::Device& device) {
     const char* v = std::getenv("VNMSPARSE_PDL");
     return v == nullptr || (std::string(v) != "0" && std::string(v) != "");
   }();
-  static std::mutex mu;
-  static std::map<int, bool> sm90_or_newer;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = sm90_or_newer.find(device.index());
-  if (it == sm90_or_newer.end()) {
-    int major = 0;
-    VNM_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()) == cudaSuccess, kOp,
-              ": cannot query the compute capability of ", device);
-    it = sm90_or_newer.emplace(device.index(), major >= 9).first;
-  }
-  return enabled && it->second;
+  return enabled && vnm::compute_capability(device.index()) >= 90;
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }

@@ -1,5 +1,6 @@
 // Host-visible contract between the binding (vnm_binding.cpp) and the kernels: one plain params struct,
-// the kernel table entry, and the table accessor the generated vnm_table.cu defines.
+// the kernel table entry, the table accessor the generated vnm_table.cu defines, and the cached compute
+// capability both sides decide by.
 // No device code and no torch here, so both the host compiler and nvcc read it.
 #pragma once
 
@@ -63,5 +64,18 @@ cudaError_t launch_transpose(const VnmParams& p, cudaStream_t stream);
 
 // Defined in the generated vnm_table.cu.
 const KernelEntry* kernel_table(int* count);
+
+// Compute capability of `device` as 10 * major + minor (90 for sm_90), 0 if the query fails. Cached per device
+// (queried on every launch that depends on it); a race only repeats the same query.
+inline int compute_capability(int device) {
+  static int cached[64] = {};
+  if (device >= 0 && device < 64 && cached[device] != 0) return cached[device];
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+    return 0;
+  if (device >= 0 && device < 64) cached[device] = 10 * major + minor;
+  return 10 * major + minor;
+}
 
 }  // namespace vnm

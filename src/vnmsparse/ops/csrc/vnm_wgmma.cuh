@@ -252,18 +252,6 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1) vnm_wgmma_kerne
 #endif  // VNM_SM90A_ENABLED
 }
 
-// True when `device` is compute capability 9.0 (the only one this kernel is built for). Cached per device.
-inline bool is_sm90(int device) {
-  static int cached[64] = {};  // 0 unknown, 1 yes, 2 no
-  if (device >= 0 && device < 64 && cached[device] != 0) return cached[device] == 1;
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  const bool yes = major == 9 && minor == 0;
-  if (device >= 0 && device < 64) cached[device] = yes ? 1 : 2;
-  return yes;
-}
-
 template <typename Tile, typename T>
 cudaError_t launch_wgmma(const VnmParams& p, cudaStream_t stream) {
   using S = WgmmaShape<Tile>;
@@ -271,7 +259,7 @@ cudaError_t launch_wgmma(const VnmParams& p, cudaStream_t stream) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  if (!is_sm90(dev)) return cudaErrorNotSupported;
+  if (compute_capability(dev) != 90) return cudaErrorNotSupported;  // the only architecture it is built for
   if (p.N == 0 || p.R == 0) return cudaSuccess;
   err = launch_transpose(p, stream);
   if (err != cudaSuccess) return err;
