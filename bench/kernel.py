@@ -165,7 +165,7 @@ def run(args) -> list[dict]:
             M = t.pattern.M
             ts = None
             for N, x in xs.items():
-                kernel = dispatch.choose(N, R, t.pattern.V, args.dtype, props.multi_processor_count, arch)
+                kernel = dispatch.choose(N, R, t.pattern.V, args.dtype, props.multi_processor_count, arch, packed.window)
                 y = ops.linear(x, t)
                 torch.cuda.synchronize()
                 k = min(N, 64)
@@ -212,7 +212,7 @@ def run(args) -> list[dict]:
                     rec["ceiling"] = f"{HBM_TBPS} TB/s"
                 else:
                     tflops = 2 * R * C * N / (vnm_ms * 1e-3) / 1e12
-                    peak, peak_name = (WGMMA_SP_PEAK, "1979") if kernel.variant.kind == "wgmma" else (MMA_SP_PEAK, "950")
+                    peak, peak_name = (WGMMA_SP_PEAK, "1979") if kernel.variant.kind.startswith("wgmma") else (MMA_SP_PEAK, "950")
                     rec["dense_equiv_tflops"] = round(tflops, 1)
                     rec["pct_of_ceiling"] = round(100 * tflops / (peak * M / 4), 1)
                     rec["ceiling"] = f"{peak * M / 4:.0f} TFLOP/s ({peak_name} x M/4)"
@@ -222,9 +222,17 @@ def run(args) -> list[dict]:
                         rec["mma_sp_ms"] = round(bench_ms(lambda: ops.linear(x, t), args.warmup_ms, args.rep_ms), 5)
                     finally:
                         dispatch.enable_wgmma(True)
+                if kernel.variant.kind == "wgmma_window":  # the kernel the pack would get without its window, same run
+                    gather = dispatch.choose(N, R, t.pattern.V, args.dtype, props.multi_processor_count, arch)
+                    dispatch.override(gather.name)
+                    try:
+                        rec["gather_kernel"] = gather.name
+                        rec["gather_ms"] = round(bench_ms(lambda: ops.linear(x, t), args.warmup_ms, args.rep_ms), 5)
+                    finally:
+                        dispatch.override(None)
                 if args.variants:
                     rec["variants_ms"] = {}
-                    for cand in dispatch.candidates(N, t.pattern.V, args.dtype, arch):
+                    for cand in dispatch.candidates(N, t.pattern.V, args.dtype, arch, packed.window):
                         if cand.variant.kind != kernel.variant.kind:
                             continue
                         dispatch.override(cand.name)
@@ -246,6 +254,8 @@ def _line(r: dict) -> str:
     graph = f"  graph {r['dense_graph_ms']:.4f}/{r['vnm_graph_ms']:.4f} x{r['graph_speedup']:.2f}" if "vnm_graph_ms" in r else ""
     if "mma_sp_ms" in r:
         graph = f"  mma.sp {r['mma_sp_ms']:.4f} (wgmma x{r['mma_sp_ms'] / r['vnm_ms']:.2f})"
+    if "gather_ms" in r:
+        graph = f"  gather {r['gather_ms']:.4f} (window x{r['gather_ms'] / r['vnm_ms']:.2f})"
     return (
         f"{r['R']:>5}x{r['C']:<5} N={r['N']:<5} {r['pattern']:>8} {r['path']:>6}  dense {r['dense_ms']:8.4f}  vnm {r['vnm_ms']:8.4f}"
         f"  x{r['speedup']:5.2f}  cslt {cs}  err {r['rel_err']:.1e}  {ach} {r['pct_of_ceiling']:5.1f}%{graph}"

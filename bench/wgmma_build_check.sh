@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile every sparse-wgmma kernel of the generated list for sm_90a on this machine (no GPU needed) and report
 # registers, spills, stack and static shared memory per variant; fail unless the SASS holds the sparse wgmma
-# (HGMMA.SP ... tnspB), register reallocation (USETMAXREG) and no local-memory traffic (LDL/STL).
+# (HGMMA.SP, B transposed for the gather kernels, not for the window kernels), register reallocation (USETMAXREG) and no local-memory traffic (LDL/STL).
 #
 #   bash bench/wgmma_build_check.sh [OUT_DIR]      (needs nvcc; cuobjdump from the CUDA toolkit or
 #                                                   `pip install nvidia-cuda-cuobjdump` for the SASS checks)
@@ -31,7 +31,11 @@ for unit in "$OUT"/gen/gen_wgmma_*.cu; do
   sass="-"
   if [ -n "$CUOBJDUMP" ]; then
     "$CUOBJDUMP" -sass "$obj" > "$OUT/$name.sass"
-    hg=$(grep -c "HGMMA.SP.64x[0-9]*x32.F32.*tnspB" "$OUT/$name.sass")
+    # The gather kernels read B N-major (tnspB), the window kernels K-major (no tnspB).
+    case "$name" in
+      wgmma_window_*) hg=$(grep "HGMMA.SP.64x[0-9]*x32.F32" "$OUT/$name.sass" | grep -vc "tnspB") ;;
+      *) hg=$(grep -c "HGMMA.SP.64x[0-9]*x32.F32.*tnspB" "$OUT/$name.sass") ;;
+    esac
     mx=$(grep -c "USETMAXREG" "$OUT/$name.sass")
     lm=$(grep -cE "\bLDL|\bSTL" "$OUT/$name.sass")
     # Highest register index used in the consumer part (after the TRY_ALLOC) and the producer part (after the

@@ -28,7 +28,7 @@ log = logging.getLogger("vnmsparse.ops")
 CSRC = Path(__file__).resolve().parent / "csrc"
 _STATIC_SOURCES = (
     "vnm_params.h", "vnm_common.cuh", "vnm_decode.cuh", "vnm_gemm.cuh", "vnm_transpose.cu", "vnm_binding.cpp",
-    "vnm_sm90.cuh", "vnm_sm90_layout.h", "vnm_wgmma.cuh",
+    "vnm_sm90.cuh", "vnm_sm90_layout.h", "vnm_wgmma.cuh", "vnm_wgmma_window.cuh",
 )
 MIN_CAPABILITY = (8, 0)  # mma.sp with ordered metadata: Ampere and newer
 
@@ -135,9 +135,9 @@ def _check_table(module: ModuleType) -> None:
     """The compiled table must be the Python list, entry for entry (both come from one generator)."""
     compiled = module.table()
     expected = [
-        (k.name, instantiations.KIND_IDS[k.variant.kind], 0 if k.dtype == "bf16" else 1, k.V, k.variant.rows)
+        (k.name, instantiations.KIND_IDS[k.variant.kind], 0 if k.dtype == "bf16" else 1, k.V, k.variant.rows, k.window)
         for k in instantiations.KERNELS
     ]
-    got = [(*row[:4], row[5]) for row in compiled]
+    got = [(*row[:4], *row[5:]) for row in compiled]
     if got != expected:
         raise RuntimeError(f"vnmsparse: compiled kernel table does not match instantiations.KERNELS: {got} != {expected}")

@@ -9,7 +9,9 @@ or `SMALL_TILE` when that would not fill a wave. Tile sizes themselves come only
 On sm_90 (`arch == (9, 0)`) the sparse-wgmma kernels (`instantiations.Wgmma`, V = 64 or 128) take over for
 N >= WGMMA_MIN_N: validated on the H100 (layout probe, GPU tests, compute-sanitizer; bench/NOTES-wgmma.md) and
 1.2-1.4x faster than the mma.sp kernel on every measured case. `VNMSPARSE_WGMMA=0` or `enable_wgmma(False)`
-turns them off; every other GPU keeps the mma.sp kernel.
+turns them off; every other GPU keeps the mma.sp kernel. For weights whose kept columns stay in their own
+groups of M in {4, 8} (the pack's `window` = 8M: no folded input permutation) the window kernels
+(`instantiations.WgmmaWindow`, any V) take the place of the gathering ones: B is x itself, by TMA.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from .instantiations import DECODE_MAX_N, KERNELS, Decode, Gemm, Kernel, Wgmma
+from .instantiations import DECODE_MAX_N, KERNELS, Decode, Gemm, Kernel, Wgmma, WgmmaWindow
 
 _BY_NAME = {k.name: k for k in KERNELS}
 
@@ -41,6 +43,11 @@ _wgmma: bool = os.environ.get("VNMSPARSE_WGMMA", "1") not in ("", "0")
 WGMMA_MIN_N = 256
 WGMMA_MIN_WAVES = 1.0
 WGMMA_PREFERRED = {64: ((2, 1, 256, 4), (2, 2, 128, 4)), 128: ((2, 1, 256, 6), (2, 2, 128, 6))}
+# Window kernels per pack window (8M) as (CONSUMERS, WG_M, BN, STAGES, CLUSTER), in order of preference.
+WINDOW_PREFERRED = {
+    32: ((2, 1, 256, 4, 2), (2, 1, 256, 4, 1), (2, 2, 128, 6, 2)),
+    64: ((2, 1, 256, 4, 2), (2, 1, 256, 4, 1), (2, 2, 128, 6, 2)),
+}
 
 
 def override(name: str | None) -> None:
@@ -67,9 +74,11 @@ def dtype_tag(dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def candidates(N: int, V: int, dtype: str, arch: tuple[int, int] | None = None) -> list[Kernel]:
-    """Every compiled kernel that can run this problem on a GPU of compute capability `arch`."""
+def candidates(N: int, V: int, dtype: str, arch: tuple[int, int] | None = None, window: int = 0) -> list[Kernel]:
+    """Every compiled kernel that can run this problem on a GPU of compute capability `arch`, for a pack with
+    this `window` (`PackedVNM.window`)."""
     out = []
+    on_arch = lambda v: arch is not None and tuple(arch) == v.arch  # noqa: E731
     for k in KERNELS:
         if k.dtype != dtype:
             continue
@@ -77,21 +86,25 @@ def candidates(N: int, V: int, dtype: str, arch: tuple[int, int] | None = None) 
             out.append(k)
         elif isinstance(k.variant, Gemm) and k.variant.V == V:
             out.append(k)
-        elif isinstance(k.variant, Wgmma) and k.variant.V == V and arch is not None and tuple(arch) == k.variant.arch:
+        elif isinstance(k.variant, Wgmma) and k.variant.V == V and on_arch(k.variant):
+            out.append(k)
+        elif isinstance(k.variant, WgmmaWindow) and window and k.variant.window == window and on_arch(k.variant):
             out.append(k)
     return out
 
 
-def choose(N: int, R: int, V: int, dtype: str, sm_count: int, arch: tuple[int, int] | None = None) -> Kernel:
-    """The kernel for an (N tokens) x (R rows) problem with block height V and element type dtype."""
-    return _choose(N, R, V, dtype, sm_count, None if arch is None else tuple(arch), _override, _wgmma)
+def choose(N: int, R: int, V: int, dtype: str, sm_count: int, arch: tuple[int, int] | None = None, window: int = 0) -> Kernel:
+    """The kernel for an (N tokens) x (R rows) problem with block height V, element type dtype and pack window."""
+    return _choose(N, R, V, dtype, sm_count, None if arch is None else tuple(arch), _override, _wgmma, window)
 
 
-def _wgmma_choice(N: int, R: int, V: int, dtype: str, sm_count: int, arch) -> Kernel | None:
-    """The preferred compiled sparse-wgmma tile, or None (mma.sp) when it would not fill WGMMA_MIN_WAVES waves."""
-    tiles = {(k.variant.consumers, k.variant.wg_m, k.variant.BN, k.variant.stages): k
-             for k in candidates(N, V, dtype, arch) if isinstance(k.variant, Wgmma)}
-    preferred = [tiles[t] for t in WGMMA_PREFERRED.get(V, ()) if t in tiles]
+def _wgmma_choice(N: int, R: int, V: int, dtype: str, sm_count: int, arch, window: int) -> Kernel | None:
+    """The preferred compiled sparse-wgmma tile (a window kernel where the pack allows one), or None (mma.sp)
+    when it would not fill WGMMA_MIN_WAVES waves."""
+    kind, order = (WgmmaWindow, WINDOW_PREFERRED.get(window, ())) if window in WINDOW_PREFERRED else (Wgmma, WGMMA_PREFERRED.get(V, ()))
+    tiles = {(k.variant.consumers, k.variant.wg_m, k.variant.BN, k.variant.stages, *([k.variant.cluster] if kind is WgmmaWindow else [])): k
+             for k in candidates(N, V, dtype, arch, window) if isinstance(k.variant, kind)}
+    preferred = [tiles[t] for t in order if t in tiles]
     if not preferred:
         return None
     best = preferred[0]
@@ -100,13 +113,13 @@ def _wgmma_choice(N: int, R: int, V: int, dtype: str, sm_count: int, arch) -> Ke
 
 
 @functools.lru_cache(maxsize=4096)  # called on every matmul: keep it off the launch path's CPU time
-def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, arch, _override: str | None, _wgmma: bool) -> Kernel:
+def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, arch, _override: str | None, _wgmma: bool, window: int = 0) -> Kernel:
     if _override is not None:
         k = _BY_NAME[_override]
-        if k.dtype == dtype and k in candidates(N, V, dtype, arch):
+        if k.dtype == dtype and k in candidates(N, V, dtype, arch, window):
             return k
     if _wgmma and N >= WGMMA_MIN_N:
-        k = _wgmma_choice(N, R, V, dtype, sm_count, arch)
+        k = _wgmma_choice(N, R, V, dtype, sm_count, arch, window)
         if k is not None:
             return k
     if N <= DECODE_MAX_N:
@@ -127,14 +140,14 @@ def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, arch, _override: 
     return large
 
 
-def plan(N: int, R: int, V: int, Kc: int, dtype: str, sm_count: int, arch: tuple[int, int] | None) -> tuple[int, int]:
+def plan(N: int, R: int, V: int, Kc: int, dtype: str, sm_count: int, arch: tuple[int, int] | None, window: int = 0) -> tuple[int, int]:
     """(kernel table index, k-split) for one call: what the op hands the binding, one cache lookup per call."""
-    return _plan(N, R, V, Kc, dtype, sm_count, arch, _override, _wgmma)
+    return _plan(N, R, V, Kc, dtype, sm_count, arch, _override, _wgmma, window)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(N: int, R: int, V: int, Kc: int, dtype: str, sm_count: int, arch, _override: str | None, _wgmma: bool):
-    kernel = _choose(N, R, V, dtype, sm_count, arch, _override, _wgmma)
+def _plan(N: int, R: int, V: int, Kc: int, dtype: str, sm_count: int, arch, _override: str | None, _wgmma: bool, window: int):
+    kernel = _choose(N, R, V, dtype, sm_count, arch, _override, _wgmma, window)
     return kernel.index, decode_ksplit(kernel, R, Kc, sm_count)
 
 

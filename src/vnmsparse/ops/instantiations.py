@@ -178,6 +178,66 @@ class Wgmma(_Generated):
     header = "vnm_wgmma.cuh"
 
 
+@dataclass(frozen=True)
+class WgmmaWindow(_Generated):
+    """Hopper (sm_90a) sparse-wgmma kernel for weights whose kept columns stay in their own group of M in {4, 8}
+    (pack window 8M), any V and N: B is x itself by TMA, A is 2:4 over the window. Runs only on sm_90."""
+
+    M: int  # group width the weights were pruned with
+    consumers: int
+    wg_m: int
+    BN: int
+    stages: int  # ring depth of [BN tokens x 64 columns] x tiles
+    a_ring: int = 4
+    cluster: int = 1  # CTAs (adjacent row tiles) sharing each x tile by TMA multicast
+
+    kind = "wgmma_window"
+    max_n = 1 << 30
+    rows = 0
+    V = 0  # any
+    arch = (9, 0)
+
+    @property
+    def BM(self) -> int:
+        return 64 * self.wg_m * self.consumers
+
+    @property
+    def window(self) -> int:
+        return 8 * self.M
+
+    @property
+    def tag(self) -> str:
+        return f"m{self.M}_c{self.consumers}m{self.wg_m}n{self.BN}s{self.stages}a{self.a_ring}x{self.cluster}"
+
+    def fields(self) -> tuple[str, ...]:
+        return (
+            f"M = {self.M};           // group width of the weights (window = 8M columns per chunk)",
+            f"CLUSTER = {self.cluster};     // CTAs sharing each x tile (TMA multicast)",
+            f"CONSUMERS = {self.consumers};   // consumer warpgroups",
+            f"WG_M = {self.wg_m};        // m64 tiles per consumer warpgroup",
+            f"BN = {self.BN};        // tokens per CTA (wgmma N)",
+            f"STAGES = {self.stages};      // ring depth of x tiles",
+            f"A_RING = {self.a_ring};      // stages of A records in registers",
+        )
+
+    @property
+    def struct(self) -> str:
+        return f"WgmmaWindowTile_{self.tag}"
+
+    header = "vnm_wgmma_window.cuh"
+
+
+def _wgmma_window_variants() -> list[WgmmaWindow]:
+    # Per M: the 128 x 256 tile (least expansion work per FLOP at M = 8) and the 256 x 128 one (least x traffic;
+    # two m64 tiles of operands per thread leave registers for an A ring of 2 only: 4 spilled at M = 4).
+    # CLUSTER = 2 pairs two such CTAs on one x tile (TMA multicast: half the L2 -> SM bytes of x each).
+    return [
+        WgmmaWindow(M=M, consumers=2, wg_m=wg_m, BN=BN, stages=stages, a_ring=a_ring, cluster=cluster)
+        for M in (4, 8)
+        for wg_m, BN, stages, a_ring, cluster in ((1, 256, 4, 4, 2), (1, 256, 4, 4, 1), (2, 128, 6, 2, 2))
+    ]
+
+
 def _wgmma_variants() -> list[Wgmma]:
     # Per V: the wide-N tile (least A traffic per FLOP; measured fastest) and the 4-block / 2-block BN=128 tile
     # (kept so bench/kernel.py --variants keeps measuring the alternative). bench/NOTES-wgmma.md: smem budgets.
@@ -206,12 +266,13 @@ def _gemm_variants() -> list[Gemm]:
     return out
 
 
-VARIANTS: tuple[Decode | Gemm | Wgmma, ...] = (
+VARIANTS: tuple[Decode | Gemm | Wgmma | WgmmaWindow, ...] = (
     *(Decode(n_tiles=nt, rows=rows) for rows in (1, 2, 4) for nt in (1, 2)),
     *_gemm_variants(),
     *_wgmma_variants(),
+    *_wgmma_window_variants(),
 )
-KIND_IDS = {"decode": 0, "gemm": 1, "wgmma": 2}  # vnm::KernelKind (vnm_params.h)
+KIND_IDS = {"decode": 0, "gemm": 1, "wgmma": 2, "wgmma_window": 3}  # vnm::KernelKind (vnm_params.h)
 
 
 @dataclass(frozen=True)
@@ -219,7 +280,7 @@ class Kernel:
     """One table entry: a variant built for one dtype."""
 
     index: int
-    variant: Decode | Gemm | Wgmma
+    variant: Decode | Gemm | Wgmma | WgmmaWindow
     dtype: str
 
     @property
@@ -229,6 +290,11 @@ class Kernel:
     @property
     def V(self) -> int:
         return getattr(self.variant, "V", 0)
+
+    @property
+    def window(self) -> int:
+        """The pack window the kernel needs (window kernels), else 0."""
+        return getattr(self.variant, "window", 0)
 
 
 KERNELS: tuple[Kernel, ...] = tuple(
@@ -256,21 +322,22 @@ def _unit(kernel: Kernel) -> str:
 _WGMMA_ELEM = {"bf16": "bf16", "fp16": "f16"}  # PTX type names
 
 
-def _wgmma_op(n: int, dtype: str) -> str:
-    """One `WgmmaSp<T, N>` specialization: wgmma.mma_async.sp m64nNk32, A from registers, B by descriptor
-    (N-major, i.e. imm-trans-b = 1), fp32 accumulators, sparsity selector 0, always accumulating."""
+def _wgmma_op(n: int, dtype: str, trans_b: int) -> str:
+    """One `WgmmaSp<T, N, TRANS_B>` specialization: wgmma.mma_async.sp m64nNk32, A from registers, B by
+    descriptor (TRANS_B = 1: N-major, tokens contiguous; 0: K-major), fp32 accumulators, sparsity selector 0,
+    always accumulating."""
     regs = n // 2
     d_list = ", ".join(f"%{i}" for i in range(regs))
     d_ops = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
     t = _WGMMA_ELEM[dtype]
     return (
-        f"template <> struct WgmmaSp<{_CUDA_TYPE[dtype]}, {n}> {{\n"
+        f"template <> struct WgmmaSp<{_CUDA_TYPE[dtype]}, {n}, {trans_b}> {{\n"
         f"  static __device__ __forceinline__ void run(float (&d)[{regs}], const uint4& a, uint64_t desc, uint32_t e) {{\n"
         f"    asm volatile(\n"
         f'        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 6}, 0;\\n"\n'
         f'        "wgmma.mma_async.sp.sync.aligned.m64n{n}k32.f32.{t}.{t} "\n'
         f'        "{{{d_list}}}, "\n'
-        f'        "{{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}, %{regs + 4}, %{regs + 5}, 0, p, 1, 1, 1;\\n}}\\n"\n'
+        f'        "{{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}, %{regs + 4}, %{regs + 5}, 0, p, 1, 1, {trans_b};\\n}}\\n"\n'
         f"        : {d_ops}\n"
         f'        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(e), "n"(1));\n'
         f"  }}\n}};\n"
@@ -278,13 +345,14 @@ def _wgmma_op(n: int, dtype: str) -> str:
 
 
 def _wgmma_ops_header() -> str:
-    ns = sorted({v.BN for v in VARIANTS if isinstance(v, Wgmma)})
-    body = "".join(_wgmma_op(n, d) for n in ns for d in DTYPES)
+    shapes = sorted({(v.BN, 1) for v in VARIANTS if isinstance(v, Wgmma)} | {(v.BN, 0) for v in VARIANTS if isinstance(v, WgmmaWindow)})
+    body = "".join(_wgmma_op(n, d, tb) for n, tb in shapes for d in DTYPES)
     return (
         f"{_BANNER}#pragma once\n\n#include <cstdint>\n#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n\n"
         "#include \"vnm_sm90.cuh\"\n\nnamespace vnm {\n\n"
-        "// D(64 x N, fp32) += A(64 x 32, 2:4 sparse, registers) * B(32 x N, shared memory, tokens contiguous).\n"
-        "template <typename T, int N> struct WgmmaSp;\n\n"
+        "// D(64 x N, fp32) += A(64 x 32, 2:4 sparse, registers) * B(32 x N, shared memory; TRANS_B = 1: tokens\n"
+        "// contiguous, 0: k contiguous).\n"
+        "template <typename T, int N, int TRANS_B> struct WgmmaSp;\n\n"
         f"#if defined(VNM_SM90A_ENABLED)\n{body}#endif  // VNM_SM90A_ENABLED\n\n}}  // namespace vnm\n"
     )
 
@@ -293,12 +361,13 @@ def _table() -> str:
     decls = []
     rows = []
     for k in KERNELS:
-        kind = {"decode": "KernelKind::kDecode", "gemm": "KernelKind::kGemm", "wgmma": "KernelKind::kWgmma"}[k.variant.kind]
+        kind = {"decode": "KernelKind::kDecode", "gemm": "KernelKind::kGemm", "wgmma": "KernelKind::kWgmma",
+                "wgmma_window": "KernelKind::kWgmmaWindow"}[k.variant.kind]
         dtype = "ElemType::kBf16" if k.dtype == "bf16" else "ElemType::kFp16"
         decls.append(f"extern template cudaError_t {k.variant.launcher(k.dtype)}(const VnmParams&, cudaStream_t);")
-        rows.append(f'    {{"{k.name}", {kind}, {dtype}, {k.V}, {min(k.variant.max_n, 1 << 30)}, {k.variant.rows}, &{k.variant.launcher(k.dtype)}}},')
+        rows.append(f'    {{"{k.name}", {kind}, {dtype}, {k.V}, {min(k.variant.max_n, 1 << 30)}, {k.variant.rows}, {k.window}, &{k.variant.launcher(k.dtype)}}},')
     return (
-        f"{_BANNER}#include \"vnm_decode.cuh\"\n#include \"vnm_gemm.cuh\"\n#include \"vnm_wgmma.cuh\"\n#include \"vnm_tiles.h\"\n\n"
+        f"{_BANNER}#include \"vnm_decode.cuh\"\n#include \"vnm_gemm.cuh\"\n#include \"vnm_wgmma_window.cuh\"\n#include \"vnm_tiles.h\"\n\n"
         "namespace vnm {\n\n" + "\n".join(decls) + "\n\n"
         "static const KernelEntry kTable[] = {\n" + "\n".join(rows) + "\n};\n\n"
         "const KernelEntry* kernel_table(int* count) {\n"

@@ -7,8 +7,9 @@ y = x @ W^T + bias with nn.Linear semantics and any leading dims of x, fp32 accu
 compiled kernels run (chosen by `dispatch.choose`); on CPU, or a GPU where no kernel can run, the plain-torch
 reference runs instead and that is logged once. In plain eager calls (`_runs_eagerly`: no tracing, modes,
 subclasses, autograd or profiler) `linear` calls the CUDA implementation directly: the dispatcher would add
-~20 us a call. `window` is the pack's `PackedVNM.window` (0 makes the decode kernels gather x by column; a
-value the pack did not compute gives wrong results, never an out-of-bounds read).
+~20 us a call. `window` is the pack's `PackedVNM.window` (0 makes every kernel gather x by column; at 32 or 64
+the sm_90 window kernels may run; a value the pack did not compute gives wrong results, never an
+out-of-bounds read).
 """
 
 # The schema is declared as a string below; no `from __future__ import annotations` needed or used.
@@ -83,7 +84,7 @@ def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V, window=0):
         return _reference_from_packed(x, a_vals, a_meta, cols, bias, R, C, V)
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
-    kernel, ksplit = dispatch.plan(x.numel() // C, R, V, a_vals.shape[1], _DTYPE_TAGS[x.dtype], sms, arch)
+    kernel, ksplit = dispatch.plan(x.numel() // C, R, V, a_vals.shape[1], _DTYPE_TAGS[x.dtype], sms, arch, window)
     return ext.run(x, a_vals, a_meta, cols, bias, R, C, V, kernel, ksplit, None, window)
 
 

@@ -13,9 +13,11 @@ With R x C logical, G = ceil(C/M) groups, Rt = ceil(R/16) row tiles, Kc = ceil(G
 - `cols` (Bn, Gp, 4) int32: the canonical kept columns, with padding slots (index >= C) remapped to
   column C-1 and padding groups (g >= G) to the first column of their chunk, so a kernel never reads x
   out of bounds. Values there are zero, so what is read does not matter.
-- `window`: 8*M when every kept column of every chunk lies in the chunk's own 8*M input columns (true unless
-  an input permutation was folded in), else 0. The decode kernel then loads each chunk's x window with
-  coalesced 16-byte copies, issued with the weights, instead of a gather that waits for the column indices.
+- `window`: 8*M when every group's kept columns lie in the group's own M input columns, in ascending order
+  (true unless an input permutation was folded in), else 0. Chunk kc then reads only x columns
+  [kc*8M, (kc+1)*8M): the decode kernel loads that window with coalesced 16-byte copies, issued with the
+  weights, instead of a gather that waits for the column indices; for M in {4, 8} on sm_90 the window
+  tensor-core kernel (vnm_wgmma_window.cuh) multiplies x's tiles directly, A as 2:4 over the window.
 
 Padding rows and groups hold zero values and the valid metadata nibble 0b0100 (slots 0 and 1).
 
@@ -49,7 +51,7 @@ class PackedVNM:
     shape: tuple[int, int]  # logical (R, C)
     V: int
     M: int
-    window: int = 0  # 8*M if every chunk's kept columns lie in its own 8*M input columns, else 0
+    window: int = 0  # 8*M if every group's kept columns lie in its own M input columns (ascending), else 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -112,7 +114,9 @@ def pack_for_device(tensor, device: torch.device | str) -> PackedVNM:
     chunk_start = (torch.arange(Gp, device=device, dtype=torch.int32) // 8 * (8 * M)).view(1, Gp, 1)
     cols = chunk_start.expand(Bn, Gp, 4).contiguous()
     cols[:, :G] = torch.where(columns >= C, torch.full_like(columns, C - 1), columns)
-    local = bool(((cols >= chunk_start) & (cols < chunk_start + 8 * M)).all())
+    # Group-local: every kept column (padding slots too) inside its own group's M columns, in ascending order.
+    group_start = (torch.arange(G, device=device, dtype=torch.int32) * M).view(1, G, 1)
+    local = bool(((columns >= group_start) & (columns < group_start + M)).all() and (columns[..., 1:] > columns[..., :-1]).all())
 
     return PackedVNM(a_vals=a_vals, a_meta=a_meta, cols=cols, shape=(R, C), V=V, M=M, window=8 * M if local else 0)
 

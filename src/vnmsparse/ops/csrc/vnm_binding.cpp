@@ -128,6 +128,8 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   VNM_CHECK(ksplit >= 1 && ksplit <= 4096, kOp, ": ksplit must be in 1..4096, got ", ksplit);
   VNM_CHECK(window == 0 || (window % 8 == 0 && window >= 32 && window <= 256), kOp,
             ": window must be 0 or 8*M for M in 4..32 (what pack_for_device computed), got ", window);
+  VNM_CHECK(entry.window == 0 || entry.window == window, kOp, ": kernel ", entry.name, " needs weights whose kept columns stay in their own group of ",
+            entry.window / 8, " (window=", entry.window, "), got window=", window);
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y;
@@ -142,8 +144,15 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   if (N == 0) return y;
 
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+  // The window kernels read x by TMA: 16-byte aligned rows. Otherwise they get a copy with rows padded to 8.
+  const bool tma_ready = aligned16(x) && (N <= 1 ? C % 8 == 0 : x.stride(0) % 8 == 0);
+  at::Tensor x_tma;
+  if (entry.kind == vnm::KernelKind::kWgmmaWindow && !tma_ready) {
+    x_tma = at::empty({N, (C + 7) / 8 * 8}, x.options());
+    x_tma.narrow(1, 0, C).copy_(x);
+  }
   vnm::VnmParams p{};
-  p.x = x.data_ptr();
+  p.x = x_tma.defined() ? x_tma.data_ptr() : x.data_ptr();
   p.a_vals = reinterpret_cast<const uint4*>(a_vals.data_ptr());
   p.a_meta = reinterpret_cast<const uint32_t*>(a_meta.data_ptr<int32_t>());
   p.cols = cols.data_ptr<int32_t>();
@@ -158,10 +167,13 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   p.Gp = static_cast<int>(8 * Kc);
   p.Bn = static_cast<int>(Bn);
   p.Np = static_cast<int>((N + 7) / 8 * 8);
-  p.ldx = N > 1 ? x.stride(0) : C;  // one row: its stride is never used (and may be anything)
+  p.ldx = x_tma.defined() ? x_tma.stride(0) : N > 1 ? x.stride(0) : C;  // one row: its stride is never used
   // Window copies are 16-byte: x rows and the windows' first columns must be 16-byte aligned.
   const bool aligned = aligned16(x) && p.ldx % 8 == 0 && C % 8 == 0;
-  p.window = window <= vnm::kDecodeMaxWindow && aligned ? static_cast<int>(window) : 0;
+  if (entry.kind == vnm::KernelKind::kWgmmaWindow)
+    p.window = static_cast<int>(window);
+  else
+    p.window = window <= vnm::kDecodeMaxWindow && aligned ? static_cast<int>(window) : 0;
   // Its L2 prefetches take 16-byte aligned ranges: every record is a multiple of 16 bytes, so the bases must be.
   p.pdl = entry.kind == vnm::KernelKind::kDecode && pdl_allowed(x.device()) && aligned16(a_vals) && aligned16(a_meta) &&
           aligned16(cols);
@@ -185,13 +197,15 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   return y;
 }
 
-// (name, kind, dtype, V, max_n, rows) of every compiled kernel, in table order: Python checks it matches its list.
-std::vector<std::tuple<std::string, int, int, int, int64_t, int>> table() {
+// (name, kind, dtype, V, max_n, rows, window) of every compiled kernel, in table order: Python checks it matches
+// its list.
+std::vector<std::tuple<std::string, int, int, int, int64_t, int, int>> table() {
   int count = 0;
   const vnm::KernelEntry* t = vnm::kernel_table(&count);
-  std::vector<std::tuple<std::string, int, int, int, int64_t, int>> out;
+  std::vector<std::tuple<std::string, int, int, int, int64_t, int, int>> out;
   for (int i = 0; i < count; ++i)
-    out.emplace_back(t[i].name, static_cast<int>(t[i].kind), static_cast<int>(t[i].dtype), t[i].V, t[i].max_n, t[i].rows);
+    out.emplace_back(t[i].name, static_cast<int>(t[i].kind), static_cast<int>(t[i].dtype), t[i].V, t[i].max_n, t[i].rows,
+                     t[i].window);
   return out;
 }
 

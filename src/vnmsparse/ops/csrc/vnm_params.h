@@ -33,8 +33,9 @@ struct VnmParams {
   int ksplit;             // decode: CTAs splitting the k chunks of one row group (gridDim.y)
   float* ws;              // decode, ksplit > 1: (row groups, ksplit, outputs per CTA) fp32 partial sums
   int* counters;          // decode, ksplit > 1: one arrival counter per row group, zero between launches
-  int window;             // decode: 8*M if chunk kc's kept columns all lie in x columns [kc*window, kc*window +
-                          // window) and x rows are 16-byte aligned (the kernel then copies those windows), else 0
+  int window;             // 8*M if every group's kept columns lie in its own M columns of x (pack.py), else 0.
+                          // Decode: passed only when x rows are 16-byte aligned (it then copies chunk windows);
+                          // wgmma window kernels: always (they need it, and TMA-ready x)
   int pdl;                // decode: 1 = launched as a programmatic dependent of the previous kernel (sm_90+, the
                           // packed arrays 16-byte aligned): its first weights are prefetched into L2 before waiting
 };
@@ -42,7 +43,7 @@ struct VnmParams {
 // Widest chunk window the decode kernels stage in shared memory (8 groups of M <= 8 columns).
 constexpr int kDecodeMaxWindow = 64;
 
-enum class KernelKind : int { kDecode = 0, kGemm = 1, kWgmma = 2 };  // kWgmma: sm_90a only
+enum class KernelKind : int { kDecode = 0, kGemm = 1, kWgmma = 2, kWgmmaWindow = 3 };  // kWgmma*: sm_90a only
 enum class ElemType : int { kBf16 = 0, kFp16 = 1 };
 
 using LaunchFn = cudaError_t (*)(const VnmParams&, cudaStream_t);
@@ -56,6 +57,7 @@ struct KernelEntry {
   int V;             // 0: any V (decode)
   int max_n;         // largest N this entry accepts (decode: 8 * n-tiles; gemm, wgmma: no limit)
   int rows;          // decode: 16-row tiles per warp (needs 16*rows <= V); gemm, wgmma: 0
+  int window;        // wgmma window kernels: the pack window (8*M) they need; every other kernel: 0
   LaunchFn launch;
 };
 

@@ -14,8 +14,7 @@
 //       Per k-step: wait `full`, fence the generic->async proxy (the gathers were generic-proxy writes), one
 //       wgmma.sp per m64 tile (B by descriptor), commit, wait for the previous
 //       k-step's group, release its stage (`empty` mbarrier), prefetch A.
-//   epilogue: accumulators (+ bias) -> bf16/fp16 -> stmatrix.trans into a [token][row] tile in shared memory ->
-//       16-byte stores into y (N, R), row-major like x, bounds-checked on both edges.
+//   epilogue: store_tile (shared with the window kernel, vnm_wgmma_window.cuh).
 //
 // x^T (C x Np, zero-padded to a multiple of 8 tokens) is written first by launch_transpose (vnm_transpose.cu).
 // Compiled for every architecture (one kernel table), but the body exists only for sm_90a; elsewhere the
@@ -28,6 +27,62 @@
 #include "vnm_wgmma_ops.h"
 
 namespace vnm {
+
+#if defined(VNM_SM90A_ENABLED)
+// Epilogue of both sparse-wgmma kernels, run by every consumer thread once its accumulators are final:
+// accumulators (+ bias) -> bf16/fp16 -> stmatrix.trans into a [token][row] tile in shared memory (the B ring's
+// space: every consumer is past its last wgmma first) -> 16-byte stores into y (N, R), row-major like x,
+// bounds-checked on both edges. acc[mi] holds m64 tile cw * WG_M + mi of the CTA's BM rows x BN tokens.
+template <int kWgM, int kBN, int kConsumers, typename T>
+__device__ __forceinline__ void store_tile(float (&acc)[kWgM][kBN / 2], const VnmParams& p, unsigned char* smem_raw,
+                                           uint32_t smem, int m0, int n0) {
+  constexpr int kBM = 64 * kWgM * kConsumers;
+  constexpr int kOutPitch = kBM + 8;  // elements; an odd number of 16-byte units keeps stmatrix conflict-free
+  const int tid = threadIdx.x, cw = tid / 128 - 1, warp = (tid / 32) % 4, lane = tid % 32, gid = lane >> 2;
+  sm90::named_barrier(1, 128 * kConsumers);  // every consumer is done reading the B ring
+  const uint16_t* b16 = static_cast<const uint16_t*>(p.bias);
+#pragma unroll
+  for (int mi = 0; mi < kWgM; ++mi) {
+    const int mrow = (cw * kWgM + mi) * 64 + 16 * warp;  // first row of this warp within the CTA tile
+    float bias[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = m0 + mrow + gid + 8 * h;
+      bias[h] = (b16 != nullptr && row < p.R) ? Elem<T>::to_float(b16[row]) : 0.f;
+    }
+#pragma unroll
+    for (int jj = 0; jj < kBN / 16; ++jj) {
+      uint32_t r[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {  // matrix q: rows +8 (q % 2), tokens +8 (q / 2)
+        const int i = sm90::stmatrix_acc(jj, q);
+        r[q] = static_cast<uint32_t>(Elem<T>::from_float(acc[mi][i] + bias[q & 1])) |
+               (static_cast<uint32_t>(Elem<T>::from_float(acc[mi][i + 1] + bias[q & 1])) << 16);
+      }
+      const sm90::StRow st = sm90::stmatrix_row(lane, jj);
+      sm90::stmatrix_x4_trans(smem + (st.n * kOutPitch + mrow + st.m) * 2, r[0], r[1], r[2], r[3]);
+    }
+  }
+  sm90::named_barrier(1, 128 * kConsumers);
+
+  const uint16_t* out = reinterpret_cast<const uint16_t*>(smem_raw + (smem - smem_addr(smem_raw)));
+  uint16_t* y16 = static_cast<uint16_t*>(p.y);
+  const bool vec = (p.ldy % 8) == 0 && (reinterpret_cast<uintptr_t>(p.y) % 16) == 0;
+  constexpr int kRowPieces = kBM / 8;
+  for (int q = tid - 128; q < kBN * kRowPieces; q += 128 * kConsumers) {
+    const int nl = q / kRowPieces, mp = q % kRowPieces;
+    const int n = n0 + nl, row = m0 + mp * 8;
+    if (n >= p.N || row >= p.R) continue;
+    const uint16_t* src = out + nl * kOutPitch + mp * 8;
+    uint16_t* dst = y16 + static_cast<size_t>(n) * p.ldy + row;
+    if (vec && row + 8 <= p.R) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int j = 0; j < 8 && row + j < p.R; ++j) dst[j] = src[j];
+    }
+  }
+}
+#endif  // VNM_SM90A_ENABLED
 
 // Checks and derived constants for a sparse-wgmma tile traits struct (generated; see instantiations.py):
 //   V:         rows per V:N:M block (64 or 128: one m64 wgmma tile never straddles two blocks' columns)
@@ -141,7 +196,6 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1) vnm_wgmma_kerne
     // ------------------------------------------------------------------ consumers: sparse wgmma
     sm90::setmaxnreg_inc<S::kConsumerRegs>();
     const int cw = wg - 1;
-    const int gid = lane >> 2;
     float acc[S::kWgM][S::kAcc];
 #pragma unroll
     for (int mi = 0; mi < S::kWgM; ++mi)
@@ -188,7 +242,7 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1) vnm_wgmma_kerne
           sm90::wgmma_fence();
 #pragma unroll
           for (int mi = 0; mi < S::kWgM; ++mi)
-            WgmmaSp<T, S::kBN>::run(acc[mi], a_reg[j][mi], sm90::b_desc(stage + b_off[mi], S::kBN), e_reg[j][mi]);
+            WgmmaSp<T, S::kBN, 1>::run(acc[mi], a_reg[j][mi], sm90::b_desc(stage + b_off[mi], S::kBN), e_reg[j][mi]);
           sm90::wgmma_commit();
 #pragma unroll
           for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
@@ -205,49 +259,7 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1) vnm_wgmma_kerne
 #pragma unroll
     for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
 
-    // ------------------------------------------------------------------ epilogue
-    sm90::named_barrier(1, 128 * S::kConsumers);  // every consumer is done reading the B ring
-    const uint16_t* b16 = static_cast<const uint16_t*>(p.bias);
-#pragma unroll
-    for (int mi = 0; mi < S::kWgM; ++mi) {
-      const int mrow = (cw * S::kWgM + mi) * 64 + 16 * warp;  // first row of this warp within the CTA tile
-      float bias[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = m0 + mrow + gid + 8 * h;
-        bias[h] = (b16 != nullptr && row < p.R) ? Elem<T>::to_float(b16[row]) : 0.f;
-      }
-#pragma unroll
-      for (int jj = 0; jj < S::kBN / 16; ++jj) {
-        uint32_t r[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {  // matrix q: rows +8 (q % 2), tokens +8 (q / 2)
-          const int i = sm90::stmatrix_acc(jj, q);
-          r[q] = static_cast<uint32_t>(Elem<T>::from_float(acc[mi][i] + bias[q & 1])) |
-                 (static_cast<uint32_t>(Elem<T>::from_float(acc[mi][i + 1] + bias[q & 1])) << 16);
-        }
-        const sm90::StRow st = sm90::stmatrix_row(lane, jj);
-        sm90::stmatrix_x4_trans(smem + (st.n * S::kOutPitch + mrow + st.m) * 2, r[0], r[1], r[2], r[3]);
-      }
-    }
-    sm90::named_barrier(1, 128 * S::kConsumers);
-
-    const uint16_t* out = reinterpret_cast<const uint16_t*>(smem_raw + (smem - smem_addr(smem_raw)));
-    uint16_t* y16 = static_cast<uint16_t*>(p.y);
-    const bool vec = (p.ldy % 8) == 0 && (reinterpret_cast<uintptr_t>(p.y) % 16) == 0;
-    constexpr int kRowPieces = S::kBM / 8;
-    for (int q = tid - 128; q < S::kBN * kRowPieces; q += 128 * S::kConsumers) {
-      const int nl = q / kRowPieces, mp = q % kRowPieces;
-      const int n = n0 + nl, row = m0 + mp * 8;
-      if (n >= p.N || row >= p.R) continue;
-      const uint16_t* src = out + nl * S::kOutPitch + mp * 8;
-      uint16_t* dst = y16 + static_cast<size_t>(n) * p.ldy + row;
-      if (vec && row + 8 <= p.R) {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-      } else {
-        for (int j = 0; j < 8 && row + j < p.R; ++j) dst[j] = src[j];
-      }
-    }
+    store_tile<S::kWgM, S::kBN, S::kConsumers, T>(acc, p, smem_raw, smem, m0, n0);
   }
 #endif  // VNM_SM90A_ENABLED
 }

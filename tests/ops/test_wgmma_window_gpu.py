@@ -1,0 +1,106 @@
+"""The sm_90a window kernels (B = x by TMA, A as 2:4 over the window) on the GPU, against a float64 reference,
+outputs poisoned with NaN first.
+
+Every compiled `WgmmaWindow` variant runs directly (by its table index) over odd shapes: every V (the window
+kernels take any), R not a multiple of the tile nor of 16, C not a multiple of M, of 8 or of 64 (padding slots,
+the zero-filled TMA tail, a last stage with one chunk at M = 4), N = 1, 3, 17, 100, 257, 4095, one stage to many
+(ring wrap-around), bias or not, both dtypes, x as it comes and x that TMA cannot read in place (a column-offset
+view: the binding copies it). Then the public path: unpermuted weights take the window kernel and permuted ones
+the gathering kernel, leading dims, CUDA-graph replay, bitwise repeatability, and the refusal of a pack without
+the window. Skipped unless the GPU is sm_90 (bench/run_gpu.sh runs them, once under compute-sanitizer).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, run_kernel, wgmma_dispatch
+
+from vnmsparse import ops
+from vnmsparse.ops import dispatch, instantiations
+
+SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 (Hopper) GPU")]
+
+WINDOW_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "wgmma_window"]
+
+
+@pytest.fixture
+def window_on(monkeypatch):
+    """Public-path tests on small problems: tensor-core kernels even below one wave of tiles."""
+    with wgmma_dispatch(True):
+        monkeypatch.setattr(dispatch, "WGMMA_MIN_WAVES", 0.0)
+        dispatch._choose.cache_clear()
+        dispatch._plan.cache_clear()
+        yield
+    dispatch._choose.cache_clear()
+    dispatch._plan.cache_clear()
+
+
+def _shapes():
+    # (R, C, V, token counts). C = 45 / 77: one stage, C % 8 != 0; 1001: many stages and a partial group;
+    # 4096: 64 stages (many trips around both rings); 100 at M = 4 is 25 groups, an odd chunk count.
+    return [
+        (2 * 64 + 3, 45, 64, (1, 17, 257)),
+        (300, 1001, 128, (3, 100, 4095)),
+        (77, 77, 16, (130,)),
+        (1000, 4096, 64, (256, 1000)),
+        (96, 100, 32, (9, 300)),
+    ]
+
+
+@pytest.mark.parametrize("kernel", WINDOW_KERNELS, ids=lambda k: k.name)
+def test_window_kernel(ext, kernel):
+    dtype, M = DTYPES[kernel.dtype], kernel.variant.M
+    for s, (R, C, V, ns) in enumerate(_shapes()):
+        for i, N in enumerate(ns):
+            t = random_vnm(R, C, f"{V}:2:{M}", dtype=dtype, device="cuda", seed=R + C + N)
+            assert t.pack("cuda").window == 8 * M
+            if (s + i) % 2:  # a view TMA cannot read in place: 2-byte offset, odd row stride
+                x = torch.randn(N, C + 1, device="cuda").to(dtype)[:, 1:]
+            else:
+                x = torch.randn(N, C, device="cuda").to(dtype)
+            bias = torch.randn(R, device="cuda").to(dtype) if (s + i) % 2 == 0 else None
+            y = run_kernel(ext, kernel, t, x, bias)
+            check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} V={V} N={N}")
+
+
+def test_window_kernel_refuses_a_pack_without_the_window(ext):
+    kernel = next(k for k in WINDOW_KERNELS if k.dtype == "bf16" and k.variant.M == 8)
+    t = random_vnm(256, 512, "64:2:8", device="cuda", seed=1)
+    x = torch.randn(300, 512, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="window"):
+        run_kernel(ext, kernel, t, x, window=0)
+
+
+@pytest.mark.parametrize("M", [4, 8])
+def test_window_is_repeatable_and_matches_the_gather(ext, M):
+    kernel = next(k for k in WINDOW_KERNELS if k.dtype == "bf16" and k.variant.M == M)
+    gather = next(k for k in instantiations.KERNELS if k.variant.kind == "wgmma" and k.V == 64 and k.dtype == "bf16")
+    t = random_vnm(1024, 2048, f"64:2:{M}", device="cuda", seed=3)
+    x = torch.randn(1024, 2048, device="cuda").to(torch.bfloat16)
+    y1, y2 = run_kernel(ext, kernel, t, x), run_kernel(ext, kernel, t, x)
+    assert torch.equal(y1, y2)  # no split-k, no atomics: bitwise repeatable
+    ref = fp64_reference(x, t)
+    check(y1, ref, torch.bfloat16, f"window 1024x2048 N=1024 M={M}")
+    # Same products, fp32 sums in another order: as close to the gather kernel as to the reference.
+    assert (y1.float() - run_kernel(ext, gather, t, x).float()).norm() <= 2 * (y1.double() - ref).norm()
+
+
+@pytest.mark.parametrize("lead", [(300,), (2, 150), (4095,)])
+def test_public_linear_takes_the_window_kernel_when_unpermuted(window_on, lead):
+    plain = random_vnm(1000, 700, "64:2:8", device="cuda", seed=9)
+    permuted = random_vnm(1000, 700, "64:2:8", device="cuda", permute=True, seed=9)
+    x = torch.randn(*lead, 700, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(1000, device="cuda").to(torch.bfloat16)
+    N, sms = x.numel() // 700, torch.cuda.get_device_properties(0).multi_processor_count
+    for t, kind in ((plain, "wgmma_window"), (permuted, "wgmma")):
+        assert dispatch.choose(N, 1000, 64, "bf16", sms, (9, 0), t.pack("cuda").window).variant.kind == kind
+        y = ops.linear(x, t, bias)
+        assert y.shape == (*lead, 1000)
+        check(y.reshape(-1, 1000), fp64_reference(x.reshape(-1, 700), t, bias), torch.bfloat16, f"linear {kind} {lead}")
+
+
+def test_cuda_graph_replay_with_the_window_kernel(window_on):
+    t = random_vnm(512, 384, "32:2:4", device="cuda", seed=2)
+    check_graph_replay(t, 512, "graph replay")
