@@ -293,9 +293,10 @@ def markdown(records: list[dict], meta: dict) -> str:
         "| R x C | N | pattern | path | dense ms | vnm ms | vnm speedup | cslt24 ms | cslt24 speedup | rel err | achieved | % of ceiling | graph: dense / vnm ms (speedup) |",
         "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    if any("mma_sp_ms" in r for r in records):  # wgmma rows carry the mma.sp time of the same case in the last column
+    if any("mma_sp_ms" in r or "gather_ms" in r for r in records):  # tensor-core rows: the alternative, same run
         lines[-2] = lines[-2].replace("graph: dense / vnm ms (speedup) |",
-                                      "decode: graph dense / vnm ms (speedup); wgmma: mma.sp ms (wgmma over it) |")
+                                      "decode: graph dense / vnm ms (speedup); wgmma: mma.sp ms (wgmma over it); "
+                                      "wgmma_window: gathering kernel ms (window over it) |")
     for r in records:
         ach = f"{r['gbps']:.0f} GB/s" if "gbps" in r else f"{r['dense_equiv_tflops']:.0f} TFLOP/s"
         cs = "-" if r["cslt24_ms"] is None else f"{r['cslt24_ms']:.4f}"
@@ -303,6 +304,8 @@ def markdown(records: list[dict], meta: dict) -> str:
         graph = f"{r['dense_graph_ms']:.4f} / {r['vnm_graph_ms']:.4f} ({r['graph_speedup']:.2f}x)" if "vnm_graph_ms" in r else ""
         if "mma_sp_ms" in r:
             graph = f"{r['mma_sp_ms']:.4f} ({r['mma_sp_ms'] / r['vnm_ms']:.2f}x)"
+        if "gather_ms" in r:
+            graph = f"{r['gather_ms']:.4f} ({r['gather_ms'] / r['vnm_ms']:.2f}x)"
         lines.append(
             f"| {r['R']}x{r['C']} | {r['N']} | {r['pattern']} | {r['path']} | {r['dense_ms']:.4f} | {r['vnm_ms']:.4f} | "
             f"{r['speedup']:.2f}x | {cs} | {csp} | {r['rel_err']:.1e} | {ach} | {r['pct_of_ceiling']:.0f}% | {graph} |"

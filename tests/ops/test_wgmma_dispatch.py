@@ -70,3 +70,14 @@ def test_problems_below_one_wave_stay_on_mma_sp(wgmma_on):
     # 4096 x 1024 is 32 x 4 = 128 tiles of 128 x 256: under one wave of 132 SMs (measured: mma.sp 6% faster)
     assert dispatch.choose(1024, 4096, 64, "bf16", 132, H100).variant.kind == "gemm"
     assert dispatch.choose(2048, 4096, 64, "bf16", 132, H100).variant.kind == "wgmma"
+
+
+@pytest.mark.parametrize("V", [16, 32, 64, 128])
+def test_unpermuted_m4_takes_the_window_kernel_on_sm90_only(wgmma_on, V):
+    assert dispatch.choose(4096, 8192, V, "bf16", 132, H100, window=32).variant.kind == "wgmma_window"
+    assert dispatch.choose(4096, 8192, V, "fp16", 132, H100, window=32).dtype == "fp16"
+    # No window (permuted), or a window no kernel takes (M = 8): the gathering kernels, as before.
+    for window in (0, 64):
+        assert dispatch.choose(4096, 8192, V, "bf16", 132, H100, window=window).variant.kind in ("wgmma", "gemm")
+    assert dispatch.choose(4096, 8192, V, "bf16", 132, (8, 0), window=32).variant.kind == "gemm"
+    assert dispatch.choose(16, 8192, V, "bf16", 132, H100, window=32).variant.kind == "decode"

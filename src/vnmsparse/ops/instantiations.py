@@ -180,8 +180,8 @@ class Wgmma(_Generated):
 
 @dataclass(frozen=True)
 class WgmmaWindow(_Generated):
-    """Hopper (sm_90a) sparse-wgmma kernel for weights whose kept columns stay in their own group of M in {4, 8}
-    (pack window 8M), any V and N: B is x itself by TMA, A is 2:4 over the window. Runs only on sm_90."""
+    """Hopper (sm_90a) sparse-wgmma kernel for M = 4 weights whose kept columns are their groups' own columns
+    (pack window 32), any V and N: B is x itself by TMA, the packed records are A as they are. Runs on sm_90."""
 
     M: int  # group width the weights were pruned with
     consumers: int
@@ -189,7 +189,6 @@ class WgmmaWindow(_Generated):
     BN: int
     stages: int  # ring depth of [BN tokens x 64 columns] x tiles
     a_ring: int = 4
-    cluster: int = 1  # CTAs (adjacent row tiles) sharing each x tile by TMA multicast
 
     kind = "wgmma_window"
     max_n = 1 << 30
@@ -207,12 +206,11 @@ class WgmmaWindow(_Generated):
 
     @property
     def tag(self) -> str:
-        return f"m{self.M}_c{self.consumers}m{self.wg_m}n{self.BN}s{self.stages}a{self.a_ring}x{self.cluster}"
+        return f"m{self.M}_c{self.consumers}m{self.wg_m}n{self.BN}s{self.stages}a{self.a_ring}"
 
     def fields(self) -> tuple[str, ...]:
         return (
             f"M = {self.M};           // group width of the weights (window = 8M columns per chunk)",
-            f"CLUSTER = {self.cluster};     // CTAs sharing each x tile (TMA multicast)",
             f"CONSUMERS = {self.consumers};   // consumer warpgroups",
             f"WG_M = {self.wg_m};        // m64 tiles per consumer warpgroup",
             f"BN = {self.BN};        // tokens per CTA (wgmma N)",
@@ -228,14 +226,9 @@ class WgmmaWindow(_Generated):
 
 
 def _wgmma_window_variants() -> list[WgmmaWindow]:
-    # Per M: the 128 x 256 tile (least expansion work per FLOP at M = 8) and the 256 x 128 one (least x traffic;
-    # two m64 tiles of operands per thread leave registers for an A ring of 2 only: 4 spilled at M = 4).
-    # CLUSTER = 2 pairs two such CTAs on one x tile (TMA multicast: half the L2 -> SM bytes of x each).
-    return [
-        WgmmaWindow(M=M, consumers=2, wg_m=wg_m, BN=BN, stages=stages, a_ring=a_ring, cluster=cluster)
-        for M in (4, 8)
-        for wg_m, BN, stages, a_ring, cluster in ((1, 256, 4, 4, 2), (1, 256, 4, 4, 1), (2, 128, 6, 2, 2))
-    ]
+    # The 128 x 256 tile: 1.2-1.3x faster than 256 x 128 (A ring of 2 only, for registers) on every case measured;
+    # M = 8 (records expanded in registers) and 2-CTA clusters sharing x were slower (bench/NOTES-wgmma.md).
+    return [WgmmaWindow(M=4, consumers=2, wg_m=1, BN=256, stages=4)]
 
 
 def _wgmma_variants() -> list[Wgmma]:

@@ -16,8 +16,8 @@ With R x C logical, G = ceil(C/M) groups, Rt = ceil(R/16) row tiles, Kc = ceil(G
 - `window`: 8*M when every group's kept columns lie in the group's own M input columns, in ascending order
   (true unless an input permutation was folded in), else 0. Chunk kc then reads only x columns
   [kc*8M, (kc+1)*8M): the decode kernel loads that window with coalesced 16-byte copies, issued with the
-  weights, instead of a gather that waits for the column indices; for M in {4, 8} on sm_90 the window
-  tensor-core kernel (vnm_wgmma_window.cuh) multiplies x's tiles directly, A as 2:4 over the window.
+  weights, instead of a gather that waits for the column indices; for M = 4 on sm_90 the window
+  tensor-core kernel (vnm_wgmma_window.cuh) multiplies x's tiles directly (the records are 2:4 over them).
 
 Padding rows and groups hold zero values and the valid metadata nibble 0b0100 (slots 0 and 1).
 

@@ -108,13 +108,11 @@ VNM_HD constexpr StRow stmatrix_row(int lane, int jj) {
   return StRow{16 * jj + 8 * ((lane >> 3) >> 1) + (lane & 7), 8 * ((lane >> 3) & 1)};
 }
 
-// ---- window kernel (vnm_wgmma_window.cuh): B straight from x, A expanded to 2:4 over the window -------------
-// For weights whose kept columns stay inside their own group of M (unpermuted; M = 4 or 8) a chunk of 8 groups is
-// 8M contiguous columns of x. The window kernel loads x's [tokens x 64 columns] tiles by TMA (K-major, 128-byte
-// swizzle: token n is the 128-byte line n, its 16-byte chunk c at c ^ (n % 8)) and multiplies them with A laid
-// out as 2:4 over those 64 columns: a row has 2 nonzeros per group of M >= 4 columns, so never more than 2 in an
-// aligned quad. At M = 4 the packed record already is that operand; at M = 8 each record (8 groups) becomes two
-// k32 operands (4 groups each), built in registers with the functions below.
+// ---- window kernel (vnm_wgmma_window.cuh): B straight from x, A as 2:4 over the window -------------------
+// For M = 4 weights whose kept columns are their groups' own 4 columns (unpermuted), a chunk of 8 groups is 32
+// contiguous columns of x and its packed record already is the 2:4 A operand over them. The window kernel loads
+// x's [tokens x 64 columns] tiles by TMA (K-major, 128-byte swizzle: token n is the 128-byte line n, its 16-byte
+// chunk c at c ^ (n % 8)), two chunks per stage.
 constexpr int kWindowCols = 64;  // x columns per stage: one 128-byte swizzle line of bf16/fp16
 
 // wgmma descriptor of a K-major B tile (tokens x 64 columns, 128-byte swizzle, 1024-aligned), advanced by
@@ -123,43 +121,6 @@ constexpr int kWindowCols = 64;  // x columns per stage: one 128-byte swizzle li
 VNM_HD constexpr uint64_t bk_desc(uint32_t smem_addr, uint32_t k_bytes) {
   return desc_encode(smem_addr + k_bytes) | (uint64_t{1} << 16) | (desc_encode(kAtomBytes) << 32) |
          (static_cast<uint64_t>(kSwizzle128B) << 62);
-}
-
-// Byte offset in such a tile of columns 8c..8c+7 (c = 0..7) of token n: where TMA's 128-byte swizzle puts them.
-VNM_HD constexpr uint32_t bk_tile_offset(int n, int c) { return static_cast<uint32_t>(n * 128 + ((c ^ (n % 8)) * 16)); }
-
-// Lane (of a warp holding one 16-row record) whose register pair feeds window operand quad `quad` (0..7) of a
-// thread with quad group position t: window k32 half j takes groups 4j..4j+3, thread t supplies quads t and t + 4
-// (its registers 0/1 and 2/3), i.e. groups 4j + t/2 and 4j + 2 + t/2, half t % 2 of each. The record holds group g
-// (g % 4 = t') in lane 4 gid + t', register 2 (g / 4) (+1 for row gid + 8).
-VNM_HD constexpr int window_value_lane(int lane, int second) { return (lane & ~3) + 2 * second + ((lane & 3) >> 1); }
-
-// Lane holding the metadata word of groups 4j..4j+3 (rows gid and gid + 8): lanes 4 gid + h read word 2 gid + h.
-VNM_HD constexpr int window_meta_lane(int lane, int j) { return (lane & ~3) + j; }
-
-// Kept-column position (0..15, 4 bits) of one slot within its group, from pack's `cols` entry: global column minus
-// the group's first column. Padding slots (pack points them at column C - 1) may repeat the previous slot's
-// position; padding groups (past G) give anything. Their values are zero, so window_route only needs the real
-// ones right and the metadata valid.
-VNM_HD constexpr uint32_t kept_position(int col, int group, int m) { return static_cast<uint32_t>(col - group * m) & 15u; }
-
-// How one (row, group) pair of kept values (slots lo, hi at group positions c_lo <= c_hi) fills quad half `h` of
-// the group (positions 4h..4h+3): `sel` is a byte_perm selector over {pair, 0} giving the quad's two operand
-// values, `nib` their ordered 2:4 indices i0 < i1 within the quad. A value belongs to the half its position is in;
-// a repeated position (padding) counts once; a lone value goes to slot 0 at index 0, otherwise to slot 1 next to a
-// zero at index 0; an empty half is two zeros at indices 0, 1.
-struct WindowRoute {
-  uint32_t sel;
-  uint32_t nib;
-};
-
-VNM_HD constexpr WindowRoute window_route(uint32_t c_lo, uint32_t c_hi, uint32_t h) {
-  const bool lo = (c_lo >> 2) == h, hi = (c_hi >> 2) == h && c_hi > c_lo;
-  const uint32_t q_lo = c_lo & 3u, q_hi = c_hi & 3u;
-  if (lo && hi) return WindowRoute{0x3210u, q_lo | (q_hi << 2)};
-  if (lo) return q_lo == 0 ? WindowRoute{0x4410u, 0x4u} : WindowRoute{0x1044u, q_lo << 2};
-  if (hi) return q_hi == 0 ? WindowRoute{0x4432u, 0x4u} : WindowRoute{0x3244u, q_hi << 2};
-  return WindowRoute{0x4444u, 0x4u};
 }
 
 // ---- grid raster -----------------------------------------------------------------------------------------
