@@ -264,28 +264,40 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1) vnm_wgmma_kerne
 #endif  // VNM_SM90A_ENABLED
 }
 
+// The device the sparse-wgmma kernels launch on, or why not: they exist for sm_90 (sm_90a) only.
+inline cudaError_t sm90_device(int* dev) {
+  const cudaError_t err = cudaGetDevice(dev);
+  if (err != cudaSuccess) return err;
+  return compute_capability(*dev) == 90 ? cudaSuccess : cudaErrorNotSupported;
+}
+
+// Launch `Kernel` on one CTA per tile with `smem` bytes of dynamic shared memory, the limit raised once per
+// device (graph-capture safe: no attribute call while capturing after the first launch).
+template <auto Kernel, typename... Args>
+cudaError_t launch_tiles(int dev, long long tiles, int threads, int smem, cudaStream_t stream, const Args&... args) {
+  static bool configured[64] = {};
+  if (dev >= 64 || !configured[dev]) {
+    const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    if (dev < 64) configured[dev] = true;
+  }
+  if (tiles > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  Kernel<<<static_cast<unsigned>(tiles), threads, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
 template <typename Tile, typename T>
 cudaError_t launch_wgmma(const VnmParams& p, cudaStream_t stream) {
   using S = WgmmaShape<Tile>;
   if (p.V != S::kV || p.xt == nullptr) return cudaErrorInvalidValue;
   int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  cudaError_t err = sm90_device(&dev);
   if (err != cudaSuccess) return err;
-  if (compute_capability(dev) != 90) return cudaErrorNotSupported;  // the only architecture it is built for
   if (p.N == 0 || p.R == 0) return cudaSuccess;
   err = launch_transpose(p, stream);
   if (err != cudaSuccess) return err;
-  auto kernel = vnm_wgmma_kernel<Tile, T>;
-  static bool configured[64] = {};  // raise the dynamic shared-memory limit once per device (graph-capture safe)
-  if (dev >= 64 || !configured[dev]) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    if (dev < 64) configured[dev] = true;
-  }
   const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
-  if (tiles > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  kernel<<<static_cast<unsigned>(tiles), S::kThreads, S::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_tiles<vnm_wgmma_kernel<Tile, T>>(dev, tiles, S::kThreads, S::kSmemBytes, stream, p);
 }
 
 }  // namespace vnm

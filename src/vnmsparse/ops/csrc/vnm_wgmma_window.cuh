@@ -203,24 +203,14 @@ cudaError_t launch_wgmma_window(const VnmParams& p, cudaStream_t stream) {
   using S = WgmmaWindowShape<Tile>;
   if (p.window != 8 * S::kM) return cudaErrorInvalidValue;
   int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  cudaError_t err = sm90_device(&dev);
   if (err != cudaSuccess) return err;
-  if (compute_capability(dev) != 90) return cudaErrorNotSupported;  // the only architecture it is built for
   if (p.N == 0 || p.R == 0) return cudaSuccess;
   CUtensorMap map;
   err = x_tensor_map<T>(p, S::kBN, &map);
   if (err != cudaSuccess) return err;
-  auto kernel = vnm_wgmma_window_kernel<Tile, T>;
-  static bool configured[64] = {};  // raise the dynamic shared-memory limit once per device (graph-capture safe)
-  if (dev >= 64 || !configured[dev]) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    if (dev < 64) configured[dev] = true;
-  }
   const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
-  if (tiles > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  kernel<<<static_cast<unsigned>(tiles), S::kThreads, S::kSmemBytes, stream>>>(p, map);
-  return cudaGetLastError();
+  return launch_tiles<vnm_wgmma_window_kernel<Tile, T>>(dev, tiles, S::kThreads, S::kSmemBytes, stream, p, map);
 }
 
 }  // namespace vnm
