@@ -29,6 +29,8 @@ CASES = [  # (R, C, N, pattern, kernel name or None for the dispatcher's choice)
     (4096, 4096, 4096, "64:2:8", "wgmma_bf16_v64_c2m2n128s4a4"),
     (8192, 8192, 8192, "64:2:8", "wgmma_bf16_v64_c2m2n128s4a4"),
     (8192, 8192, 8192, "128:2:8", "wgmma_bf16_v128_c2m1n256s6a4"),
+    # the sm_90a window kernel (unpermuted M = 4: x tiles and A records by TMA, no gather)
+    (8192, 8192, 4096, "64:2:4", "wgmma_window_bf16_m4_c2m1n256s4"),
 ]
 
 
@@ -56,7 +58,7 @@ def main() -> None:
             torch.cuda.synchronize()
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             props = torch.cuda.get_device_properties(dev)
-            chosen = dispatch.choose(N, R, t.pattern.V, "bf16", sms, (props.major, props.minor))
+            chosen = dispatch.choose(N, R, t.pattern.V, "bf16", sms, (props.major, props.minor), t.pack(dev).window)
             ks = dispatch.decode_ksplit(chosen, R, t.pack(dev).a_vals.shape[1], sms)
             print(f"case {i}: R={R} C={C} N={N} {pattern} kernel={chosen.name} ksplit={ks}: {cpu_us:.1f} us CPU per call", flush=True)
             cudart.cudaProfilerStart()

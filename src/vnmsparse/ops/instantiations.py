@@ -187,8 +187,7 @@ class WgmmaWindow(_Generated):
     consumers: int
     wg_m: int
     BN: int
-    stages: int  # ring depth of [BN tokens x 64 columns] x tiles
-    a_ring: int = 4
+    stages: int  # ring depth of stages ([BN tokens x 64 columns] of x and the CTA's A records for them)
 
     kind = "wgmma_window"
     max_n = 1 << 30
@@ -206,7 +205,7 @@ class WgmmaWindow(_Generated):
 
     @property
     def tag(self) -> str:
-        return f"m{self.M}_c{self.consumers}m{self.wg_m}n{self.BN}s{self.stages}a{self.a_ring}"
+        return f"m{self.M}_c{self.consumers}m{self.wg_m}n{self.BN}s{self.stages}"
 
     def fields(self) -> tuple[str, ...]:
         return (
@@ -214,8 +213,7 @@ class WgmmaWindow(_Generated):
             f"CONSUMERS = {self.consumers};   // consumer warpgroups",
             f"WG_M = {self.wg_m};        // m64 tiles per consumer warpgroup",
             f"BN = {self.BN};        // tokens per CTA (wgmma N)",
-            f"STAGES = {self.stages};      // ring depth of x tiles",
-            f"A_RING = {self.a_ring};      // stages of A records in registers",
+            f"STAGES = {self.stages};      // ring depth of stages (x tile + A records)",
         )
 
     @property
@@ -226,8 +224,9 @@ class WgmmaWindow(_Generated):
 
 
 def _wgmma_window_variants() -> list[WgmmaWindow]:
-    # The 128 x 256 tile: 1.2-1.3x faster than 256 x 128 (A ring of 2 only, for registers) on every case measured;
-    # M = 8 (records expanded in registers) and 2-CTA clusters sharing x were slower (bench/NOTES-wgmma.md).
+    # The 128 x 256 tile with 4 stages: as fast or faster than 5 stages or 256 x 128 on every case measured
+    # (history/kernel-h100-window-smem.json); M = 8 (records expanded in registers) and 2-CTA clusters sharing x
+    # were slower (bench/NOTES-wgmma.md).
     return [WgmmaWindow(M=4, consumers=2, wg_m=1, BN=256, stages=4)]
 
 

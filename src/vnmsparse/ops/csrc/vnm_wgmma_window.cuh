@@ -7,10 +7,14 @@
 // Tried and measured slower (NOTES-wgmma.md, "Fifth session"): the same for M = 8 with each record expanded in
 // registers into two 2:4 operands over its 64 columns, and 2-CTA clusters sharing x tiles by multicast.
 //
-//   producer warpgroup: one thread issues one TMA box per 64-column stage into a STAGES-deep ring; the box's
-//       bytes complete the stage's `full` mbarrier.
-//   consumer warpgroups: the records of chunks 2ks and 2ks + 1 (the two k32 operands of stage ks) straight from
-//       global memory into registers, A_RING stages ahead, as in the gather kernel; two wgmma.sp per m64 tile.
+//   producer warpgroup: one thread issues three TMA boxes per 64-column stage into a STAGES-deep ring: the x tile,
+//       and the CTA's 8 row tiles' packed records and metadata words of the stage's two chunks (A comes through
+//       shared memory: a global load into registers held ahead of the wgmma made every wgmma.fence wait for it,
+//       ncu: long-scoreboard stalls 9 of 16 cycles per instruction, whatever the depth of the register ring).
+//       The boxes' bytes complete the stage's `full` mbarrier; parts past R or past the last chunk read as zeros.
+//   consumer warpgroups: per stage, each lane reads its 16-byte fragment and metadata word of the two chunks
+//       from shared memory (double-buffered registers: a wgmma reads them asynchronously), two wgmma.sp per m64
+//       tile.
 //   epilogue: store_tile (vnm_wgmma.cuh).
 #pragma once
 
@@ -19,19 +23,22 @@
 namespace vnm {
 
 // Checks and derived constants for a window-kernel traits struct (generated; see instantiations.py):
-//   M: group width the weights were pruned with (4); CONSUMERS, WG_M, BN, A_RING as for WgmmaShape;
-//   STAGES: depth of the ring of x tiles (BN x 64 columns each).
+//   M: group width the weights were pruned with (4); CONSUMERS, WG_M, BN as for WgmmaShape;
+//   STAGES: depth of the ring of stages (an x tile of BN x 64 columns and the CTA's A records for it).
 template <typename Tile> struct WgmmaWindowShape {
   static constexpr int kM = Tile::M;
   static constexpr int kConsumers = Tile::CONSUMERS;
   static constexpr int kWgM = Tile::WG_M;
   static constexpr int kBN = Tile::BN;
   static constexpr int kStages = Tile::STAGES;
-  static constexpr int kARing = Tile::A_RING;
   static constexpr int kBM = 64 * kWgM * kConsumers;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kChunksPerStage = sm90::kWindowCols / (8 * kM);  // packed records per stage: 2
-  static constexpr int kStageBytes = kBN * 128;                          // BN tokens x one 128-byte line
+  static constexpr int kRowTiles = kBM / 16;                             // packed 16-row records per chunk
+  static constexpr int kXBytes = kBN * 128;                              // BN tokens x one 128-byte line
+  static constexpr int kABytes = kRowTiles * kChunksPerStage * 512;      // records: 32 lanes x 16 bytes
+  static constexpr int kEBytes = kRowTiles * kChunksPerStage * 64;       // metadata: 16 words
+  static constexpr int kStageBytes = kXBytes + kABytes + kEBytes;
   static constexpr int kOutBytes = kBN * (kBM + 8) * 2;
   static constexpr int kRingBytes = kStages * kStageBytes;
   static constexpr int kSmemBytes = (kRingBytes > kOutBytes ? kRingBytes : kOutBytes) + sm90::kAtomBytes;  // + align
@@ -46,13 +53,15 @@ template <typename Tile> struct WgmmaWindowShape {
   static_assert(kBN % 16 == 0 && kBN >= 16 && kBN <= 256, "BN must be a multiple of 16 in 16..256 (wgmma N, TMA box)");
   static_assert(kWgM * kAcc <= 128, "at most 128 fp32 accumulators per consumer thread");
   static_assert(kStages >= 2 && kStages <= 8, "STAGES must be in 2..8");
-  static_assert(kARing >= 2 && kARing <= 6, "A_RING must be in 2..6");
+  static_assert(kStageBytes % sm90::kAtomBytes == 0, "stages must keep x tiles 1024-byte aligned (swizzle atoms)");
+  static_assert(kRowTiles <= 256, "one TMA box carries the CTA's row tiles (at most 256 rows per box)");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA exceeds the 227 KB an sm_90 block may use");
 };
 
 template <typename Tile, typename T>
 __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
-    vnm_wgmma_window_kernel(const VnmParams p, const __grid_constant__ CUtensorMap xmap) {
+    vnm_wgmma_window_kernel(const VnmParams p, const __grid_constant__ CUtensorMap xmap,
+                            const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap emap) {
 #if defined(VNM_SM90A_ENABLED)
   using S = WgmmaWindowShape<Tile>;
   constexpr int kRecs = S::kChunksPerStage;
@@ -86,11 +95,16 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
     sm90::setmaxnreg_dec<S::kProducerRegs>();
     if (warp == 0 && lane == 0) {
       sm90::prefetch_tensormap(&xmap);
+      sm90::prefetch_tensormap(&amap);
+      sm90::prefetch_tensormap(&emap);
       for (int ks = 0; ks < steps; ++ks) {
         const int s = ks % S::kStages;
         if (ks >= S::kStages) sm90::mbar_wait(empty0 + 8 * s, ((ks / S::kStages) - 1) & 1);
-        sm90::mbar_arrive_expect_tx(full0 + 8 * s, S::kStageBytes);  // a box counts whole, zero-filled parts too
-        sm90::tma_load_2d(smem + s * S::kStageBytes, &xmap, ks * sm90::kWindowCols, n0, full0 + 8 * s);
+        const uint32_t stage = smem + s * S::kStageBytes;
+        sm90::mbar_arrive_expect_tx(full0 + 8 * s, S::kStageBytes);  // boxes count whole, zero-filled parts too
+        sm90::tma_load_2d(stage, &xmap, ks * sm90::kWindowCols, n0, full0 + 8 * s);
+        sm90::tma_load_2d(stage + S::kXBytes, &amap, ks * kRecs * 64, m0 / 16, full0 + 8 * s);
+        sm90::tma_load_2d(stage + S::kXBytes + S::kABytes, &emap, ks * kRecs * 16, m0 / 16, full0 + 8 * s);
       }
     }
   } else {
@@ -103,41 +117,34 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
 #pragma unroll
       for (int i = 0; i < S::kAcc; ++i) acc[mi][i] = 0.f;
 
-    const uint4* a_src[S::kWgM];
-    const uint32_t* e_src[S::kWgM];
+    // This warp's record of m64 tile mi within a stage: row tile (cw * WG_M + mi) * 4 + warp of the CTA.
+    uint32_t a_off[S::kWgM], e_off[S::kWgM];
 #pragma unroll
     for (int mi = 0; mi < S::kWgM; ++mi) {
-      const int rec = sm90::a_record(m0 / 64 + cw * S::kWgM + mi, warp, p.Rt);
-      a_src[mi] = p.a_vals + static_cast<size_t>(rec) * p.Kc * 32 + lane;
-      e_src[mi] = p.a_meta + static_cast<size_t>(rec) * p.Kc * 16 + sm90::meta_word(lane);
+      const int rt = (cw * S::kWgM + mi) * 4 + warp;
+      a_off[mi] = S::kXBytes + rt * kRecs * 512 + lane * 16;
+      e_off[mi] = S::kXBytes + S::kABytes + rt * kRecs * 64 + sm90::meta_word(lane) * 4;
     }
-    uint4 a_reg[S::kARing][kRecs][S::kWgM];
-    uint32_t e_reg[S::kARing][kRecs][S::kWgM];
-    auto load_a = [&](int ks, uint4 (&a)[kRecs][S::kWgM], uint32_t (&e)[kRecs][S::kWgM]) {
-      if (ks < steps) {
-#pragma unroll
-        for (int r = 0; r < kRecs; ++r) {
-          const int kc = ks * kRecs + r;
-          const bool real = kc < p.Kc;  // odd Kc: the last stage's second chunk is all zeros
-#pragma unroll
-          for (int mi = 0; mi < S::kWgM; ++mi) {
-            a[r][mi] = real ? ldg_stream(a_src[mi] + static_cast<size_t>(kc) * 32) : make_uint4(0, 0, 0, 0);
-            e[r][mi] = real ? __ldg(e_src[mi] + static_cast<size_t>(kc) * 16) : kPadMeta;
-          }
-        }
-      }
-    };
-#pragma unroll
-    for (int j = 0; j + 1 < S::kARing; ++j) load_a(j, a_reg[j], e_reg[j]);
+    uint4 a_reg[2][kRecs][S::kWgM];  // double-buffered: stage ks's wgmmas read a_reg[ks % 2] until ks + 1 retires them
+    uint32_t e_reg[2][kRecs][S::kWgM];
 
-    for (int k0 = 0; k0 < steps; k0 += S::kARing) {
+    for (int k0 = 0; k0 < steps; k0 += 2) {
 #pragma unroll
-      for (int r = 0; r < S::kARing; ++r) {
+      for (int r = 0; r < 2; ++r) {
         const int ks = k0 + r;
         if (ks < steps) {
           const int s = ks % S::kStages;
           sm90::mbar_wait(full0 + 8 * s, (ks / S::kStages) & 1);
           const uint32_t stage = smem + s * S::kStageBytes;
+#pragma unroll
+          for (int j = 0; j < kRecs; ++j) {
+            const bool real = ks * kRecs + j < p.Kc;  // odd Kc: the last stage's second chunk is padding
+#pragma unroll
+            for (int mi = 0; mi < S::kWgM; ++mi) {
+              a_reg[r][j][mi] = sm90::lds128(stage + a_off[mi] + j * 512);
+              e_reg[r][j][mi] = real ? sm90::lds32(stage + e_off[mi] + j * 64) : kPadMeta;  // zeros: a valid pair
+            }
+          }
 #pragma unroll
           for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
           sm90::wgmma_fence();
@@ -149,14 +156,12 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
           sm90::wgmma_commit();
 #pragma unroll
           for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
-          sm90::wgmma_wait<1>();  // the previous stage's wgmmas are done: its x tile and A slot are free
+          sm90::wgmma_wait<1>();  // the previous stage's wgmmas are done: its stage and registers are free
           if (ks > 0 && lane == 0) sm90::mbar_arrive(empty0 + 8 * ((ks - 1) % S::kStages));
-          const int free_slot = (r + S::kARing - 1) % S::kARing;
 #pragma unroll
           for (int j = 0; j < kRecs; ++j)
 #pragma unroll
-            for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_fragment(a_reg[free_slot][j][mi], e_reg[free_slot][j][mi]);
-          load_a(ks + S::kARing - 1, a_reg[free_slot], e_reg[free_slot]);
+            for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_fragment(a_reg[r ^ 1][j][mi], e_reg[r ^ 1][j][mi]);
         }
       }
     }
@@ -198,6 +203,23 @@ template <typename T> cudaError_t x_tensor_map(const VnmParams& p, int box_token
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// Tensor map of a packed array viewed as Rt rows of `row_units` units of `unit_bytes` (8: records, 4: metadata),
+// in boxes of [box_rows row tiles x `box_units`]; reads past Rt return zeros.
+inline cudaError_t record_tensor_map(const void* base, int rt, int row_units, int unit_bytes, int box_units, int box_rows,
+                                     CUtensorMap* map) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return cudaErrorInvalidValue;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(row_units), static_cast<cuuint64_t>(rt)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_units) * unit_bytes};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_units), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t unit[2] = {1, 1};
+  const CUtensorMapDataType type = unit_bytes == 8 ? CU_TENSOR_MAP_DATA_TYPE_UINT64 : CU_TENSOR_MAP_DATA_TYPE_UINT32;
+  const CUresult r = encode(map, type, 2, const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 template <typename Tile, typename T>
 cudaError_t launch_wgmma_window(const VnmParams& p, cudaStream_t stream) {
   using S = WgmmaWindowShape<Tile>;
@@ -206,11 +228,14 @@ cudaError_t launch_wgmma_window(const VnmParams& p, cudaStream_t stream) {
   cudaError_t err = sm90_device(&dev);
   if (err != cudaSuccess) return err;
   if (p.N == 0 || p.R == 0) return cudaSuccess;
-  CUtensorMap map;
+  constexpr int kRecs = S::kChunksPerStage;
+  CUtensorMap map, amap, emap;
   err = x_tensor_map<T>(p, S::kBN, &map);
+  if (err == cudaSuccess) err = record_tensor_map(p.a_vals, p.Rt, p.Kc * 64, 8, kRecs * 64, S::kRowTiles, &amap);
+  if (err == cudaSuccess) err = record_tensor_map(p.a_meta, p.Rt, p.Kc * 16, 4, kRecs * 16, S::kRowTiles, &emap);
   if (err != cudaSuccess) return err;
   const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
-  return launch_tiles<vnm_wgmma_window_kernel<Tile, T>>(dev, tiles, S::kThreads, S::kSmemBytes, stream, p, map);
+  return launch_tiles<vnm_wgmma_window_kernel<Tile, T>>(dev, tiles, S::kThreads, S::kSmemBytes, stream, p, map, amap, emap);
 }
 
 }  // namespace vnm
