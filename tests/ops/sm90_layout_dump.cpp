@@ -41,9 +41,13 @@ int main(int argc, char** argv) {
   std::printf("],\n\"owned_row\": [");
   for (int w = 0; w < 4; ++w)
     for (int l = 0; l < 32; ++l) std::printf("%s[%d,%d,%d]", (w || l) ? "," : "", w, l, owned_row(w, l));
-  std::printf("],\n\"a_record\": [");
-  for (int t = 0; t < (row_tiles + 3) / 4 + 4; ++t)
-    for (int w = 0; w < 4; ++w) std::printf("%s[%d,%d,%d]", (t || w) ? "," : "", t, w, a_record(t, w, row_tiles));
+  std::printf("],\n\"a_stage_offset\": [");  // [row tile][chunks = 1, 2][j][lane] -> (a offset, e offset)
+  for (int rt = 0; rt < 16; ++rt)
+    for (int chunks = 1; chunks <= 2; ++chunks)
+      for (int j = 0; j < chunks; ++j)
+        for (int l = 0; l < 32; ++l)
+          std::printf("%s[%d,%d,%d,%d,%u,%u]", (rt || chunks > 1 || j || l) ? "," : "", rt, chunks, j, l,
+                      a_stage_offset(rt, chunks, j, l), e_stage_offset(rt, chunks, j, l));
   std::printf("],\n\"meta_word\": [");
   for (int l = 0; l < 32; ++l) std::printf("%s%d", l ? "," : "", meta_word(l));
   std::printf("],\n\"stmatrix_row\": [");

@@ -128,8 +128,7 @@ def emulate(v: instantiations.Wgmma, p, x: torch.Tensor, bias, exe, desc_fault=N
     tile_bytes = d["b_tile_bytes"]
     g = np.array(d["gather"])  # warp, lane, iter, row, piece, owner, dst
     owned = {(w, l): row for w, l, row in d["owned_row"]}
-    a_rec = {(t, w): rec for t, w, rec in d["a_record"]}
-    meta_word = np.array(d["meta_word"])
+    a_off = {(rt, l): (ao, eo) for rt, chunks, j, l, ao, eo in d["a_stage_offset"] if chunks == 1}
     st_rows = {(l, jj): (n, m) for l, jj, n, m in d["stmatrix_row"]}
     descs = [int(s) for s in d["b_desc"]]
     st_acc = np.array(d["stmatrix_acc"]).reshape(-1, 4)
@@ -152,16 +151,22 @@ def emulate(v: instantiations.Wgmma, p, x: torch.Tensor, bias, exe, desc_fault=N
                 c = colreg[w, owner]
                 start = (SMEM_BASE + dst) // 2
                 smem[start : start + 8] = xt[c, n : n + 8] if n < Np else 0.0
+            # The stage's A regions as the TMA boxes fill them: records, then metadata words, of the CTA's row
+            # tiles (zeros past R), as bytes; each lane then reads its fragment at the kernel's offsets.
+            rts = m0 // 16 + np.arange(BM // 16)
+            a_img = np.where((rts < Rt)[:, None, None], a_vals[np.minimum(rts, Rt - 1), kc], 0.0).reshape(-1)
+            e_img = np.where((rts < Rt)[:, None], a_meta[np.minimum(rts, Rt - 1), kc], 0).reshape(-1)
+            pad_meta = 0x44444444  # the kernel's metadata for row tiles past R (its rows_real check)
             for local in range(BM // 64):
                 b_tile = tile_of[(local, V, BM)]
                 desc = descs[(b_tile * tile_bytes) // 1024]
                 if desc_fault is not None:
                     desc = desc_fault(desc)
                 B = hw_read_b(smem, desc, BN)
-                T = m0 // 64 + local
-                recs = [a_rec[(T, w)] for w in range(4)]
-                vals = a_vals[recs, kc]  # (4, 32, 8)
-                words = a_meta[recs, kc][:, meta_word]  # (4, 32)
+                offs = [[a_off[(local * 4 + w, lane)] for lane in range(32)] for w in range(4)]
+                vals = np.array([[a_img[ao // 2 : ao // 2 + 8] for ao, _ in row] for row in offs])  # (4, 32, 8)
+                words = np.array([[e_img[eo // 4] if m0 // 16 + local * 4 + w < Rt else pad_meta for _, eo in row]
+                                  for w, row in enumerate(offs)])  # (4, 32)
                 acc[local] += hw_a_operand(vals, words) @ B
         out = np.full(BN * pitch, np.nan)
         for local in range(BM // 64):

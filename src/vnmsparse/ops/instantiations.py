@@ -149,8 +149,7 @@ class Wgmma(_Generated):
     consumers: int  # consumer warpgroups (a producer warpgroup comes on top)
     wg_m: int  # m64 tiles per consumer warpgroup
     BN: int  # tokens per CTA = the wgmma N
-    stages: int  # gathered-B ring depth in shared memory
-    a_ring: int = 4  # k-steps of A fragments in registers
+    stages: int  # ring depth in shared memory (gathered B tiles and A records of one k-step each)
 
     kind = "wgmma"
     max_n = 1 << 30
@@ -163,7 +162,7 @@ class Wgmma(_Generated):
 
     @property
     def tag(self) -> str:
-        return f"v{self.V}_c{self.consumers}m{self.wg_m}n{self.BN}s{self.stages}a{self.a_ring}"
+        return f"v{self.V}_c{self.consumers}m{self.wg_m}n{self.BN}s{self.stages}"
 
     def fields(self) -> tuple[str, ...]:
         return (
@@ -171,8 +170,7 @@ class Wgmma(_Generated):
             f"CONSUMERS = {self.consumers};   // consumer warpgroups",
             f"WG_M = {self.wg_m};        // m64 tiles per consumer warpgroup",
             f"BN = {self.BN};        // tokens per CTA (wgmma N)",
-            f"STAGES = {self.stages};      // gathered-B ring depth",
-            f"A_RING = {self.a_ring};      // k-steps of A fragments in registers",
+            f"STAGES = {self.stages};      // ring depth (gathered B tiles + A records per k-step)",
         )
 
     header = "vnm_wgmma.cuh"

@@ -78,18 +78,25 @@ VNM_HD constexpr uint32_t gather_dst_step(int pieces, int bn) {
 }
 
 // ---- consumer: A fragments and accumulators ------------------------------------------------------------------
+// Metadata word of lane `lane` within its record's 16 words (sparsity selector 0: lanes t = 0, 1 of each quad
+// supply groups 0-3 and 4-7; lanes t = 2, 3 read the same words, which the instruction ignores).
+VNM_HD constexpr int meta_word(int lane) { return 2 * (lane >> 2) + (lane & 1); }
+
 // Warp w of a consumer warpgroup computes rows 16w..16w+15 of its m64 tile; its A fragment for one k-step is
-// exactly one packed 16-row record (pack.py's a_vals/a_meta), the same register layout as mma.sp m16n8k32.
-VNM_HD constexpr int a_record(int m64_tile, int warp, int row_tiles) {
-  return (m64_tile * 4 + warp) < row_tiles ? m64_tile * 4 + warp : row_tiles - 1;  // past R: any valid record
+// exactly one packed 16-row record (pack.py's a_vals/a_meta), the same register layout as mma.sp m16n8k32. A
+// stage holds, by TMA, the records of the CTA's row tiles 0..BM/16-1 for `chunks` consecutive chunks (row tile
+// by row tile, zeros past R), then their metadata words the same way. Byte offsets of lane `lane`'s 16 bytes of
+// chunk j of row tile `row_tile`, and of its metadata word, from the start of those two regions:
+VNM_HD constexpr uint32_t a_stage_offset(int row_tile, int chunks, int j, int lane) {
+  return static_cast<uint32_t>((row_tile * chunks + j) * 512 + lane * 16);
+}
+VNM_HD constexpr uint32_t e_stage_offset(int row_tile, int chunks, int j, int lane) {
+  return static_cast<uint32_t>((row_tile * chunks + j) * 64 + meta_word(lane) * 4);
 }
 
 // Which of the CTA's B tiles (V-row blocks) m64 tile `local` (0 .. bm/64 - 1) multiplies with.
 VNM_HD constexpr int b_tile_of(int local, int v, int bm) { return bm >= v ? (local * 64) / v : 0; }
 
-// Metadata word of lane `lane` within its record's 16 words (sparsity selector 0: lanes t = 0, 1 of each quad
-// supply groups 0-3 and 4-7; lanes t = 2, 3 read the same words, which the instruction ignores).
-VNM_HD constexpr int meta_word(int lane) { return 2 * (lane >> 2) + (lane & 1); }
 
 // ---- epilogue: stmatrix.x4.trans rows ----------------------------------------------------------------------
 // For token pair-group jj (tokens 16jj..16jj+15) of one m64 tile, lane l addresses row l % 8 of matrix l / 8:

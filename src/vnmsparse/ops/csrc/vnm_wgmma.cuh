@@ -7,13 +7,16 @@
 //       the hardware arrive on the stage's `full` mbarrier when the thread's copies have landed, so up to
 //       STAGES - 1 k-steps of gathers are in flight (ncu on the first version, which blocked in
 //       cp.async.wait_group: L2 at 32% of peak, warps stalled on L1TEX 62% of the time: latency-bound).
-//   consumer warpgroups (CONSUMERS): each owns WG_M m64 tiles x BN tokens of accumulators in registers. A
-//       (the compressed weights) and the 2:4 metadata go straight from global memory into registers: the packed
-//       16-row records of pack.py are exactly the per-warp register fragment of wgmma.sp's A operand, so warp w
-//       of a warpgroup loads record 4*tile + w with one 16-byte load per lane, A_RING - 1 k-steps ahead.
-//       Per k-step: wait `full`, fence the generic->async proxy (the gathers were generic-proxy writes), one
-//       wgmma.sp per m64 tile (B by descriptor), commit, wait for the previous
-//       k-step's group, release its stage (`empty` mbarrier), prefetch A.
+//       Its first thread also loads the k-step's A by TMA into the stage: the CTA's packed 16-row records (pack.py:
+//       exactly the per-warp register fragment of wgmma.sp's A operand) and metadata words, announced on `full`
+//       with expect_tx. (A used to go from global memory straight into registers, a few k-steps ahead: every
+//       wgmma.fence then waited for those loads. Moving A through shared memory made the window kernel 1.7x
+//       faster, ncu: long-scoreboard stalls 9.2 -> 2.0 cycles per instruction, tensor pipe 36% -> 69% active.)
+//   consumer warpgroups (CONSUMERS): each owns WG_M m64 tiles x BN tokens of accumulators in registers. Per
+//       k-step: wait `full`, fence the generic->async proxy (the gathers were generic-proxy writes), read warp
+//       w's record 4*tile + w and metadata word from shared memory (registers double-buffered: a wgmma reads
+//       them asynchronously), one wgmma.sp per m64 tile (B by descriptor), commit, wait for the previous
+//       k-step's group, release its stage (`empty` mbarrier).
 //   epilogue: store_tile (shared with the window kernel, vnm_wgmma_window.cuh).
 //
 // x^T (C x Np, zero-padded to a multiple of 8 tokens) is written first by launch_transpose (vnm_transpose.cu).
@@ -89,15 +92,13 @@ __device__ __forceinline__ void store_tile(float (&acc)[kWgM][kBN / 2], const Vn
 //   CONSUMERS: consumer warpgroups (each 128 threads); the producer warpgroup comes on top
 //   WG_M:      m64 tiles per consumer warpgroup (BM = 64 * WG_M * CONSUMERS rows of W per CTA)
 //   BN:        tokens per CTA = the N of every wgmma instruction
-//   STAGES:    depth of the gathered-B ring in shared memory
-//   A_RING:    k-steps of A fragments held in registers (A is loaded A_RING - 1 k-steps ahead)
+//   STAGES:    depth of the ring of stages in shared memory (gathered B tiles and A records of one k-step)
 template <typename Tile> struct WgmmaShape {
   static constexpr int kV = Tile::V;
   static constexpr int kConsumers = Tile::CONSUMERS;
   static constexpr int kWgM = Tile::WG_M;
   static constexpr int kBN = Tile::BN;
   static constexpr int kStages = Tile::STAGES;
-  static constexpr int kARing = Tile::A_RING;
   static constexpr int kBM = 64 * kWgM * kConsumers;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kBlocks = kBM >= kV ? kBM / kV : 1;   // V-row blocks (distinct B tiles) per CTA
@@ -105,7 +106,11 @@ template <typename Tile> struct WgmmaShape {
   static constexpr int kPieces = kBN / 8;                     // 16-byte pieces per gathered row
   static constexpr int kGatherIters = sm90::gather_iters(kRows, kPieces);
   static constexpr int kBTileBytes = sm90::b_tile_bytes(kBN);
-  static constexpr int kStageBytes = kBlocks * kBTileBytes;
+  static constexpr int kRowTiles = kBM / 16;                  // packed 16-row records per k-step
+  static constexpr int kABytes = kRowTiles * 512;             // records: 32 lanes x 16 bytes
+  static constexpr int kEBytes = kRowTiles * 64;              // metadata: 16 words
+  static constexpr int kStageBytes =                          // B tiles, A, metadata; 1024-aligned (swizzle atoms)
+      (kBlocks * kBTileBytes + kABytes + kEBytes + sm90::kAtomBytes - 1) / sm90::kAtomBytes * sm90::kAtomBytes;
   static constexpr int kOutPitch = kBM + 8;                   // epilogue [token][row] tile, padded (elements)
   static constexpr int kOutBytes = kBN * kOutPitch * 2;
   static constexpr int kRingBytes = kStages * kStageBytes;
@@ -124,16 +129,17 @@ template <typename Tile> struct WgmmaShape {
   static_assert(kRows <= 128, "at most 4 row blocks per CTA (a producer lane holds one row's column index)");
   static_assert(kGatherIters * (32 / kPieces) * 4 == kRows, "gathered rows must split evenly over the producer warps");
   static_assert(kStages >= 3 && kStages <= 8, "STAGES must be in 3..8 (the producer runs up to STAGES - 1 ahead)");
-  static_assert(kARing >= 2 && kARing <= 6, "A_RING must be in 2..6");
   static_assert(kStageBytes % sm90::kAtomBytes == 0, "stages must keep B tiles 1024-byte aligned (swizzle atoms)");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA exceeds the 227 KB an sm_90 block may use");
   static_assert(kOutPitch % 16 == 8, "epilogue pitch: an odd number of 16-byte units keeps stmatrix conflict-free");
 };
 
 template <typename Tile, typename T>
-__global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1) vnm_wgmma_kernel(const VnmParams p) {
+__global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
+    vnm_wgmma_kernel(const VnmParams p, const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap emap) {
 #if defined(VNM_SM90A_ENABLED)
   using S = WgmmaShape<Tile>;
+  constexpr uint32_t kPadMeta = 0x44444444u;  // every nibble (0, 1): a valid pair for all-zero values
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[S::kStages];
   __shared__ __align__(8) uint64_t empty_bar[S::kStages];
@@ -154,6 +160,7 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1) vnm_wgmma_kerne
       sm90::mbar_init(full0 + 8 * s, 128);                     // every producer thread, on its copies landing
       sm90::mbar_init(empty0 + 8 * s, 4 * S::kConsumers);      // one lane per consumer warp
     }
+    sm90::fence_barrier_init();
   }
   __syncthreads();
 
@@ -176,11 +183,22 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1) vnm_wgmma_kerne
     const uint32_t row_bytes = 2u * static_cast<uint32_t>(p.Np);
     const uint32_t dst_base[2] = {sm90::gather_dst(warp, lane, 0, S::kPieces, S::kBN),
                                   sm90::gather_dst(warp, lane, S::kGatherIters > 1 ? 1 : 0, S::kPieces, S::kBN)};
+    const bool loads_a = tid == 0;
+    if (loads_a) {
+      sm90::prefetch_tensormap(&amap);
+      sm90::prefetch_tensormap(&emap);
+    }
     for (int kc = 0; kc < p.Kc; ++kc) {
       const int s = kc % S::kStages;
       if (kc >= S::kStages) sm90::mbar_wait(empty0 + 8 * s, ((kc / S::kStages) - 1) & 1);
       const int col_next = (owns && kc + 1 < p.Kc) ? __ldg(own_cols + 32 * (kc + 1)) : 0;
       const uint32_t stage = smem + s * S::kStageBytes;
+      if (loads_a) {  // announced before this thread's own copy arrival below, so the phase cannot end without it
+        const uint32_t a_stage = stage + S::kBlocks * S::kBTileBytes;
+        sm90::mbar_expect_tx(full0 + 8 * s, S::kABytes + S::kEBytes);
+        sm90::tma_load_2d(a_stage, &amap, kc * 64, m0 / 16, full0 + 8 * s);
+        sm90::tma_load_2d(a_stage + S::kABytes, &emap, kc * 16, m0 / 16, full0 + 8 * s);
+      }
 #pragma unroll
       for (int it = 0; it < S::kGatherIters; ++it) {
         const int c = __shfl_sync(0xffffffffu, col, owner0 + it * kRowsPerInstr);
@@ -202,41 +220,34 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1) vnm_wgmma_kerne
 #pragma unroll
       for (int i = 0; i < S::kAcc; ++i) acc[mi][i] = 0.f;
 
-    // A fragments: record (tile, k-step) of warp `warp`, 16 bytes per lane; metadata word per lane.
-    const uint4* a_src[S::kWgM];
-    const uint32_t* e_src[S::kWgM];
-    uint32_t b_off[S::kWgM];  // byte offset of the m64 tile's B tile within a stage
+    uint32_t a_off[S::kWgM], e_off[S::kWgM];  // warp's record of m64 tile mi within a stage
+    uint32_t b_off[S::kWgM];                  // byte offset of the m64 tile's B tile within a stage
+    bool rows_real[S::kWgM];                  // false past R: TMA wrote zeros, metadata must still be a valid pair
 #pragma unroll
     for (int mi = 0; mi < S::kWgM; ++mi) {
       const int local = cw * S::kWgM + mi;  // m64 tile within the CTA
-      const int rec = sm90::a_record(m0 / 64 + local, warp, p.Rt);
-      a_src[mi] = p.a_vals + static_cast<size_t>(rec) * p.Kc * 32 + lane;
-      e_src[mi] = p.a_meta + static_cast<size_t>(rec) * p.Kc * 16 + sm90::meta_word(lane);
+      rows_real[mi] = m0 / 16 + local * 4 + warp < p.Rt;
+      a_off[mi] = S::kBlocks * S::kBTileBytes + sm90::a_stage_offset(local * 4 + warp, 1, 0, lane);
+      e_off[mi] = S::kBlocks * S::kBTileBytes + S::kABytes + sm90::e_stage_offset(local * 4 + warp, 1, 0, lane);
       b_off[mi] = sm90::b_tile_of(local, S::kV, S::kBM) * S::kBTileBytes;
     }
-    uint4 a_reg[S::kARing][S::kWgM];
-    uint32_t e_reg[S::kARing][S::kWgM];
-    auto load_a = [&](int kc, uint4 (&a)[S::kWgM], uint32_t (&e)[S::kWgM]) {
-      if (kc < p.Kc) {
-#pragma unroll
-        for (int mi = 0; mi < S::kWgM; ++mi) {
-          a[mi] = ldg_stream(a_src[mi] + static_cast<size_t>(kc) * 32);
-          e[mi] = __ldg(e_src[mi] + static_cast<size_t>(kc) * 16);
-        }
-      }
-    };
-#pragma unroll
-    for (int j = 0; j + 1 < S::kARing; ++j) load_a(j, a_reg[j], e_reg[j]);
+    uint4 a_reg[2][S::kWgM];  // double-buffered: k-step kc's wgmmas read a_reg[kc % 2] until kc + 1 retires them
+    uint32_t e_reg[2][S::kWgM];
 
-    for (int k0 = 0; k0 < p.Kc; k0 += S::kARing) {
+    for (int k0 = 0; k0 < p.Kc; k0 += 2) {
 #pragma unroll
-      for (int j = 0; j < S::kARing; ++j) {
+      for (int j = 0; j < 2; ++j) {
         const int kc = k0 + j;
         if (kc < p.Kc) {
           const int s = kc % S::kStages;
           sm90::mbar_wait(full0 + 8 * s, (kc / S::kStages) & 1);
           sm90::fence_proxy_async();  // the producers' cp.async writes, seen through the barrier, to the async proxy
           const uint32_t stage = smem + s * S::kStageBytes;
+#pragma unroll
+          for (int mi = 0; mi < S::kWgM; ++mi) {
+            a_reg[j][mi] = sm90::lds128(stage + a_off[mi]);
+            e_reg[j][mi] = rows_real[mi] ? sm90::lds32(stage + e_off[mi]) : kPadMeta;
+          }
 #pragma unroll
           for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
           sm90::wgmma_fence();
@@ -246,12 +257,10 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1) vnm_wgmma_kerne
           sm90::wgmma_commit();
 #pragma unroll
           for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
-          sm90::wgmma_wait<1>();  // the previous k-step's wgmmas are done: its stage and A slot are free
+          sm90::wgmma_wait<1>();  // the previous k-step's wgmmas are done: its stage and registers are free
           if (kc > 0 && lane == 0) sm90::mbar_arrive(empty0 + 8 * ((kc - 1) % S::kStages));
-          const int free_slot = (j + S::kARing - 1) % S::kARing;  // the slot the retired wgmma read (unrolled: constant)
 #pragma unroll
-          for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_fragment(a_reg[free_slot][mi], e_reg[free_slot][mi]);
-          load_a(kc + S::kARing - 1, a_reg[free_slot], e_reg[free_slot]);
+          for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_fragment(a_reg[j ^ 1][mi], e_reg[j ^ 1][mi]);
         }
       }
     }
@@ -262,6 +271,41 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1) vnm_wgmma_kerne
     store_tile<S::kWgM, S::kBN, S::kConsumers, T>(acc, p, smem_raw, smem, m0, n0);
   }
 #endif  // VNM_SM90A_ENABLED
+}
+
+// The driver's cuTensorMapEncodeTiled, looked up once through the runtime (no link against libcuda).
+inline decltype(&cuTensorMapEncodeTiled) tensor_map_encoder() {
+  static const auto fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found);
+    return (err == cudaSuccess && found == cudaDriverEntryPointSuccess) ? reinterpret_cast<decltype(&cuTensorMapEncodeTiled)>(f)
+                                                                        : nullptr;
+  }();
+  return fn;
+}
+
+// Tensor map of a packed array viewed as Rt rows of `row_units` units of `unit_bytes` (8: records, 4: metadata),
+// in boxes of [box_rows row tiles x `box_units`]; reads past Rt return zeros.
+inline cudaError_t record_tensor_map(const void* base, int rt, int row_units, int unit_bytes, int box_units, int box_rows,
+                                     CUtensorMap* map) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return cudaErrorInvalidValue;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(row_units), static_cast<cuuint64_t>(rt)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_units) * unit_bytes};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_units), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t unit[2] = {1, 1};
+  const CUtensorMapDataType type = unit_bytes == 8 ? CU_TENSOR_MAP_DATA_TYPE_UINT64 : CU_TENSOR_MAP_DATA_TYPE_UINT32;
+  const CUresult r = encode(map, type, 2, const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// The records and metadata words of `chunks` consecutive chunks of `rows` row tiles: the A boxes of one stage.
+inline cudaError_t a_tensor_maps(const VnmParams& p, int chunks, int rows, CUtensorMap* amap, CUtensorMap* emap) {
+  const cudaError_t err = record_tensor_map(p.a_vals, p.Rt, p.Kc * 64, 8, chunks * 64, rows, amap);
+  return err != cudaSuccess ? err : record_tensor_map(p.a_meta, p.Rt, p.Kc * 16, 4, chunks * 16, rows, emap);
 }
 
 // The device the sparse-wgmma kernels launch on, or why not: they exist for sm_90 (sm_90a) only.
@@ -296,8 +340,11 @@ cudaError_t launch_wgmma(const VnmParams& p, cudaStream_t stream) {
   if (p.N == 0 || p.R == 0) return cudaSuccess;
   err = launch_transpose(p, stream);
   if (err != cudaSuccess) return err;
+  CUtensorMap amap, emap;
+  err = a_tensor_maps(p, 1, S::kRowTiles, &amap, &emap);
+  if (err != cudaSuccess) return err;
   const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
-  return launch_tiles<vnm_wgmma_kernel<Tile, T>>(dev, tiles, S::kThreads, S::kSmemBytes, stream, p);
+  return launch_tiles<vnm_wgmma_kernel<Tile, T>>(dev, tiles, S::kThreads, S::kSmemBytes, stream, p, amap, emap);
 }
 
 }  // namespace vnm

@@ -119,11 +119,13 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
 
     // This warp's record of m64 tile mi within a stage: row tile (cw * WG_M + mi) * 4 + warp of the CTA.
     uint32_t a_off[S::kWgM], e_off[S::kWgM];
+    bool rows_real[S::kWgM];  // false past R: TMA wrote zeros, metadata must still be a valid pair
 #pragma unroll
     for (int mi = 0; mi < S::kWgM; ++mi) {
       const int rt = (cw * S::kWgM + mi) * 4 + warp;
-      a_off[mi] = S::kXBytes + rt * kRecs * 512 + lane * 16;
-      e_off[mi] = S::kXBytes + S::kABytes + rt * kRecs * 64 + sm90::meta_word(lane) * 4;
+      rows_real[mi] = m0 / 16 + rt < p.Rt;
+      a_off[mi] = S::kXBytes + sm90::a_stage_offset(rt, kRecs, 0, lane);
+      e_off[mi] = S::kXBytes + S::kABytes + sm90::e_stage_offset(rt, kRecs, 0, lane);
     }
     uint4 a_reg[2][kRecs][S::kWgM];  // double-buffered: stage ks's wgmmas read a_reg[ks % 2] until ks + 1 retires them
     uint32_t e_reg[2][kRecs][S::kWgM];
@@ -142,7 +144,7 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
 #pragma unroll
             for (int mi = 0; mi < S::kWgM; ++mi) {
               a_reg[r][j][mi] = sm90::lds128(stage + a_off[mi] + j * 512);
-              e_reg[r][j][mi] = real ? sm90::lds32(stage + e_off[mi] + j * 64) : kPadMeta;  // zeros: a valid pair
+              e_reg[r][j][mi] = real && rows_real[mi] ? sm90::lds32(stage + e_off[mi] + j * 64) : kPadMeta;
             }
           }
 #pragma unroll
@@ -174,18 +176,6 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
 #endif  // VNM_SM90A_ENABLED
 }
 
-// The driver's cuTensorMapEncodeTiled, looked up once through the runtime (no link against libcuda).
-inline decltype(&cuTensorMapEncodeTiled) tensor_map_encoder() {
-  static const auto fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found);
-    return (err == cudaSuccess && found == cudaDriverEntryPointSuccess) ? reinterpret_cast<decltype(&cuTensorMapEncodeTiled)>(f)
-                                                                        : nullptr;
-  }();
-  return fn;
-}
-
 // Tensor map of x (N rows of C elements, row stride ldx) in [box_tokens x 64 columns] boxes, 128-byte swizzle;
 // reads past C or N return zeros. Needs x 16-byte aligned and ldx a multiple of 8 (the binding sees to it).
 template <typename T> cudaError_t x_tensor_map(const VnmParams& p, int box_tokens, CUtensorMap* map) {
@@ -203,23 +193,6 @@ template <typename T> cudaError_t x_tensor_map(const VnmParams& p, int box_token
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// Tensor map of a packed array viewed as Rt rows of `row_units` units of `unit_bytes` (8: records, 4: metadata),
-// in boxes of [box_rows row tiles x `box_units`]; reads past Rt return zeros.
-inline cudaError_t record_tensor_map(const void* base, int rt, int row_units, int unit_bytes, int box_units, int box_rows,
-                                     CUtensorMap* map) {
-  const auto encode = tensor_map_encoder();
-  if (encode == nullptr) return cudaErrorNotSupported;
-  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return cudaErrorInvalidValue;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(row_units), static_cast<cuuint64_t>(rt)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_units) * unit_bytes};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_units), static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t unit[2] = {1, 1};
-  const CUtensorMapDataType type = unit_bytes == 8 ? CU_TENSOR_MAP_DATA_TYPE_UINT64 : CU_TENSOR_MAP_DATA_TYPE_UINT32;
-  const CUresult r = encode(map, type, 2, const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
-
 template <typename Tile, typename T>
 cudaError_t launch_wgmma_window(const VnmParams& p, cudaStream_t stream) {
   using S = WgmmaWindowShape<Tile>;
@@ -231,8 +204,7 @@ cudaError_t launch_wgmma_window(const VnmParams& p, cudaStream_t stream) {
   constexpr int kRecs = S::kChunksPerStage;
   CUtensorMap map, amap, emap;
   err = x_tensor_map<T>(p, S::kBN, &map);
-  if (err == cudaSuccess) err = record_tensor_map(p.a_vals, p.Rt, p.Kc * 64, 8, kRecs * 64, S::kRowTiles, &amap);
-  if (err == cudaSuccess) err = record_tensor_map(p.a_meta, p.Rt, p.Kc * 16, 4, kRecs * 16, S::kRowTiles, &emap);
+  if (err == cudaSuccess) err = a_tensor_maps(p, kRecs, S::kRowTiles, &amap, &emap);
   if (err != cudaSuccess) return err;
   const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
   return launch_tiles<vnm_wgmma_window_kernel<Tile, T>>(dev, tiles, S::kThreads, S::kSmemBytes, stream, p, map, amap, emap);
