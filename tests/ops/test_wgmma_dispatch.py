@@ -65,11 +65,13 @@ def test_small_v_stays_on_mma_sp(wgmma_on):
         assert dispatch.choose(4096, 8192, V, "bf16", 132, H100).variant.kind == "gemm"
 
 
-def test_problems_below_one_wave_stay_on_mma_sp(wgmma_on):
+def test_problems_below_half_a_wave_stay_on_mma_sp(wgmma_on):
     assert dispatch.choose(8192, 8192, 64, "bf16", 132, H100).variant.kind == "wgmma"
-    # 4096 x 1024 is 32 x 4 = 128 tiles of 128 x 256: under one wave of 132 SMs (measured: mma.sp 6% faster)
-    assert dispatch.choose(1024, 4096, 64, "bf16", 132, H100).variant.kind == "gemm"
-    assert dispatch.choose(2048, 4096, 64, "bf16", 132, H100).variant.kind == "wgmma"
+    # 4096 x 512 is 32 x 2 = 64 tiles of 128 x 256: under half a wave of 132 SMs; 4096 x 1024 (128 tiles) is not
+    assert dispatch.choose(512, 4096, 64, "bf16", 132, H100).variant.kind == "gemm"
+    assert dispatch.choose(1024, 4096, 64, "bf16", 132, H100).variant.kind == "wgmma"
+    assert dispatch.choose(512, 4096, 64, "bf16", 132, H100, window=32).variant.kind == "gemm"
+    assert dispatch.choose(1024, 4096, 64, "bf16", 132, H100, window=32).variant.kind == "wgmma_window"
 
 
 @pytest.mark.parametrize("V", [16, 32, 64, 128])

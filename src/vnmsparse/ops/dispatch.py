@@ -37,11 +37,12 @@ _override: str | None = os.environ.get("VNMSPARSE_KERNEL") or None
 
 # Sparse wgmma (sm_90a): on by default (VNMSPARSE_WGMMA=0 turns it off). Tiles in order of preference per V as
 # (CONSUMERS, WG_M, BN, STAGES), measured on the H100 (bench/results/kernel-h100-wgmma.json, `variants_ms`):
-# the BN=256 tiles are fastest on every measured case (1-7% ahead of the BM=256 x BN=128 ones). Below one wave
-# of those tiles the mma.sp kernel is as fast or faster (N = 256-1024 crossover in the same file), so it keeps them.
+# the BN=256 tiles are fastest on every measured case (1-7% ahead of the BM=256 x BN=128 ones). Below half a wave
+# of those tiles the mma.sp kernel keeps the problem: with A through shared memory the wgmma kernels are 10-25%
+# (gather) and 1.7x (window) faster than before, when one wave was the measured crossover.
 _wgmma: bool = os.environ.get("VNMSPARSE_WGMMA", "1") not in ("", "0")
 WGMMA_MIN_N = 256
-WGMMA_MIN_WAVES = 1.0
+WGMMA_MIN_WAVES = 0.5
 WGMMA_PREFERRED = {64: ((2, 1, 256, 4), (2, 2, 128, 4)), 128: ((2, 1, 256, 6), (2, 2, 128, 6))}
 # Window kernels per pack window (8M) as (CONSUMERS, WG_M, BN, STAGES), in order of preference: M = 4 only
 # (1.5-1.6x faster than the gather on the H100; at M = 8 the gather stays faster, bench/NOTES-wgmma.md).
