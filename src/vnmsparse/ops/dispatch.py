@@ -46,7 +46,7 @@ WGMMA_MIN_WAVES = 0.5
 WGMMA_PREFERRED = {64: ((2, 1, 256, 4), (2, 2, 128, 4)), 128: ((2, 1, 256, 6), (2, 2, 128, 6))}
 # Window kernels per pack window (8M) as (CONSUMERS, WG_M, BN, STAGES), in order of preference: M = 4 only
 # (1.5-1.6x faster than the gather on the H100; at M = 8 the gather stays faster, bench/NOTES-wgmma.md).
-WINDOW_PREFERRED = {32: ((2, 1, 256, 4),), 64: ((2, 1, 256, 4),)}
+WINDOW_PREFERRED = {32: ((2, 1, 256, 4),)}
 
 
 def override(name: str | None) -> None:

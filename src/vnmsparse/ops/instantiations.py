@@ -225,7 +225,7 @@ def _wgmma_window_variants() -> list[WgmmaWindow]:
     # The 128 x 256 tile with 4 stages: as fast or faster than 5 stages or 256 x 128 on every case measured
     # (history/kernel-h100-window-smem.json); M = 8 (records expanded in registers) and 2-CTA clusters sharing x
     # were slower (bench/NOTES-wgmma.md).
-    return [WgmmaWindow(M=M, consumers=2, wg_m=1, BN=256, stages=4) for M in (4, 8)]
+    return [WgmmaWindow(M=4, consumers=2, wg_m=1, BN=256, stages=4)]
 
 
 def _wgmma_variants() -> list[Wgmma]:

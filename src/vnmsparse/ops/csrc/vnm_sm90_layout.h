@@ -130,38 +130,6 @@ VNM_HD constexpr uint64_t bk_desc(uint32_t smem_addr, uint32_t k_bytes) {
          (static_cast<uint64_t>(kSwizzle128B) << 62);
 }
 
-// M = 8: a row keeps 2 of every 8 columns, so never more than 2 in an aligned quad, and each chunk's record (8
-// groups) becomes two k32 operands over the chunk's 64 columns (groups 4j..4j+3 for operand j), built in shared
-// memory by the producer warps. Kept-column position (0..15) of one slot within its group, from pack's `cols`:
-// padding slots (pack points them at column C - 1) may repeat the previous slot's position and padding groups give
-// anything; their values are zero, so window_route only needs the real ones right and the metadata valid.
-VNM_HD constexpr uint32_t kept_position(int col, int group, int m) { return static_cast<uint32_t>(col - group * m) & 15u; }
-
-// How one (row, group) pair of kept values (slots lo, hi at group positions c_lo, c_hi) fills quad half `h` of the
-// group (positions 4h..4h+3): `sel` is a byte_perm selector over {pair, 0} giving the quad's two operand values,
-// `nib` their ordered 2:4 indices i0 < i1. A value belongs to the half its position is in; a repeated position
-// (padding) counts once; a lone value goes to slot 0 at index 0 if it sits there, else to slot 1 next to a zero at
-// index 0; an empty half is two zeros at indices 0, 1.
-struct WindowRoute {
-  uint32_t sel;
-  uint32_t nib;
-};
-
-VNM_HD constexpr WindowRoute window_route(uint32_t c_lo, uint32_t c_hi, uint32_t h) {
-  const bool lo = (c_lo >> 2) == h, hi = (c_hi >> 2) == h && c_hi > c_lo;
-  const uint32_t q_lo = c_lo & 3u, q_hi = c_hi & 3u;
-  if (lo && hi) return WindowRoute{0x3210u, q_lo | (q_hi << 2)};
-  if (lo) return q_lo == 0 ? WindowRoute{0x4410u, 0x4u} : WindowRoute{0x1044u, q_lo << 2};
-  if (hi) return q_hi == 0 ? WindowRoute{0x4432u, 0x4u} : WindowRoute{0x3244u, q_hi << 2};
-  return WindowRoute{0x4444u, 0x4u};
-}
-
-// Where a value of operand j's quad q (0..7: group 4j + q / 2, half q % 2) for row gid + 8 rh lands: lane
-// 4 gid + q % 4 holds quads t and t + 4 (registers 0/1 and 2/3), so byte offset within the operand's record:
-VNM_HD constexpr uint32_t window_value_offset(int gid, int q, int rh) {
-  return static_cast<uint32_t>((4 * gid + q % 4) * 16 + 4 * (2 * (q / 4) + rh));
-}
-
 // ---- grid raster -----------------------------------------------------------------------------------------
 // Linear CTA id -> (row tile, token tile): groups of `group_m` row tiles walk all token tiles, so the CTAs in
 // flight share a few row tiles' weights and a few token tiles' activations in L2.

@@ -33,22 +33,12 @@ template <typename Tile> struct WgmmaWindowShape {
   static constexpr int kStages = Tile::STAGES;
   static constexpr int kBM = 64 * kWgM * kConsumers;
   static constexpr int kThreads = 128 * (1 + kConsumers);
-  static constexpr int kChunksPerStage = sm90::kWindowCols / (8 * kM);  // packed records per stage: 2 (M=4), 1 (M=8)
-  static constexpr int kOperands = 2;                                    // k32 operands per stage (64 columns)
+  static constexpr int kChunksPerStage = sm90::kWindowCols / (8 * kM);  // packed records per stage: 2
   static constexpr int kRowTiles = kBM / 16;                             // packed 16-row records per chunk
   static constexpr int kXBytes = kBN * 128;                              // BN tokens x one 128-byte line
   static constexpr int kABytes = kRowTiles * kChunksPerStage * 512;      // records: 32 lanes x 16 bytes
   static constexpr int kEBytes = kRowTiles * kChunksPerStage * 64;       // metadata: 16 words
-  static constexpr bool kExpand = kM == 8;                               // operands built from the records
-  static constexpr int kColBlocks = kExpand ? (kBM + 15) / 16 : 0;       // row blocks' kept columns (V >= 16)
-  static constexpr int kColBytes = kColBlocks * 128;                     // 8 groups x 4 slots x int32 each
-  static constexpr int kWABytes = kExpand ? kRowTiles * kOperands * 512 : 0;  // built operands and metadata
-  static constexpr int kWEBytes = kExpand ? kRowTiles * kOperands * 64 : 0;
-  static constexpr int kOpOffset = kExpand ? kXBytes + kABytes + kEBytes + kColBytes : kXBytes;  // operands read
-  static constexpr int kOpMetaOffset = kOpOffset + (kExpand ? kWABytes : kABytes);
-  static constexpr int kTmaBytes = kXBytes + kABytes + kEBytes + kColBytes;  // what the stage's boxes bring
-  static constexpr int kStageBytes =
-      (kTmaBytes + kWABytes + kWEBytes + sm90::kAtomBytes - 1) / sm90::kAtomBytes * sm90::kAtomBytes;
+  static constexpr int kStageBytes = kXBytes + kABytes + kEBytes;
   static constexpr int kOutBytes = kBN * (kBM + 8) * 2;
   static constexpr int kRingBytes = kStages * kStageBytes;
   static constexpr int kSmemBytes = (kRingBytes > kOutBytes ? kRingBytes : kOutBytes) + sm90::kAtomBytes;  // + align
@@ -57,56 +47,21 @@ template <typename Tile> struct WgmmaWindowShape {
   static constexpr int kAcc = kBN / 2;
   static constexpr int kGroupM = 16;
 
-  static_assert(kM == 4 || kM == 8, "the window kernel takes M = 4 or 8 (8 groups of M columns tile a 64-column stage)");
+  static_assert(kM == 4, "the window kernel takes M = 4 (a packed record is then the 2:4 operand of 32 columns of x)");
   static_assert(kConsumers == 1 || kConsumers == 2, "CONSUMERS must be 1 or 2 (register file: 128 threads each)");
   static_assert(kWgM == 1 || kWgM == 2, "WG_M must be 1 or 2 (accumulators live in registers)");
   static_assert(kBN % 16 == 0 && kBN >= 16 && kBN <= 256, "BN must be a multiple of 16 in 16..256 (wgmma N, TMA box)");
   static_assert(kWgM * kAcc <= 128, "at most 128 fp32 accumulators per consumer thread");
   static_assert(kStages >= 2 && kStages <= 8, "STAGES must be in 2..8");
+  static_assert(kStageBytes % sm90::kAtomBytes == 0, "stages must keep x tiles 1024-byte aligned (swizzle atoms)");
   static_assert(kRowTiles <= 256, "one TMA box carries the CTA's row tiles (at most 256 rows per box)");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA exceeds the 227 KB an sm_90 block may use");
 };
 
-#if defined(VNM_SM90A_ENABLED)
-// M = 8, one unit of the producer warps' work: the metadata word of lanes 4 gid + tq of operand j of row tile rt
-// (quads 4tq..4tq+3: groups 4j + 2tq, 4j + 2tq + 1, both halves, rows gid and gid + 8) and the values of those
-// quads, from the stage's chunk record, metadata words and the row block's kept columns (chunk ks).
-template <typename S>
-__device__ __forceinline__ void expand_unit(uint32_t stage, int rt, int j, int gid, int tq, int ks, int blk) {
-  const uint32_t rec = stage + S::kXBytes + rt * 512;
-  const uint32_t word = sm90::lds32(stage + S::kXBytes + S::kABytes + rt * 64 + (2 * gid + j) * 4);
-  const uint32_t cols = stage + S::kXBytes + S::kABytes + S::kEBytes + blk * 128;
-  const uint32_t out = stage + S::kOpOffset + (rt * 2 + j) * 512;
-  uint32_t meta = 0;
-#pragma unroll
-  for (int gi = 0; gi < 2; ++gi) {
-    const int gg = 2 * tq + gi, group = ks * 8 + 4 * j + gg;  // group gg of operand j; its global index
-    const uint4 c = sm90::lds128(cols + (4 * j + gg) * 16);
-    const uint32_t kept = sm90::kept_position(static_cast<int>(c.x), group, 8) | (sm90::kept_position(static_cast<int>(c.y), group, 8) << 4) |
-                          (sm90::kept_position(static_cast<int>(c.z), group, 8) << 8) | (sm90::kept_position(static_cast<int>(c.w), group, 8) << 12);
-#pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      const uint32_t pair = sm90::lds32(rec + (4 * gid + gg) * 16 + 4 * (2 * j + rh));  // record lane 4 gid + g % 4
-      const uint32_t slots = (word >> (16 * rh + 4 * gg)) & 15u;
-      const uint32_t c_lo = (kept >> (4 * (slots & 3u))) & 15u, c_hi = (kept >> (4 * (slots >> 2))) & 15u;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const sm90::WindowRoute route = sm90::window_route(c_lo, c_hi, static_cast<uint32_t>(h));
-        const int q = 2 * gg + h;
-        sm90::sts32(out + sm90::window_value_offset(gid, q, rh), __byte_perm(pair, 0u, route.sel));
-        meta |= route.nib << (16 * rh + 4 * (q % 4));
-      }
-    }
-  }
-  sm90::sts32(stage + S::kOpMetaOffset + (rt * 2 + j) * 64 + (2 * gid + tq) * 4, meta);
-}
-#endif  // VNM_SM90A_ENABLED
-
 template <typename Tile, typename T>
 __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
     vnm_wgmma_window_kernel(const VnmParams p, const __grid_constant__ CUtensorMap xmap,
-                            const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap emap,
-                            const __grid_constant__ CUtensorMap cmap) {
+                            const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap emap) {
 #if defined(VNM_SM90A_ENABLED)
   using S = WgmmaWindowShape<Tile>;
   constexpr int kRecs = S::kChunksPerStage;
@@ -114,14 +69,12 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[S::kStages];
   __shared__ __align__(8) uint64_t empty_bar[S::kStages];
-  __shared__ __align__(8) uint64_t ready_bar[S::kExpand ? S::kStages : 1];  // M = 8: operands built
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;  // 0: producer, 1..CONSUMERS: consumers
   const int warp = (tid / 32) % 4, lane = tid % 32;
   const uint32_t smem = (smem_addr(smem_raw) + sm90::kAtomBytes - 1) & ~uint32_t(sm90::kAtomBytes - 1);
-  const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar), ready0 = smem_addr(ready_bar);
-  constexpr int kBuilders = 96;  // M = 8: producer warps 1-3 build the operands
+  const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
 
   const int tiles_m = (p.R + S::kBM - 1) / S::kBM, tiles_n = (p.N + S::kBN - 1) / S::kBN;
   const sm90::TileCoord tile = sm90::tile_coord(blockIdx.x, tiles_m, tiles_n, S::kGroupM);
@@ -132,7 +85,6 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
     for (int s = 0; s < S::kStages; ++s) {
       sm90::mbar_init(full0 + 8 * s, 1);                   // the producer's arrival; TMA completes the bytes
       sm90::mbar_init(empty0 + 8 * s, 4 * S::kConsumers);  // one lane per consumer warp
-      if constexpr (S::kExpand) sm90::mbar_init(ready0 + 8 * s, kBuilders);
     }
     sm90::fence_barrier_init();
   }
@@ -145,28 +97,14 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
       sm90::prefetch_tensormap(&xmap);
       sm90::prefetch_tensormap(&amap);
       sm90::prefetch_tensormap(&emap);
-      if constexpr (S::kExpand) sm90::prefetch_tensormap(&cmap);
       for (int ks = 0; ks < steps; ++ks) {
         const int s = ks % S::kStages;
         if (ks >= S::kStages) sm90::mbar_wait(empty0 + 8 * s, ((ks / S::kStages) - 1) & 1);
         const uint32_t stage = smem + s * S::kStageBytes;
-        sm90::mbar_arrive_expect_tx(full0 + 8 * s, S::kTmaBytes);  // boxes count whole, zero-filled parts too
+        sm90::mbar_arrive_expect_tx(full0 + 8 * s, S::kStageBytes);  // boxes count whole, zero-filled parts too
         sm90::tma_load_2d(stage, &xmap, ks * sm90::kWindowCols, n0, full0 + 8 * s);
         sm90::tma_load_2d(stage + S::kXBytes, &amap, ks * kRecs * 64, m0 / 16, full0 + 8 * s);
         sm90::tma_load_2d(stage + S::kXBytes + S::kABytes, &emap, ks * kRecs * 16, m0 / 16, full0 + 8 * s);
-        if constexpr (S::kExpand)  // the kept columns of the chunk for the row blocks from m0's on
-          sm90::tma_load_2d(stage + S::kXBytes + S::kABytes + S::kEBytes, &cmap, ks * 32, m0 / p.V, full0 + 8 * s);
-      }
-    } else if (S::kExpand && warp > 0) {
-      for (int ks = 0; ks < steps; ++ks) {
-        const int s = ks % S::kStages;
-        sm90::mbar_wait(full0 + 8 * s, (ks / S::kStages) & 1);
-        const uint32_t stage = smem + s * S::kStageBytes;
-        for (int u = tid - 32; u < S::kRowTiles * 32; u += kBuilders) {
-          const int rt = u >> 5;
-          expand_unit<S>(stage, rt, (u >> 4) & 1, (u >> 1) & 7, u & 1, ks, (m0 + 16 * rt) / p.V - m0 / p.V);
-        }
-        sm90::mbar_arrive(ready0 + 8 * s);  // release: the consumers see these shared-memory writes
       }
     }
   } else {
@@ -186,11 +124,11 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
     for (int mi = 0; mi < S::kWgM; ++mi) {
       const int rt = (cw * S::kWgM + mi) * 4 + warp;
       rows_real[mi] = m0 / 16 + rt < p.Rt;
-      a_off[mi] = S::kOpOffset + sm90::a_stage_offset(rt, S::kOperands, 0, lane);
-      e_off[mi] = S::kOpMetaOffset + sm90::e_stage_offset(rt, S::kOperands, 0, lane);
+      a_off[mi] = S::kXBytes + sm90::a_stage_offset(rt, kRecs, 0, lane);
+      e_off[mi] = S::kXBytes + S::kABytes + sm90::e_stage_offset(rt, kRecs, 0, lane);
     }
-    uint4 a_reg[2][S::kOperands][S::kWgM];  // double-buffered: stage ks's wgmmas read a_reg[ks % 2] until ks + 1 retires them
-    uint32_t e_reg[2][S::kOperands][S::kWgM];
+    uint4 a_reg[2][kRecs][S::kWgM];  // double-buffered: stage ks's wgmmas read a_reg[ks % 2] until ks + 1 retires them
+    uint32_t e_reg[2][kRecs][S::kWgM];
 
     for (int k0 = 0; k0 < steps; k0 += 2) {
 #pragma unroll
@@ -198,24 +136,22 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
         const int ks = k0 + r;
         if (ks < steps) {
           const int s = ks % S::kStages;
-          sm90::mbar_wait((S::kExpand ? ready0 : full0) + 8 * s, (ks / S::kStages) & 1);
+          sm90::mbar_wait(full0 + 8 * s, (ks / S::kStages) & 1);
           const uint32_t stage = smem + s * S::kStageBytes;
 #pragma unroll
-          for (int j = 0; j < S::kOperands; ++j) {
-            // M = 4: the chunk's record as it is (odd Kc: the last stage's second chunk is padding; rows past R
-            // zeros). M = 8: built with valid metadata everywhere.
+          for (int j = 0; j < kRecs; ++j) {
+            const bool real = ks * kRecs + j < p.Kc;  // odd Kc: the last stage's second chunk is padding
 #pragma unroll
             for (int mi = 0; mi < S::kWgM; ++mi) {
               a_reg[r][j][mi] = sm90::lds128(stage + a_off[mi] + j * 512);
-              const bool ok = S::kExpand || (ks * kRecs + j < p.Kc && rows_real[mi]);
-              e_reg[r][j][mi] = ok ? sm90::lds32(stage + e_off[mi] + j * 64) : kPadMeta;
+              e_reg[r][j][mi] = real && rows_real[mi] ? sm90::lds32(stage + e_off[mi] + j * 64) : kPadMeta;
             }
           }
 #pragma unroll
           for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
           sm90::wgmma_fence();
 #pragma unroll
-          for (int j = 0; j < S::kOperands; ++j)  // operand j: columns 32j.. of the stage's tile, 64 bytes in
+          for (int j = 0; j < kRecs; ++j)  // chunk 2ks + j: columns 32j.. of the stage's tile, 64 bytes in
 #pragma unroll
             for (int mi = 0; mi < S::kWgM; ++mi)
               WgmmaSp<T, S::kBN, 0>::run(acc[mi], a_reg[r][j][mi], sm90::bk_desc(stage, 64u * j), e_reg[r][j][mi]);
@@ -225,7 +161,7 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
           sm90::wgmma_wait<1>();  // the previous stage's wgmmas are done: its stage and registers are free
           if (ks > 0 && lane == 0) sm90::mbar_arrive(empty0 + 8 * ((ks - 1) % S::kStages));
 #pragma unroll
-          for (int j = 0; j < S::kOperands; ++j)
+          for (int j = 0; j < kRecs; ++j)
 #pragma unroll
             for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_fragment(a_reg[r ^ 1][j][mi], e_reg[r ^ 1][j][mi]);
         }
@@ -266,14 +202,12 @@ cudaError_t launch_wgmma_window(const VnmParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   if (p.N == 0 || p.R == 0) return cudaSuccess;
   constexpr int kRecs = S::kChunksPerStage;
-  CUtensorMap map, amap, emap, cmap;
+  CUtensorMap map, amap, emap;
   err = x_tensor_map<T>(p, S::kBN, &map);
   if (err == cudaSuccess) err = a_tensor_maps(p, kRecs, S::kRowTiles, &amap, &emap);
-  // M = 8: the kept columns, Bn rows of Gp x 4 int32, in boxes of [kColBlocks blocks x one chunk's 32].
-  if (err == cudaSuccess) err = record_tensor_map(p.cols, p.Bn, p.Gp * 4, 4, 32, S::kExpand ? S::kColBlocks : 1, &cmap);
   if (err != cudaSuccess) return err;
   const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
-  return launch_tiles<vnm_wgmma_window_kernel<Tile, T>>(dev, tiles, S::kThreads, S::kSmemBytes, stream, p, map, amap, emap, cmap);
+  return launch_tiles<vnm_wgmma_window_kernel<Tile, T>>(dev, tiles, S::kThreads, S::kSmemBytes, stream, p, map, amap, emap);
 }
 
 }  // namespace vnm
