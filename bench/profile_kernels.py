@@ -28,7 +28,7 @@ CASES = [  # (R, C, N, pattern, kernel name or None for the dispatcher's choice)
     # sm_90a sparse wgmma (pinned by name: applies on sm_90 only; elsewhere the dispatcher's choice is profiled)
     (4096, 4096, 4096, "64:2:8", "wgmma_bf16_v64_c2m2n128s4"),
     (8192, 8192, 8192, "64:2:8", "wgmma_bf16_v64_c2m2n128s4"),
-    (8192, 8192, 8192, "128:2:8", "wgmma_bf16_v128_c2m1n256s6"),
+    (8192, 8192, 8192, "128:2:8", "wgmma_bf16_v128_c2m1n256s8"),
     # the sm_90a window kernel (unpermuted M = 4: x tiles and A records by TMA, no gather)
     (8192, 8192, 4096, "64:2:4", "wgmma_window_bf16_m4_c2m1n256s4"),
 ]

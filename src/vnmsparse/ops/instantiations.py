@@ -231,10 +231,12 @@ def _wgmma_window_variants() -> list[WgmmaWindow]:
 def _wgmma_variants() -> list[Wgmma]:
     # Per V: the wide-N tile (least A traffic per FLOP; measured fastest) and the 4-block / 2-block BN=128 tile
     # (kept so bench/kernel.py --variants keeps measuring the alternative). bench/NOTES-wgmma.md: smem budgets.
+    # Stages with A in shared memory (history/kernel-h100-wgmma-stages.json): 8 beat 6 by 6-12% at V = 128; at
+    # V = 64, 6 were 1-9% slower than 4.
     return [
         Wgmma(V=64, consumers=2, wg_m=1, BN=256, stages=4),
         Wgmma(V=64, consumers=2, wg_m=2, BN=128, stages=4),
-        Wgmma(V=128, consumers=2, wg_m=1, BN=256, stages=6),
+        Wgmma(V=128, consumers=2, wg_m=1, BN=256, stages=8),
         Wgmma(V=128, consumers=2, wg_m=2, BN=128, stages=6),
     ]
 
