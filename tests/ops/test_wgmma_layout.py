@@ -276,3 +276,42 @@ def test_smem_budget_of_every_variant():
         assert max(ring, out) + 1024 <= 227 * 1024, v.tag
         assert v.wg_m * v.BN // 2 <= 128 and v.BN % 64 == 0 and 32 * blocks <= 128, v.tag
         assert math.gcd(v.BM, v.V) == min(v.BM, v.V), v.tag
+
+
+# ---- the window kernel's B operand (vnm_wgmma_window.cuh) ----------------------------------------------------
+def hw_read_b_kmajor(smem: np.ndarray, desc: int, bn: int) -> np.ndarray:
+    """B (32 x bn) as wgmma reads it through `desc` with imm-trans-b = 0 (K-major) and the 128-byte swizzle: token
+    n's 64 k-values fill line n % 8 of its 8-token atom, atoms SBO apart; the start address may sit inside a line."""
+    start = (desc & 0x3FFF) << 4
+    sbo = ((desc >> 32) & 0x3FFF) << 4
+    assert (desc >> 49) & 0x7 == 0 and desc >> 62 == 1, "expected base offset 0 and the 128-byte swizzle"
+    k = np.arange(32)[:, None]
+    n = np.arange(bn)[None, :]
+    addr = start + 128 * (n % 8) + 2 * k + sbo * (n // 8)
+    phys = addr ^ (((addr >> 7) & 7) << 4)
+    return smem[phys // 2]
+
+
+def tma_write_x_tile(x_tile: np.ndarray, base: int, size: int) -> np.ndarray:
+    """A [tokens x 64 columns] box as TMA lands it with CU_TENSOR_MAP_SWIZZLE_128B: token n is the 128-byte line n,
+    its 16-byte chunk c at chunk c ^ (n % 8) (the swizzle of bits 4-6 by bits 7-9 of a 1024-aligned address)."""
+    smem = np.full(size // 2, np.nan)
+    for n in range(x_tile.shape[0]):
+        for c in range(8):
+            dst = base + n * 128 + ((c ^ (n % 8)) * 16)
+            smem[dst // 2 : dst // 2 + 8] = x_tile[n, 8 * c : 8 * c + 8]
+    return smem
+
+
+def test_window_b_operand_reads_the_columns_tma_wrote(dump_exe):
+    bn = 256
+    d = dump(dump_exe, bn, 64, 1, 1, 16, 1)
+    assert d["window_cols"] == 64  # one 128-byte swizzle line of 16-bit values per token
+    x_tile = np.arange(bn * 64, dtype=np.float64).reshape(bn, 64)  # every element distinct
+    smem = tma_write_x_tile(x_tile, SMEM_BASE, SMEM_BASE + bn * 128)
+    descs = [int(v) for v in d["bk_desc"]]
+    for j in (0, 1):  # the stage's two k32 operands: columns 32j .. 32j + 31
+        B = hw_read_b_kmajor(smem, descs[j], bn)
+        assert np.array_equal(B, x_tile[:, 32 * j : 32 * j + 32].T), f"k32 half {j} reads other columns"
+    # A later stage (a multiple of 1024 bytes on) is addressed the same way.
+    assert ((descs[2] & 0x3FFF) - (descs[0] & 0x3FFF)) << 4 == 1024
