@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, rel_err, run_kernel, wgmma_dispatch
+from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, rel_err, run_kernel
 
 from vnmsparse import ops
 from vnmsparse.ops import dispatch, instantiations
@@ -21,16 +21,6 @@ SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 (Hopper) GPU")]
 
 WGMMA_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "wgmma"]
-
-
-@pytest.fixture
-def wgmma_on(monkeypatch):
-    """Public-path tests on small problems: wgmma enabled even below one wave of tiles."""
-    with wgmma_dispatch(True):
-        monkeypatch.setattr(dispatch, "WGMMA_MIN_WAVES", 0.0)
-        dispatch._choose.cache_clear()
-        yield
-    dispatch._choose.cache_clear()
 
 
 def _shapes(V: int):
@@ -71,7 +61,7 @@ def test_wgmma_matches_mma_sp_and_is_deterministic(ext):
 
 
 @pytest.mark.parametrize("lead", [(300,), (2, 150), (4095,)])
-def test_public_linear_with_wgmma(wgmma_on, lead):
+def test_public_linear_with_wgmma(wgmma_on_small, lead):
     t = random_vnm(1000, 700, "64:2:8", device="cuda", permute=True, seed=9)
     x = torch.randn(*lead, 700, device="cuda").to(torch.bfloat16)
     bias = torch.randn(1000, device="cuda").to(torch.bfloat16)
@@ -83,6 +73,6 @@ def test_public_linear_with_wgmma(wgmma_on, lead):
     check(y.reshape(-1, 1000), fp64_reference(x.reshape(-1, 700), t, bias), torch.bfloat16, f"linear {lead}")
 
 
-def test_cuda_graph_replay_with_wgmma(wgmma_on):
+def test_cuda_graph_replay_with_wgmma(wgmma_on_small):
     t = random_vnm(512, 384, "128:2:5", device="cuda", seed=2)
     check_graph_replay(t, 512, "graph replay")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, run_kernel, wgmma_dispatch
+from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, run_kernel
 
 from vnmsparse import ops
 from vnmsparse.ops import dispatch, instantiations
@@ -23,18 +23,6 @@ SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 (Hopper) GPU")]
 
 WINDOW_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "wgmma_window"]
-
-
-@pytest.fixture
-def window_on(monkeypatch):
-    """Public-path tests on small problems: tensor-core kernels even below one wave of tiles."""
-    with wgmma_dispatch(True):
-        monkeypatch.setattr(dispatch, "WGMMA_MIN_WAVES", 0.0)
-        dispatch._choose.cache_clear()
-        dispatch._plan.cache_clear()
-        yield
-    dispatch._choose.cache_clear()
-    dispatch._plan.cache_clear()
 
 
 def _shapes():
@@ -88,7 +76,7 @@ def test_window_is_repeatable_and_matches_the_gather(ext):
 
 
 @pytest.mark.parametrize("lead", [(300,), (2, 150), (4095,)])
-def test_public_linear_takes_the_window_kernel_when_unpermuted(window_on, lead):
+def test_public_linear_takes_the_window_kernel_when_unpermuted(wgmma_on_small, lead):
     plain = random_vnm(1000, 700, "64:2:4", device="cuda", seed=9)
     permuted = random_vnm(1000, 700, "64:2:4", device="cuda", permute=True, seed=9)
     wider = random_vnm(1000, 700, "64:2:8", device="cuda", seed=9)
@@ -102,6 +90,6 @@ def test_public_linear_takes_the_window_kernel_when_unpermuted(window_on, lead):
         check(y.reshape(-1, 1000), fp64_reference(x.reshape(-1, 700), t, bias), torch.bfloat16, f"linear {kind} {lead}")
 
 
-def test_cuda_graph_replay_with_the_window_kernel(window_on):
+def test_cuda_graph_replay_with_the_window_kernel(wgmma_on_small):
     t = random_vnm(512, 384, "32:2:4", device="cuda", seed=2)
     check_graph_replay(t, 512, "graph replay")

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "vnm_common.cuh"
+#include "vnm_sm90_layout.h"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define VNM_SM90A_ENABLED 1
@@ -79,16 +80,18 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// ---- shared-memory loads ---------------------------------------------------------------------------------
-__device__ __forceinline__ uint4 lds128(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
-  return v;
+// ---- the CTA's place in the grid and its shared memory --------------------------------------------------
+// Both sparse-wgmma kernels: 1024-aligned dynamic shared memory (swizzle atoms) and the tile's first row / token.
+struct CtaTile {
+  uint32_t smem;  // aligned start of the dynamic shared memory
+  int m0, n0;     // first row of W and first token of the CTA's tile
+};
+
+template <int kBM, int kBN, int kGroupM>
+__device__ __forceinline__ CtaTile cta_tile(unsigned char* smem_raw, int R, int N) {
+  const int tiles_m = (R + kBM - 1) / kBM, tiles_n = (N + kBN - 1) / kBN;
+  const TileCoord tile = tile_coord(blockIdx.x, tiles_m, tiles_n, kGroupM);
+  return CtaTile{(smem_addr(smem_raw) + kAtomBytes - 1) & ~uint32_t(kAtomBytes - 1), tile.m * kBM, tile.n * kBN};
 }
 
 // ---- register reallocation between warpgroups -----------------------------------------------------------

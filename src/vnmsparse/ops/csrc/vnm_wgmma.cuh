@@ -147,12 +147,10 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
   const int tid = threadIdx.x;
   const int wg = tid / 128;  // 0: producer, 1..CONSUMERS: consumers
   const int warp = (tid / 32) % 4, lane = tid % 32;
-  const uint32_t smem = (smem_addr(smem_raw) + sm90::kAtomBytes - 1) & ~uint32_t(sm90::kAtomBytes - 1);
   const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
-
-  const int tiles_m = (p.R + S::kBM - 1) / S::kBM, tiles_n = (p.N + S::kBN - 1) / S::kBN;
-  const sm90::TileCoord tile = sm90::tile_coord(blockIdx.x, tiles_m, tiles_n, S::kGroupM);
-  const int m0 = tile.m * S::kBM, n0 = tile.n * S::kBN;
+  const sm90::CtaTile cta = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N);
+  const uint32_t smem = cta.smem;
+  const int m0 = cta.m0, n0 = cta.n0;
   const int blk0 = m0 / S::kV;  // first V-row block of the CTA (it may hold part of one when V > BM)
 
   if (tid == 0) {
@@ -245,8 +243,8 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
           const uint32_t stage = smem + s * S::kStageBytes;
 #pragma unroll
           for (int mi = 0; mi < S::kWgM; ++mi) {
-            a_reg[j][mi] = sm90::lds128(stage + a_off[mi]);
-            e_reg[j][mi] = rows_real[mi] ? sm90::lds32(stage + e_off[mi]) : kPadMeta;
+            a_reg[j][mi] = lds128(stage + a_off[mi]);
+            e_reg[j][mi] = rows_real[mi] ? lds32(stage + e_off[mi]) : kPadMeta;
           }
 #pragma unroll
           for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);

@@ -3,9 +3,10 @@
 // no x^T pass: a chunk of 8 groups is 32 contiguous columns of x and its packed record already is the 2:4 A
 // operand over them, so B is x itself, [BN tokens x 64 columns] tiles loaded by TMA (K-major, 128-byte swizzle)
 // and shared by every row of the CTA, as in a dense GEMM. The gather kernel (vnm_wgmma.cuh) moves a per-row-block
-// copy of x instead and is bound by that L2 -> SM traffic (bench/NOTES-wgmma.md); this one is 1.5-1.6x faster.
-// Tried and measured slower (NOTES-wgmma.md, "Fifth session"): the same for M = 8 with each record expanded in
-// registers into two 2:4 operands over its 64 columns, and 2-CTA clusters sharing x tiles by multicast.
+// copy of x instead and is bound by that L2 -> SM traffic (bench/NOTES-wgmma.md); this one is 2.0-2.6x faster.
+// Tried and measured slower (NOTES-wgmma.md, "Fifth session"): the same for M = 8 with each record expanded into
+// two 2:4 operands over its 64 columns (in the consumers' registers, or in shared memory by the producer warps),
+// and 2-CTA clusters sharing x tiles by multicast.
 //
 //   producer warpgroup: one thread issues three TMA boxes per 64-column stage into a STAGES-deep ring: the x tile,
 //       and the CTA's 8 row tiles' packed records and metadata words of the stage's two chunks (A comes through
@@ -73,12 +74,10 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
   const int tid = threadIdx.x;
   const int wg = tid / 128;  // 0: producer, 1..CONSUMERS: consumers
   const int warp = (tid / 32) % 4, lane = tid % 32;
-  const uint32_t smem = (smem_addr(smem_raw) + sm90::kAtomBytes - 1) & ~uint32_t(sm90::kAtomBytes - 1);
   const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
-
-  const int tiles_m = (p.R + S::kBM - 1) / S::kBM, tiles_n = (p.N + S::kBN - 1) / S::kBN;
-  const sm90::TileCoord tile = sm90::tile_coord(blockIdx.x, tiles_m, tiles_n, S::kGroupM);
-  const int m0 = tile.m * S::kBM, n0 = tile.n * S::kBN;
+  const sm90::CtaTile cta = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N);
+  const uint32_t smem = cta.smem;
+  const int m0 = cta.m0, n0 = cta.n0;
   const int steps = (p.Kc + kRecs - 1) / kRecs;  // 64-column stages
 
   if (tid == 0) {
@@ -143,8 +142,8 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
             const bool real = ks * kRecs + j < p.Kc;  // odd Kc: the last stage's second chunk is padding
 #pragma unroll
             for (int mi = 0; mi < S::kWgM; ++mi) {
-              a_reg[r][j][mi] = sm90::lds128(stage + a_off[mi] + j * 512);
-              e_reg[r][j][mi] = real && rows_real[mi] ? sm90::lds32(stage + e_off[mi] + j * 64) : kPadMeta;
+              a_reg[r][j][mi] = lds128(stage + a_off[mi] + j * 512);
+              e_reg[r][j][mi] = real && rows_real[mi] ? lds32(stage + e_off[mi] + j * 64) : kPadMeta;
             }
           }
 #pragma unroll
