@@ -29,7 +29,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i < 8; ++i)
     for (unsigned kb = 0; kb <= 64; kb += 64)
       std::printf("%s\"%llu\"", (i || kb) ? "," : "", static_cast<unsigned long long>(bk_desc(addr + 1024u * i, kb)));
-  std::printf("],\n\"window_cols\": %d,\n", kWindowCols);
+  std::printf("],\n\"window_cols\": %d, \"pad_meta\": %u,\n", kWindowCols, kPadMeta);
   std::printf("\"b_tile_offset\": [");
   for (int k = 0; k < kKStep; ++k)
     for (int n = 0; n < bn; n += 8) std::printf("%s[%d,%d,%u]", (k || n) ? "," : "", k, n, b_tile_offset(k, n, bn));

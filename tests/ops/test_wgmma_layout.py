@@ -156,7 +156,7 @@ def emulate(v: instantiations.Wgmma, p, x: torch.Tensor, bias, exe, desc_fault=N
             rts = m0 // 16 + np.arange(BM // 16)
             a_img = np.where((rts < Rt)[:, None, None], a_vals[np.minimum(rts, Rt - 1), kc], 0.0).reshape(-1)
             e_img = np.where((rts < Rt)[:, None], a_meta[np.minimum(rts, Rt - 1), kc], 0).reshape(-1)
-            pad_meta = 0x44444444  # the kernel's metadata for row tiles past R (its rows_real check)
+            pad_meta = d["pad_meta"]  # the kernel's metadata for row tiles past R (its rows_real check)
             for local in range(BM // 64):
                 b_tile = tile_of[(local, V, BM)]
                 desc = descs[(b_tile * tile_bytes) // 1024]

@@ -82,6 +82,9 @@ VNM_HD constexpr uint32_t gather_dst_step(int pieces, int bn) {
 // supply groups 0-3 and 4-7; lanes t = 2, 3 read the same words, which the instruction ignores).
 VNM_HD constexpr int meta_word(int lane) { return 2 * (lane >> 2) + (lane & 1); }
 
+// Metadata word for all-zero values (rows past R, chunks past the last): every nibble the ordered pair (0, 1).
+constexpr uint32_t kPadMeta = 0x44444444u;
+
 // Warp w of a consumer warpgroup computes rows 16w..16w+15 of its m64 tile; its A fragment for one k-step is
 // exactly one packed 16-row record (pack.py's a_vals/a_meta), the same register layout as mma.sp m16n8k32. A
 // stage holds, by TMA, the records of the CTA's row tiles 0..BM/16-1 for `chunks` consecutive chunks (row tile

@@ -139,7 +139,6 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
     vnm_wgmma_kernel(const VnmParams p, const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap emap) {
 #if defined(VNM_SM90A_ENABLED)
   using S = WgmmaShape<Tile>;
-  constexpr uint32_t kPadMeta = 0x44444444u;  // every nibble (0, 1): a valid pair for all-zero values
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[S::kStages];
   __shared__ __align__(8) uint64_t empty_bar[S::kStages];
@@ -244,7 +243,7 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
 #pragma unroll
           for (int mi = 0; mi < S::kWgM; ++mi) {
             a_reg[j][mi] = lds128(stage + a_off[mi]);
-            e_reg[j][mi] = rows_real[mi] ? lds32(stage + e_off[mi]) : kPadMeta;
+            e_reg[j][mi] = rows_real[mi] ? lds32(stage + e_off[mi]) : sm90::kPadMeta;
           }
 #pragma unroll
           for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);

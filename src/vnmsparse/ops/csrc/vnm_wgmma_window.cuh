@@ -66,7 +66,6 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
 #if defined(VNM_SM90A_ENABLED)
   using S = WgmmaWindowShape<Tile>;
   constexpr int kRecs = S::kChunksPerStage;
-  constexpr uint32_t kPadMeta = 0x44444444u;  // every nibble (0, 1): a valid pair for all-zero values
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[S::kStages];
   __shared__ __align__(8) uint64_t empty_bar[S::kStages];
@@ -143,7 +142,7 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
 #pragma unroll
             for (int mi = 0; mi < S::kWgM; ++mi) {
               a_reg[r][j][mi] = lds128(stage + a_off[mi] + j * 512);
-              e_reg[r][j][mi] = real && rows_real[mi] ? lds32(stage + e_off[mi] + j * 64) : kPadMeta;
+              e_reg[r][j][mi] = real && rows_real[mi] ? lds32(stage + e_off[mi] + j * 64) : sm90::kPadMeta;
             }
           }
 #pragma unroll
