@@ -3,9 +3,10 @@
 Every compiled `Wgmma` variant is run directly (by its table index) over odd shapes: R not a multiple of the
 tile (nor of 16), C not a multiple of M (padding slots), N = 1, 3, 17, 100, 257, 4095 (token tails, one and
 several token tiles), K from one k-step to many (pipeline wrap-around, phase flips), folded input permutations,
-bias or not, both dtypes. Then the public path with `enable_wgmma()`: leading dims, bias, CUDA-graph replay,
-determinism. The wrong-V refusal is in tests/ops/test_binding_gpu.py (one process per case). Skipped unless the
-GPU is sm_90 (bench/run_gpu.sh runs them, once under compute-sanitizer).
+bias or not, both dtypes. Then CUDA-graph replay and determinism; the public path with leading dims and bias,
+for the gathering and the window kernels alike, is in tests/ops/test_wgmma_window_gpu.py, the wrong-V refusal
+in tests/ops/test_binding_gpu.py (one process per case). Skipped unless the GPU is sm_90 (bench/run_gpu.sh runs
+them, once under compute-sanitizer).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import pytest
 import torch
 from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, rel_err, run_kernel
 
-from vnmsparse import ops
-from vnmsparse.ops import dispatch, instantiations
+from vnmsparse.ops import instantiations
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 (Hopper) GPU")]
@@ -58,19 +58,6 @@ def test_wgmma_matches_mma_sp_and_is_deterministic(ext):
     ref = fp64_reference(x, t)
     check(y1, ref, torch.bfloat16, "wgmma 1024x2048 N=1024")
     assert rel_err(y1, ref) <= 1.5 * rel_err(run_kernel(ext, gemm, t, x), ref) + 1e-4  # as accurate as the mma.sp path
-
-
-@pytest.mark.parametrize("lead", [(300,), (2, 150), (4095,)])
-def test_public_linear_with_wgmma(wgmma_on_small, lead):
-    t = random_vnm(1000, 700, "64:2:8", device="cuda", permute=True, seed=9)
-    x = torch.randn(*lead, 700, device="cuda").to(torch.bfloat16)
-    bias = torch.randn(1000, device="cuda").to(torch.bfloat16)
-    N = x.numel() // 700
-    chosen = dispatch.choose(N, 1000, 64, "bf16", torch.cuda.get_device_properties(0).multi_processor_count, (9, 0))
-    assert chosen.variant.kind == "wgmma"
-    y = ops.linear(x, t, bias)
-    assert y.shape == (*lead, 1000)
-    check(y.reshape(-1, 1000), fp64_reference(x.reshape(-1, 700), t, bias), torch.bfloat16, f"linear {lead}")
 
 
 def test_cuda_graph_replay_with_wgmma(wgmma_on_small):
