@@ -45,7 +45,7 @@ WGMMA_MIN_N = 256
 WGMMA_MIN_WAVES = 0.5
 WGMMA_PREFERRED = {64: ((2, 1, 256, 4), (2, 2, 128, 4)), 128: ((2, 1, 256, 8), (2, 2, 128, 6))}
 # Window kernels per pack window (8M) as (CONSUMERS, WG_M, BN, STAGES), in order of preference: M = 4 only
-# (1.5-1.6x faster than the gather on the H100; at M = 8 the gather stays faster, bench/NOTES-wgmma.md).
+# (2.0-2.6x faster than the gather on the H100; at M = 8 the gather stays faster, bench/NOTES-wgmma.md).
 WINDOW_PREFERRED = {32: ((2, 1, 256, 4),)}
 
 
@@ -100,7 +100,7 @@ def choose(N: int, R: int, V: int, dtype: str, sm_count: int, arch: tuple[int, i
 def _wgmma_choice(N: int, R: int, V: int, dtype: str, sm_count: int, arch, window: int) -> Kernel | None:
     """The preferred compiled sparse-wgmma tile (a window kernel where the pack allows one), or None (mma.sp)
     when it would not fill WGMMA_MIN_WAVES waves."""
-    kind, order = (WgmmaWindow, WINDOW_PREFERRED.get(window, ())) if window in WINDOW_PREFERRED else (Wgmma, WGMMA_PREFERRED.get(V, ()))
+    kind, order = (WgmmaWindow, WINDOW_PREFERRED[window]) if window in WINDOW_PREFERRED else (Wgmma, WGMMA_PREFERRED.get(V, ()))
     tiles = {(k.variant.consumers, k.variant.wg_m, k.variant.BN, k.variant.stages): k
              for k in candidates(N, V, dtype, arch, window) if isinstance(k.variant, kind)}
     preferred = [tiles[t] for t in order if t in tiles]

@@ -7,9 +7,8 @@ y = x @ W^T + bias with nn.Linear semantics and any leading dims of x, fp32 accu
 compiled kernels run (chosen by `dispatch.choose`); on CPU, or a GPU where no kernel can run, the plain-torch
 reference runs instead and that is logged once. In plain eager calls (`_runs_eagerly`: no tracing, modes,
 subclasses, autograd or profiler) `linear` calls the CUDA implementation directly: the dispatcher would add
-~20 us a call. `window` is the pack's `PackedVNM.window` (0 makes every kernel gather x by column; at 32 the sm_90
-window kernel may run; a value the pack did not compute gives wrong results, never an
-out-of-bounds read).
+~20 us a call. `window` is the pack's `PackedVNM.window` (0 makes every kernel gather x by column; at 32 the
+sm_90 window kernel may run; a value the pack did not compute gives wrong results, never an out-of-bounds read).
 """
 
 # The schema is declared as a string below; no `from __future__ import annotations` needed or used.
