@@ -144,10 +144,10 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   if (N == 0) return y;
 
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(x.device().index());
-  // The window kernels read x by TMA: 16-byte aligned rows. Otherwise they get a copy with rows padded to 8.
-  const bool tma_ready = aligned16(x) && (N <= 1 ? C % 8 == 0 : x.stride(0) % 8 == 0);
+  // The window kernels read x by TMA: 16-byte aligned rows. Otherwise they get a copy with rows padded to 8
+  // (checked for those kernels only: decode calls skip it).
   at::Tensor x_tma;
-  if (entry.kind == vnm::KernelKind::kWgmmaWindow && !tma_ready) {
+  if (entry.kind == vnm::KernelKind::kWgmmaWindow && !(aligned16(x) && (N <= 1 ? C % 8 == 0 : x.stride(0) % 8 == 0))) {
     x_tma = at::empty({N, (C + 7) / 8 * 8}, x.options());
     x_tma.narrow(1, 0, C).copy_(x);
   }
