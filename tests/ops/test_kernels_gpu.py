@@ -179,11 +179,12 @@ def test_split_k_decode_on_concurrent_streams():
 
 @pytest.mark.parametrize("N", [1, 16])
 def test_chained_decodes_see_what_the_kernel_before_wrote(N):
-    # On sm_90 a decode starts before the kernel ahead of it has finished (programmatic dependent launch; a decode
-    # releases its dependents before it writes y) and must still read that kernel's output and not overwrite memory
-    # it reads (the allocator hands freed inputs back as outputs). A chain of layers, each fed the previous output
-    # directly (decode after decode) or, every third, through two torch kernels, launched back to back, must equal
-    # the same chain synchronised after every call, eagerly and in a CUDA graph.
+    # On sm_90, in a CUDA graph, a decode starts before the kernel ahead of it has finished (programmatic dependent
+    # launch, used under capture only; a decode releases its dependents before it writes y) and must still read that
+    # kernel's output and not overwrite memory it reads (the allocator hands freed inputs back as outputs). A chain
+    # of layers, each fed the previous output directly (decode after decode) or, every third, through two torch
+    # kernels, launched back to back, must equal the same chain synchronised after every call, eagerly and in a
+    # CUDA graph.
     C = 2048
     ts = [random_vnm(C, C, pat, device="cuda", seed=i) for i, pat in enumerate(["64:2:8", "64:2:5", "128:2:8", "32:2:16"] * 2)]
     x0 = torch.randn(N, C, device="cuda").to(torch.bfloat16)

@@ -3,7 +3,7 @@
     from vnmsparse.ops import linear
     y = linear(x, vnm_tensor, bias)          # CUDA kernels on sm_80+, the plain-torch reference elsewhere
     enable_wgmma(False)                      # keep sm_90 on the mma.sp kernel (or VNMSPARSE_WGMMA=0)
-    # VNMSPARSE_PDL=0: launch the decode kernels without programmatic dependent launch (sm_90+; on by default)
+    # VNMSPARSE_PDL=0: no programmatic dependent launch for decode kernels in CUDA graphs (sm_90+; on by default)
 
 Importing this needs no compiler and no GPU: kernels are built just in time (`build.extension`) on the
 first CUDA call. `pack_for_device` is what `VNMTensor.pack(device)` calls (and caches).

@@ -36,8 +36,9 @@ struct VnmParams {
   int window;             // 8*M if every group's kept columns lie in its own M columns of x (pack.py), else 0.
                           // Decode: passed only when x rows are 16-byte aligned (it then copies chunk windows);
                           // wgmma window kernels: always (they need it, and TMA-ready x)
-  int pdl;                // decode: 1 = launched as a programmatic dependent of the previous kernel (sm_90+, the
-                          // packed arrays 16-byte aligned): its first weights are prefetched into L2 before waiting
+  int pdl;                // decode: 1 = launched as a programmatic dependent of the previous kernel (sm_90+, under
+                          // CUDA-graph capture, the packed arrays 16-byte aligned): its first weights are prefetched
+                          // into L2 before waiting
 };
 
 // Widest chunk window the decode kernels stage in shared memory (8 groups of M <= 8 columns).
