@@ -79,14 +79,8 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
   const int m0 = cta.m0, n0 = cta.n0;
   const int steps = (p.Kc + kRecs - 1) / kRecs;  // 64-column stages
 
-  if (tid == 0) {
-    for (int s = 0; s < S::kStages; ++s) {
-      sm90::mbar_init(full0 + 8 * s, 1);                   // the producer's arrival; TMA completes the bytes
-      sm90::mbar_init(empty0 + 8 * s, 4 * S::kConsumers);  // one lane per consumer warp
-    }
-    sm90::fence_barrier_init();
-  }
-  __syncthreads();
+  // full: the producer's arrival (TMA completes the bytes); empty: one lane per consumer warp.
+  init_ring<S::kStages>(full0, empty0, 1, 4 * S::kConsumers);
 
   if (wg == 0) {
     // ------------------------------------------------------------------ producer: one TMA box per stage
@@ -109,12 +103,6 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
     // ------------------------------------------------------------------ consumers: sparse wgmma
     sm90::setmaxnreg_inc<S::kConsumerRegs>();
     const int cw = wg - 1;
-    float acc[S::kWgM][S::kAcc];
-#pragma unroll
-    for (int mi = 0; mi < S::kWgM; ++mi)
-#pragma unroll
-      for (int i = 0; i < S::kAcc; ++i) acc[mi][i] = 0.f;
-
     // This warp's record of m64 tile mi within a stage: row tile (cw * WG_M + mi) * 4 + warp of the CTA.
     uint32_t a_off[S::kWgM], e_off[S::kWgM];
     bool rows_real[S::kWgM];  // false past R: TMA wrote zeros, metadata must still be a valid pair
@@ -125,49 +113,12 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
       a_off[mi] = S::kXBytes + sm90::a_stage_offset(rt, kRecs, 0, lane);
       e_off[mi] = S::kXBytes + S::kABytes + sm90::e_stage_offset(rt, kRecs, 0, lane);
     }
-    uint4 a_reg[2][kRecs][S::kWgM];  // double-buffered: stage ks's wgmmas read a_reg[ks % 2] until ks + 1 retires them
-    uint32_t e_reg[2][kRecs][S::kWgM];
-
-    for (int k0 = 0; k0 < steps; k0 += 2) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int ks = k0 + r;
-        if (ks < steps) {
-          const int s = ks % S::kStages;
-          sm90::mbar_wait(full0 + 8 * s, (ks / S::kStages) & 1);
-          const uint32_t stage = smem + s * S::kStageBytes;
-#pragma unroll
-          for (int j = 0; j < kRecs; ++j) {
-            const bool real = ks * kRecs + j < p.Kc;  // odd Kc: the last stage's second chunk is padding
-#pragma unroll
-            for (int mi = 0; mi < S::kWgM; ++mi) {
-              a_reg[r][j][mi] = lds128(stage + a_off[mi] + j * 512);
-              e_reg[r][j][mi] = real && rows_real[mi] ? lds32(stage + e_off[mi] + j * 64) : sm90::kPadMeta;
-            }
-          }
-#pragma unroll
-          for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
-          sm90::wgmma_fence();
-#pragma unroll
-          for (int j = 0; j < kRecs; ++j)  // chunk 2ks + j: columns 32j.. of the stage's tile, 64 bytes in
-#pragma unroll
-            for (int mi = 0; mi < S::kWgM; ++mi)
-              WgmmaSp<T, S::kBN, 0>::run(acc[mi], a_reg[r][j][mi], sm90::bk_desc(stage, 64u * j), e_reg[r][j][mi]);
-          sm90::wgmma_commit();
-#pragma unroll
-          for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
-          sm90::wgmma_wait<1>();  // the previous stage's wgmmas are done: its stage and registers are free
-          if (ks > 0 && lane == 0) sm90::mbar_arrive(empty0 + 8 * ((ks - 1) % S::kStages));
-#pragma unroll
-          for (int j = 0; j < kRecs; ++j)
-#pragma unroll
-            for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_fragment(a_reg[r ^ 1][j][mi], e_reg[r ^ 1][j][mi]);
-        }
-      }
-    }
-    sm90::wgmma_wait<0>();
-#pragma unroll
-    for (int mi = 0; mi < S::kWgM; ++mi) sm90::fence_operands(acc[mi]);
+    // Two chunks per stage; B for chunk j: columns 32j.. of the stage's x tile (64 bytes in), K-major, shared by
+    // every m64 tile.
+    float acc[S::kWgM][S::kAcc];
+    consume_ring<T, S::kBN, 0, false, kRecs, S::kStages>(
+        acc, p.Kc, smem, S::kStageBytes, full0, empty0, a_off, e_off, rows_real,
+        [](uint32_t stage, int j, int) { return sm90::bk_desc(stage, 64u * j); }, lane);
 
     store_tile<S::kWgM, S::kBN, S::kConsumers, T>(acc, p, smem_raw, smem, m0, n0);
   }
