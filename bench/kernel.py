@@ -4,6 +4,7 @@
     python bench/kernel.py --shapes 4096x4096 --n 1,16 --patterns 64:2:8 --merge
     python bench/kernel.py --path wgmma --shapes 8192x8192 --n 4096 --variants   # sm_90a sparse wgmma (H100)
     python bench/kernel.py --permute ...                   # weights with a folded input (channel) permutation
+    python bench/kernel.py --two-four-copy --patterns 64:2:8 ...   # V:2:8 at large N on its 2:4 copy (more memory)
 
 One record per (R, C, N, pattern, dtype) in bench/results/kernel-<gpu>.json (merged with what is there when
 --merge) and a markdown table beside it. y = x @ W^T with W (R x C) bf16 and x (N x C).
@@ -136,6 +137,7 @@ def run(args) -> list[dict]:
         raise SystemExit(f"--path wgmma needs an sm_90 GPU, this is sm_{arch[0]}{arch[1]}")
     if args.path != "auto":
         dispatch.enable_wgmma(args.path == "wgmma")
+    dispatch.enable_two_four_copy(args.two_four_copy)
     records = []
     gen = torch.Generator(device=dev).manual_seed(0)
     for shape in args.shapes:
@@ -165,7 +167,10 @@ def run(args) -> list[dict]:
             M = t.pattern.M
             ts = None
             for N, x in xs.items():
-                kernel = dispatch.choose(N, R, t.pattern.V, args.dtype, props.multi_processor_count, arch, packed.window)
+                window = packed.window
+                if dispatch.uses_two_four_copy(N, R, t.pattern.V, M, window, args.dtype, props.multi_processor_count, arch):
+                    window = 32  # ops.linear runs the weight's 2:4 copy (--two-four-copy)
+                kernel = dispatch.choose(N, R, t.pattern.V, args.dtype, props.multi_processor_count, arch, window)
                 y = ops.linear(x, t)
                 torch.cuda.synchronize()
                 k = min(N, 64)
@@ -189,6 +194,7 @@ def run(args) -> list[dict]:
                     "pattern": pattern,
                     "dtype": args.dtype,
                     "window": packed.window,  # 0: kept columns anywhere (permuted), the kernels gather x
+                    "two_four_copy": window != packed.window,  # ran on the weight's 2:4 copy (--two-four-copy)
                     "dense_ms": round(dense_ms[N], 5),
                     "vnm_ms": round(vnm_ms, 5),
                     "cslt24_ms": None if cslt_ms[N] is None else round(cslt_ms[N], 5),
@@ -325,6 +331,8 @@ def main(argv=None) -> None:
     p.add_argument("--path", choices=("auto", "mma_sp", "wgmma"), default="auto",
                    help="tensor-core path: auto (dispatch default, VNMSPARSE_WGMMA), mma_sp, or wgmma (sm_90a; own JSON)")
     p.add_argument("--no-cslt", action="store_true")
+    p.add_argument("--two-four-copy", action="store_true",
+                   help="dispatch.enable_two_four_copy: V:2:8 weights at large N on their 2:4 copy (own JSON, -two-four)")
     p.add_argument("--permute", action="store_true",
                    help="fold a random input permutation into each weight (as channel permutation does): no chunk windows")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (launch-overhead-free) decode timings")
@@ -343,7 +351,7 @@ def main(argv=None) -> None:
             }
         ]
     }
-    path, md = write(records, args.out, args.merge, meta, "-wgmma" if args.path == "wgmma" else "")
+    path, md = write(records, args.out, args.merge, meta, "-wgmma" if args.path == "wgmma" else "-two-four" if args.two_four_copy else "")
     print(f"wrote {path} and {md} ({len(records)} new records)")
 
 

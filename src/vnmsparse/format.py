@@ -133,16 +133,19 @@ class VNMTensor:
             shape=self.shape,
         )
 
-    def pack(self, device: torch.device | str) -> Any:
-        """The layout a GPU kernel reads, built once per device from this canonical form and cached."""
-        packed = self._packed.get(device)  # called per matmul: the common case is one dict lookup
+    def pack(self, device: torch.device | str, two_four: bool = False) -> Any:
+        """The layout a GPU kernel reads, built once per device from this canonical form and cached. two_four: the
+        layout of the same weight as V:2:4 (`ops.pack.two_four_tensor`: M/4 times the values), a separate entry."""
+        key = (device, "2:4") if two_four else device
+        packed = self._packed.get(key)  # called per matmul: the common case is one dict lookup
         if packed is None:
             device = torch.device(device)
-            if device not in self._packed:
-                from .ops import pack_for_device  # deferred: ops may build CUDA code
+            key = (device, "2:4") if two_four else device
+            if key not in self._packed:
+                from .ops import pack_for_device, two_four_tensor  # deferred: ops may build CUDA code
 
-                self._packed[device] = pack_for_device(self, device)
-            packed = self._packed[device]
+                self._packed[key] = pack_for_device(two_four_tensor(self) if two_four else self, device)
+            packed = self._packed[key]
         return packed
 
     # --- files ----------------------------------------------------------------------------------------

@@ -6,10 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opshelp import fp64_reference, random_vnm, rel_err
 
 import vnmsparse as vs
-from vnmsparse.ops import check_packable, pack_for_device, unpack_dense
+from vnmsparse.ops import check_packable, pack_for_device, two_four_tensor, unpack_dense
+from vnmsparse.ops.instantiations import SUPPORTED_V
 
 SHAPES_PATTERNS = [
     (1, 4, "16:2:4"),
@@ -143,3 +146,35 @@ def test_window_is_set_exactly_when_columns_stay_in_their_group(R, C, pattern):
     shuffled[:, 0, [0, 1]] = shuffled[:, 0, [1, 0]]  # group 0: never a padding slot among its first two
     swapped = dataclasses.replace(plain_t, columns=shuffled)
     assert pack_for_device(swapped, "cpu").window == 0
+
+@settings(max_examples=40, deadline=None)
+@given(V=st.sampled_from(SUPPORTED_V), M=st.sampled_from([4, 8, 12, 16]), R=st.integers(1, 150), C=st.integers(1, 140),
+       seed=st.integers(0, 2**16))
+def test_two_four_copy_is_the_same_weight_as_v24(V, M, R, C, seed):
+    # Unpermuted V:2:M with M a multiple of 4: at most 2 stored weights in each aligned quad of columns, so the
+    # weight is also V:2:4, and its pack is one the window kernel takes (window = 32).
+    t = random_vnm(R, C, f"{V}:2:{M}", seed=seed)
+    copy = two_four_tensor(t)
+    assert copy.pattern == vs.VNMPattern(V=V, M=4) and copy.shape == t.shape and copy.dtype == t.dtype
+    assert torch.equal(copy.to_dense(), t.to_dense())
+    p = pack_for_device(copy, "cpu")
+    assert p.window == 32
+    assert torch.equal(unpack_dense(p.a_vals, p.a_meta, p.cols, R, C, V), t.to_dense())
+
+
+def test_two_four_copy_refuses_weights_that_are_not_2_4():
+    # 16:2:5 keeping columns 3, 4 (group 0) and 5, 6 (group 1) in every row: 3 stored weights in columns 4..7.
+    mask = torch.zeros(16, 10, dtype=torch.bool)
+    mask[:, [3, 4, 5, 6]] = True
+    t = vs.compress(torch.randn(16, 10), "16:2:5", mask=mask)
+    with pytest.raises(ValueError, match="2:4 copy of this 16:2:5 weight does not exist.*columns 4..7"):
+        two_four_tensor(t)
+    with pytest.raises(TypeError, match="VNMTensor"):
+        two_four_tensor(t.to_dense())
+
+
+def test_two_four_copy_is_cached_beside_the_pack():
+    t = random_vnm(70, 90, "32:2:8", seed=1)
+    p, q = t.pack("cpu"), t.pack("cpu", two_four=True)
+    assert t.pack("cpu") is p and t.pack(torch.device("cpu"), two_four=True) is q and p is not q
+    assert (p.window, q.window) == (64, 32)

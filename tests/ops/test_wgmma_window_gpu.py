@@ -6,8 +6,8 @@ kernel takes any), R not a multiple of the tile nor of 16, C not a multiple of 4
 the zero-filled TMA tail, a last stage with one chunk), N = 1, 3, 17, 100, 257, 4095, one stage to many (ring
 wrap-around), bias or not, both dtypes, x as it comes and x that TMA cannot read in place (a column-offset view:
 the binding copies it). Then the public path: unpermuted M = 4 weights take the window kernel, permuted ones and
-M = 8 the gathering kernel; leading dims, CUDA-graph replay, bitwise repeatability, and the refusal of a pack
-without the window. Skipped unless the GPU is sm_90 (bench/run_gpu.sh runs them, once under compute-sanitizer).
+M = 8 the gathering kernel (or, enabled, their 2:4 copy); leading dims, CUDA-graph replay, bitwise repeatability,
+and the refusal of a pack without the window. Skipped unless the GPU is sm_90 (bench/run_gpu.sh runs them, once under compute-sanitizer).
 """
 
 from __future__ import annotations
@@ -93,3 +93,20 @@ def test_public_linear_takes_the_window_kernel_when_unpermuted(wgmma_on_small, l
 def test_cuda_graph_replay_with_the_window_kernel(wgmma_on_small):
     t = random_vnm(512, 384, "32:2:4", device="cuda", seed=2)
     check_graph_replay(t, 512, "graph replay")
+
+
+@pytest.mark.parametrize("pattern", ["64:2:8", "16:2:8"])
+def test_public_linear_on_the_two_four_copy(wgmma_on_small, monkeypatch, pattern):
+    # enable_two_four_copy: large-N calls on unpermuted V:2:8 weights run the window kernel on the weight's 2:4
+    # copy (built on first use, cached beside the V:2:8 layout); decode calls keep the V:2:8 layout.
+    monkeypatch.setattr(dispatch, "_two_four_copy", True)
+    t = random_vnm(1000, 1001, pattern, device="cuda", seed=4)  # C % 8 != 0: a partial group and a short last quad
+    bias = torch.randn(1000, device="cuda").to(torch.bfloat16)
+    for N in (1, 300):
+        x = torch.randn(N, 1001, device="cuda").to(torch.bfloat16)
+        check(ops.linear(x, t, bias), fp64_reference(x, t, bias), torch.bfloat16, f"{pattern} two-four copy N={N}")
+        assert ((x.device, "2:4") in t._packed) == (N > 16)
+    permuted = random_vnm(1000, 1001, pattern, device="cuda", permute=True, seed=4)
+    x = torch.randn(300, 1001, device="cuda").to(torch.bfloat16)
+    check(ops.linear(x, permuted), fp64_reference(x, permuted), torch.bfloat16, f"{pattern} permuted")
+    assert (x.device, "2:4") not in permuted._packed  # kept columns anywhere: no 2:4 copy, the gather

@@ -11,7 +11,8 @@ N >= WGMMA_MIN_N: validated on the H100 (layout probe, GPU tests, compute-saniti
 1.2-1.4x faster than the mma.sp kernel on every measured case. `VNMSPARSE_WGMMA=0` or `enable_wgmma(False)`
 turns them off; every other GPU keeps the mma.sp kernel. For weights whose kept columns stay in their own
 groups of M = 4 (the pack's `window` = 32: no folded input permutation) the window kernel
-(`instantiations.WgmmaWindow`, any V) takes the place of the gathering ones: B is x itself, by TMA.
+(`instantiations.WgmmaWindow`, any V) takes the place of the gathering ones: B is x itself, by TMA. With
+`enable_two_four_copy`, unpermuted V:2:8 weights (V <= 64) take it too, through a 2:4 copy (`uses_two_four_copy`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ WGMMA_PREFERRED = {64: ((2, 1, 256, 4), (2, 2, 128, 4)), 128: ((2, 1, 256, 8), (
 # (2.0-2.6x faster than the gather on the H100; at M = 8 the gather stays faster, bench/NOTES-wgmma.md).
 WINDOW_PREFERRED = {32: ((2, 1, 256, 4),)}
 
+# A 2:4 copy for the window kernel (`enable_two_four_copy`, off by default: memory). An unpermuted V:2:8 weight is
+# also a valid 2:4 weight with twice the values (`pack.two_four_tensor`); multiplied by the window kernel it runs at
+# V:2:4 speed. H100, N = 1024-8192, shapes >= 4096^2 (kernel-h100-two-four.md): 64:2:8 1.14-1.69x cuBLAS, 1.23-1.48x
+# faster than its gathering kernel in the same run; 32:2:8 1.22-1.66x (mma.sp: 0.38-0.52x). Only M = 8, and not
+# V = 128, whose gather is as fast on large shapes (128:2:8 1.11-1.84x); at M = 16 the gather is faster everywhere
+# (1.40-2.45x) and the copy would hold 4x the values.
+_two_four_copy: bool = os.environ.get("VNMSPARSE_TWO_FOUR_COPY", "0") not in ("", "0")
+TWO_FOUR_COPY_M = 8
+TWO_FOUR_COPY_MAX_V = 64
+
 
 def override(name: str | None) -> None:
     """Force kernel `name` (an `instantiations.KERNELS` name) for every later call, or None to undo."""
@@ -65,6 +76,28 @@ def enable_wgmma(flag: bool = True) -> None:
 
 def wgmma_enabled() -> bool:
     return _wgmma
+
+
+def enable_two_four_copy(flag: bool = True) -> None:
+    """Let large-N calls on sm_90 multiply a 2:4 copy of unpermuted V:2:8 weights (V <= 64) with the window kernel
+    instead of gathering, or stop it. Also VNMSPARSE_TWO_FOUR_COPY=1. The copy is built on a weight's first such
+    call and cached beside its V:2:8 layout: twice that layout's bytes (4096^2 64:2:8: 19.9 MB more, the dense
+    weight being 33.6 MB), for 1.2-1.5x faster prefill on the H100. Decode calls keep the V:2:8 layout."""
+    global _two_four_copy
+    _two_four_copy = bool(flag)
+
+
+def two_four_copy_enabled() -> bool:
+    return _two_four_copy
+
+
+def uses_two_four_copy(N: int, R: int, V: int, M: int, window: int, dtype: str, sm_count: int, arch) -> bool:
+    """Whether a call should run on the weight's 2:4 copy: enabled, a pattern it pays for, an unpermuted pack
+    (`window` = 8M) and a problem the window kernel would take (sm_90, N >= WGMMA_MIN_N, half a wave)."""
+    if not (_two_four_copy and M == TWO_FOUR_COPY_M and V <= TWO_FOUR_COPY_MAX_V and window == 8 * M):
+        return False
+    kernel = _choose(N, R, V, dtype, sm_count, None if arch is None else tuple(arch), _override, _wgmma, 32)
+    return isinstance(kernel.variant, WgmmaWindow)
 
 
 def dtype_tag(dtype) -> str:

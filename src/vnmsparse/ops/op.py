@@ -125,6 +125,16 @@ def _unavailable(device: torch.device, dtype: torch.dtype, pattern, weight_dtype
     return _device_info(device.index if device.index is not None else torch.cuda.current_device())[1]
 
 
+def _wants_two_four_copy(x: torch.Tensor, packed, tensor) -> bool:
+    """Whether this call runs on the weight's 2:4 copy (`dispatch.uses_two_four_copy`); concrete N only."""
+    N = x.numel() // tensor.shape[1]
+    if not isinstance(N, int) or not packed.window or x.device.type != "cuda":
+        return False
+    _, _, sms, arch = _device_info(x.get_device())
+    R, V, M = tensor.shape[0], tensor.pattern.V, tensor.pattern.M
+    return dispatch.uses_two_four_copy(N, R, V, M, packed.window, _DTYPE_TAGS[x.dtype], sms, arch)
+
+
 def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for a `VNMTensor` W: the CUDA kernels where they can run, else `vnm_linear`."""
     if not isinstance(tensor, VNMTensor):
@@ -138,6 +148,8 @@ def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None) -> torc
         log_once(level, f"vnmsparse.ops.linear: {reason}; using the plain-torch reference vnm_linear")
         return vnm_linear(x, tensor, bias)
     packed = tensor.pack(x.device)
+    if dispatch.two_four_copy_enabled() and _wants_two_four_copy(x, packed, tensor):
+        packed = tensor.pack(x.device, two_four=True)  # V:2:4: same R, C, V; the op sees window = 32
     if _runs_eagerly(x, bias):  # same kernels and result as the op below, without the dispatcher's cost
         return _linear_cuda(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, tensor.pattern.V, packed.window)
     return torch.ops.vnmsparse.linear.default(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, tensor.pattern.V, packed.window)

@@ -34,6 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..format import VNMTensor, compress
+from ..masks import check_vnm
+from ..pattern import VNMPattern
 from .instantiations import SUPPORTED_V
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -74,6 +77,23 @@ def check_packable(V: int, M: int, dtype: torch.dtype) -> None:
         raise ValueError(f"vnmsparse kernels support M in {M_RANGE[0]}..{M_RANGE[1]}, got M={M}")
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"vnmsparse kernels support bf16 and fp16 weights, got {dtype}; convert with tensor.to(dtype=torch.bfloat16)")
+
+
+def two_four_tensor(tensor):
+    """The same weight as a V:2:4 `VNMTensor` (every group of 4 input columns kept, 2 stored weights per row in
+    each): what the sm_90 window kernel multiplies with x's tiles directly, no gather. Exists when every row has
+    at most 2 stored weights in each aligned group of 4 input columns, as unpermuted V:2:M weights with M a
+    multiple of 4 always do; costs M/4 times the values of the V:2:M form. Raises ValueError otherwise."""
+    if not isinstance(tensor, VNMTensor):
+        raise TypeError(f"tensor must be a VNMTensor, got {type(tensor).__name__}")
+    pattern = VNMPattern(V=tensor.pattern.V, M=4)
+    stored = tensor.mask()
+    try:
+        check_vnm(stored, pattern)
+    except ValueError as error:
+        raise ValueError(f"a 2:4 copy of this {tensor.pattern} weight does not exist: it needs at most 2 stored weights per "
+                         f"row in every aligned group of 4 input columns (unpermuted, M a multiple of 4): {error}") from None
+    return compress(tensor.to_dense(), pattern, mask=stored)
 
 
 def pack_for_device(tensor, device: torch.device | str) -> PackedVNM:
