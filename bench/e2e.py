@@ -41,10 +41,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from vnmsparse import VNMPattern, magnitude_scores, vnm_mask
 from vnmsparse.nn import VNMLinear
+from vnmsparse.ops import dispatch as ops_dispatch
 from vnmsparse.sparsify import SparsifyConfig, plan_layers, sparsify
 
 PARTS = ("llama-prefill", "llama-decode", "deit")
-VARIANTS = ("dense", "64:2:5", "64:2:8", "2:4")
+VARIANTS = ("dense", "64:2:5", "64:2:8", "64:2:8+copy", "2:4")
+COPY = "+copy"  # the pattern, with vnmsparse.ops.enable_two_four_copy on (sm_90, large N: a 2:4 copy, more memory)
 MODES = ("graph", "compile", "eager")
 TWO_FOUR = VNMPattern(V=1, M=4)
 TARGETS = "paper (Ampere, Spatha): DeiT-base 64:2:8 1.7x; LLaMA2-7B 64:2:5 1.49x (2:4: 1.26x)"
@@ -190,9 +192,10 @@ def make_variant(dense: nn.Module, variant: str, example: torch.Tensor, setup: S
     if variant == "dense":
         return dense, {"ok": True}
     model = copy.deepcopy(dense)
-    names = list(plan_layers(model, SparsifyConfig(TWO_FOUR if variant == "2:4" else variant)))
+    pattern = TWO_FOUR if variant == "2:4" else VNMPattern.parse(variant.removesuffix(COPY))
+    names = list(plan_layers(model, SparsifyConfig(pattern)))
     first_block = names[: max(1, len(names) // _block_count(model))]
-    pattern = TWO_FOUR if variant == "2:4" else VNMPattern.parse(variant)
+    rows = (1, 16, 512, 2048) if variant.endswith(COPY) else (1, 16, 512)  # 2048: where the 2:4 copy runs
     for name in names:  # the dense-masked twin, in place
         linear = model.get_submodule(name)
         linear.weight.mul_(vnm_mask(magnitude_scores(linear.weight), pattern))
@@ -206,7 +209,7 @@ def make_variant(dense: nn.Module, variant: str, example: torch.Tensor, setup: S
         else:
             sparse = VNMLinear.from_linear(linear, pattern, mask=linear.weight != 0)  # the mask just applied
         if name in first_block:
-            layer_checks += [dict(layer=name, **check_layer(sparse, linear.weight, linear.bias, n)) for n in (1, 16, 512)]
+            layer_checks += [dict(layer=name, **check_layer(sparse, linear.weight, linear.bias, n)) for n in rows]
         model.set_submodule(name, sparse)
     if variant == "2:4":
         with cslt_search(model):
@@ -459,6 +462,23 @@ def deit(model: nn.Module, variant: str, check: dict, setup: Setup) -> list[dict
 def _run_variant(dense: nn.Module, variant: str, example: torch.Tensor, measure: Callable, model_name: str, part: str,
                  setup: Setup) -> dict[str, dict]:
     """Convert, check, and (if the check passes) time one variant."""
+    with two_four_copy(variant.endswith(COPY)):
+        return _convert_and_time(dense, variant, example, measure, model_name, part, setup)
+
+
+@contextlib.contextmanager
+def two_four_copy(flag: bool):
+    """vnmsparse's 2:4 copy on (or off) inside the block, the previous setting after it."""
+    before = ops_dispatch.two_four_copy_enabled()
+    ops_dispatch.enable_two_four_copy(flag)
+    try:
+        yield
+    finally:
+        ops_dispatch.enable_two_four_copy(before)
+
+
+def _convert_and_time(dense: nn.Module, variant: str, example: torch.Tensor, measure: Callable, model_name: str, part: str,
+                      setup: Setup) -> dict[str, dict]:
     model, check = make_variant(dense, variant, example, setup)
     print(f"[{part}] {variant}: check {'ok' if check['ok'] else 'FAILED'} {json.dumps(check.get('model', {}))}", flush=True)
     if not check["ok"]:
