@@ -462,19 +462,8 @@ def deit(model: nn.Module, variant: str, check: dict, setup: Setup) -> list[dict
 def _run_variant(dense: nn.Module, variant: str, example: torch.Tensor, measure: Callable, model_name: str, part: str,
                  setup: Setup) -> dict[str, dict]:
     """Convert, check, and (if the check passes) time one variant."""
-    with two_four_copy(variant.endswith(COPY)):
+    with ops_dispatch.switches(two_four_copy=variant.endswith(COPY)):
         return _convert_and_time(dense, variant, example, measure, model_name, part, setup)
-
-
-@contextlib.contextmanager
-def two_four_copy(flag: bool):
-    """vnmsparse's 2:4 copy on (or off) inside the block, the previous setting after it."""
-    before = ops_dispatch.two_four_copy_enabled()
-    ops_dispatch.enable_two_four_copy(flag)
-    try:
-        yield
-    finally:
-        ops_dispatch.enable_two_four_copy(before)
 
 
 def _convert_and_time(dense: nn.Module, variant: str, example: torch.Tensor, measure: Callable, model_name: str, part: str,

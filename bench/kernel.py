@@ -223,11 +223,8 @@ def run(args) -> list[dict]:
                     rec["pct_of_ceiling"] = round(100 * tflops / (peak * M / 4), 1)
                     rec["ceiling"] = f"{peak * M / 4:.0f} TFLOP/s ({peak_name} x M/4)"
                 if kernel.variant.kind == "wgmma":  # the mma.sp kernel on the same case, same run
-                    dispatch.enable_wgmma(False)
-                    try:
+                    with dispatch.switches(wgmma=False):
                         rec["mma_sp_ms"] = round(bench_ms(lambda: ops.linear(x, t), args.warmup_ms, args.rep_ms), 5)
-                    finally:
-                        dispatch.enable_wgmma(True)
                 if kernel.variant.kind == "wgmma_window":  # the kernel the pack would get without its window, same run
                     gather = dispatch.choose(N, R, t.pattern.V, args.dtype, props.multi_processor_count, arch)
                     dispatch.override(gather.name)

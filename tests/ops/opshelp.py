@@ -1,16 +1,12 @@
 """Helpers shared by the ops tests: random V:N:M weights in awkward shapes, a float64 reference, running one
-kernel of the table on a NaN-poisoned output and checking it, CUDA-graph replay, wgmma dispatch on or off."""
+kernel of the table on a NaN-poisoned output and checking it, CUDA-graph replay."""
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import dispatch
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,13 +69,3 @@ def check_graph_replay(t, N: int, what: str) -> None:
         torch.cuda.synchronize()
         check(static_y, fp64_reference(static_x, t), torch.bfloat16, what)
 
-
-@contextlib.contextmanager
-def wgmma_dispatch(flag: bool) -> Iterator[None]:
-    """Let dispatch pick the wgmma kernels (or not) inside the block, then restore the previous setting."""
-    before = dispatch.wgmma_enabled()
-    dispatch.enable_wgmma(flag)
-    try:
-        yield
-    finally:
-        dispatch.enable_wgmma(before)

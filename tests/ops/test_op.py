@@ -213,11 +213,7 @@ def test_runs_eagerly_only_when_nothing_traces_or_intercepts():
 @pytest.mark.parametrize("N", [1, 9, 16, 17, 300, 4096])
 def test_plan_is_the_chosen_kernel_and_its_ksplit(N, V):
     for wgmma in (True, False):
-        was = dispatch.wgmma_enabled()
-        try:
-            dispatch.enable_wgmma(wgmma)
+        with dispatch.switches(wgmma=wgmma):
             index, ksplit = dispatch.plan(N, 4096, V, 64, "bf16", 132, (9, 0))
             kernel = dispatch.choose(N, 4096, V, "bf16", 132, (9, 0))
-        finally:
-            dispatch.enable_wgmma(was)
         assert instantiations.KERNELS[index] == kernel and ksplit == dispatch.decode_ksplit(kernel, 4096, 64, 132)

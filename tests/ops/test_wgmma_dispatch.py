@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from opshelp import wgmma_dispatch
-
 from vnmsparse.ops import dispatch, instantiations
 
 H100 = (9, 0)
@@ -12,13 +10,13 @@ H100 = (9, 0)
 
 @pytest.fixture
 def wgmma_on():
-    with wgmma_dispatch(True):
+    with dispatch.switches(wgmma=True):
         yield
 
 
 @pytest.fixture
 def wgmma_off():
-    with wgmma_dispatch(False):
+    with dispatch.switches(wgmma=False):
         yield
 
 
@@ -85,18 +83,19 @@ def test_unpermuted_m4_takes_the_window_kernel_on_sm90_only(wgmma_on, V):
     assert dispatch.choose(16, 8192, V, "bf16", 132, H100, window=32).variant.kind == "decode"
 
 
-def test_two_four_copy_only_where_it_pays(wgmma_on, monkeypatch):
+def test_two_four_copy_only_where_it_pays(wgmma_on):
     # (N, R, V, M, window, dtype, SMs, arch): enabled, unpermuted V:2:8 with V <= 64, where the window kernel runs.
     use = dispatch.uses_two_four_copy
-    monkeypatch.setattr(dispatch, "_two_four_copy", False)
-    assert not use(2048, 4096, 64, 8, 64, "bf16", 132, H100)  # off by default: it costs memory
-    monkeypatch.setattr(dispatch, "_two_four_copy", True)
-    assert use(2048, 4096, 64, 8, 64, "bf16", 132, H100)
-    assert use(2048, 4096, 16, 8, 64, "fp16", 132, H100)
-    assert not use(16, 4096, 64, 8, 64, "bf16", 132, H100)  # decode: the V:2:8 layout moves half the bytes
-    assert not use(2048, 4096, 64, 8, 0, "bf16", 132, H100)  # permuted: kept columns anywhere, not 2:4
-    assert not use(2048, 4096, 128, 8, 64, "bf16", 132, H100)  # V = 128: the gather is as fast on large shapes
-    assert not use(2048, 4096, 64, 16, 128, "bf16", 132, H100)  # M = 16: the gather is faster, the copy 4x
-    assert not use(2048, 4096, 64, 5, 40, "bf16", 132, H100)  # M = 5: not 2:4
-    assert not use(2048, 4096, 64, 8, 64, "bf16", 108, (8, 0))  # no window kernel before sm_90
-    assert not use(256, 64, 64, 8, 64, "bf16", 132, H100)  # below half a wave of window tiles
+    with dispatch.switches(two_four_copy=False):
+        assert not use(2048, 4096, 64, 8, 64, "bf16", 132, H100)  # off by default: it costs memory
+    with dispatch.switches(two_four_copy=True):
+        assert use(2048, 4096, 64, 8, 64, "bf16", 132, H100)
+        assert use(2048, 4096, 16, 8, 64, "fp16", 132, H100)
+        assert not use(16, 4096, 64, 8, 64, "bf16", 132, H100)  # decode: the V:2:8 layout moves half the bytes
+        assert not use(2048, 4096, 64, 8, 0, "bf16", 132, H100)  # permuted: kept columns anywhere, not 2:4
+        assert not use(2048, 4096, 128, 8, 64, "bf16", 132, H100)  # V = 128: the gather is as fast on large shapes
+        assert not use(2048, 4096, 64, 16, 128, "bf16", 132, H100)  # M = 16: the gather is faster, the copy 4x
+        assert not use(2048, 4096, 64, 5, 40, "bf16", 132, H100)  # M = 5: not 2:4
+        assert not use(2048, 4096, 64, 8, 64, "bf16", 108, (8, 0))  # no window kernel before sm_90
+        assert not use(256, 64, 64, 8, 64, "bf16", 132, H100)  # below half a wave of window tiles
+    assert not dispatch.two_four_copy_enabled()  # the block restored the default

@@ -96,10 +96,10 @@ def test_cuda_graph_replay_with_the_window_kernel(wgmma_on_small):
 
 
 @pytest.mark.parametrize("pattern", ["64:2:8", "16:2:8"])
-def test_public_linear_on_the_two_four_copy(wgmma_on_small, monkeypatch, pattern):
+@dispatch.switches(two_four_copy=True)
+def test_public_linear_on_the_two_four_copy(wgmma_on_small, pattern):
     # enable_two_four_copy: large-N calls on unpermuted V:2:8 weights run the window kernel on the weight's 2:4
     # copy (built on first use, cached beside the V:2:8 layout); decode calls keep the V:2:8 layout.
-    monkeypatch.setattr(dispatch, "_two_four_copy", True)
     t = random_vnm(1000, 1001, pattern, device="cuda", seed=4)  # C % 8 != 0: a partial group and a short last quad
     bias = torch.randn(1000, device="cuda").to(torch.bfloat16)
     for N in (1, 300):

@@ -17,9 +17,11 @@ groups of M = 4 (the pack's `window` = 32: no folded input permutation) the wind
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .instantiations import DECODE_MAX_N, KERNELS, Decode, Gemm, Kernel, Wgmma, WgmmaWindow
@@ -89,6 +91,20 @@ def enable_two_four_copy(flag: bool = True) -> None:
 
 def two_four_copy_enabled() -> bool:
     return _two_four_copy
+
+
+@contextlib.contextmanager
+def switches(wgmma: bool | None = None, two_four_copy: bool | None = None) -> Iterator[None]:
+    """Inside the block, the given switches (`enable_wgmma`, `enable_two_four_copy`; None leaves one as it is);
+    after it, the previous ones."""
+    global _wgmma, _two_four_copy
+    before = _wgmma, _two_four_copy
+    _wgmma = before[0] if wgmma is None else bool(wgmma)
+    _two_four_copy = before[1] if two_four_copy is None else bool(two_four_copy)
+    try:
+        yield
+    finally:
+        _wgmma, _two_four_copy = before
 
 
 def uses_two_four_copy(N: int, R: int, V: int, M: int, window: int, dtype: str, sm_count: int, arch) -> bool:
