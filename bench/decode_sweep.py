@@ -101,6 +101,7 @@ def main() -> None:
                 print(f"{shape:>11} N={N:<3} {pattern}  chosen {r['chosen']['kernel']}/{r['chosen']['ksplit']} "
                       f"{r['chosen']['ms']:.4f}  best {r['best']['kernel']}/{r['best']['ksplit']} {r['best']['ms']:.4f}  "
                       f"dense {r['dense_ms']:.4f}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"decode-sweep-{gpu_slug(gpu)}{'-gather' if args.gather else ''}"
     stem.with_suffix(".json").write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "records": records}, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(gpu, records))
