@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..format import VNMTensor
 from ..reference import vnm_linear
 from . import build, dispatch
-from .pack import SUPPORTED_DTYPES, check_packable, unpack_dense
+from .pack import SUPPORTED_DTYPES, PackedVNM, check_packable, unpack_dense
 
 log = logging.getLogger("vnmsparse.ops")
 _logged: set = set()
@@ -125,7 +125,7 @@ def _unavailable(device: torch.device, dtype: torch.dtype, pattern, weight_dtype
     return _device_info(device.index if device.index is not None else torch.cuda.current_device())[1]
 
 
-def _wants_two_four_copy(x: torch.Tensor, packed, tensor) -> bool:
+def _wants_two_four_copy(x: torch.Tensor, packed: PackedVNM, tensor: VNMTensor) -> bool:
     """Whether this call runs on the weight's 2:4 copy (`dispatch.uses_two_four_copy`); concrete N only."""
     N = x.numel() // tensor.shape[1]
     if not isinstance(N, int) or not packed.window or x.device.type != "cuda":

@@ -21,6 +21,9 @@ With R x C logical, G = ceil(C/M) groups, Rt = ceil(R/16) row tiles, Kc = ceil(G
 
 Padding rows and groups hold zero values and the valid metadata nibble 0b0100 (slots 0 and 1).
 
+`two_four_tensor` re-expresses an unpermuted V:2:8 weight as V:2:4 (twice the values), whose pack has window = 32:
+the optional 2:4 copy the window kernel multiplies at large N (`dispatch.enable_two_four_copy`).
+
 The same arrays feed the sm_90a sparse-wgmma kernel (vnm_wgmma.cuh) unchanged: a 16-row record is exactly the
 register fragment warp w of a warpgroup supplies to `wgmma.mma_async.sp.m64nNk32` for rows 16w..16w+15 of an
 m64 tile (A from registers; metadata with sparsity selector 0), so record 4*tile + w is what warp w loads. One
@@ -79,7 +82,7 @@ def check_packable(V: int, M: int, dtype: torch.dtype) -> None:
         raise ValueError(f"vnmsparse kernels support bf16 and fp16 weights, got {dtype}; convert with tensor.to(dtype=torch.bfloat16)")
 
 
-def two_four_tensor(tensor):
+def two_four_tensor(tensor: VNMTensor) -> VNMTensor:
     """The same weight as a V:2:4 `VNMTensor` (every group of 4 input columns kept, 2 stored weights per row in
     each): what the sm_90 window kernel multiplies with x's tiles directly, no gather. Exists when every row has
     at most 2 stored weights in each aligned group of 4 input columns, as unpermuted V:2:M weights with M a
@@ -96,7 +99,7 @@ def two_four_tensor(tensor):
     return compress(tensor.to_dense(), pattern, mask=stored)
 
 
-def pack_for_device(tensor, device: torch.device | str) -> PackedVNM:
+def pack_for_device(tensor: VNMTensor, device: torch.device | str) -> PackedVNM:
     """Build the kernel layout of a `VNMTensor` on `device` (called and cached by `VNMTensor.pack`)."""
     V, M = tensor.pattern.V, tensor.pattern.M
     check_packable(V, M, tensor.values.dtype)
