@@ -126,9 +126,9 @@ def _unavailable(device: torch.device, dtype: torch.dtype, pattern, weight_dtype
 
 
 def _wants_two_four_copy(x: torch.Tensor, packed: PackedVNM, tensor: VNMTensor) -> bool:
-    """Whether this call runs on the weight's 2:4 copy (`dispatch.uses_two_four_copy`); concrete N only."""
+    """Whether this CUDA call runs on the weight's 2:4 copy (`dispatch.uses_two_four_copy`); concrete N only."""
     N = x.numel() // tensor.shape[1]
-    if not isinstance(N, int) or not packed.window or x.device.type != "cuda":
+    if not isinstance(N, int):  # symbolic under torch.compile's dynamic shapes: keep the V:2:M layout
         return False
     _, _, sms, arch = _device_info(x.get_device())
     R, V, M = tensor.shape[0], tensor.pattern.V, tensor.pattern.M
