@@ -36,7 +36,7 @@ def test_decode_kernel(ext, kernel, R, C, pattern):
     V = int(pattern.split(":")[0])
     if 16 * kernel.variant.rows > V:
         pytest.skip(f"{kernel.name} needs V >= {16 * kernel.variant.rows}")
-    ns = [1, 3, 8] if kernel.variant.max_n == 8 else [9, 16]
+    ns = {8: [1, 3, 8], 16: [9, 16], 32: [17, 32]}[kernel.variant.max_n]
     for i, N in enumerate(ns):
         for ksplit in (1, 7) if i == 0 else (3,):  # 7 > chunks of small shapes: CTAs with empty k ranges report too
             t = random_vnm(R, C, pattern, dtype=dtype, device="cuda", permute=i % 2 == 1, seed=R * 7 + N + ksplit)
@@ -67,11 +67,26 @@ def test_gemm_kernel(ext, kernel):
     V = kernel.V
     for s, (R, C, pattern) in enumerate(_gemm_shapes(V)):
         for i, N in enumerate((17, 100, 4095) if s < 2 else (33,)):
-            t = random_vnm(R, C, pattern, dtype=dtype, device="cuda", permute=(s + i) % 2 == 1, seed=R + C + N)
-            x = torch.randn(N, C, device="cuda").to(dtype)
-            bias = torch.randn(R, device="cuda").to(dtype) if i == 1 else None
-            y = run_kernel(ext, kernel, t, x, bias)
-            check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern}")
+            # Split-k: 1, a split that leaves some slices empty on the small shapes, and an uneven one.
+            for ksplit in (1, 5) if i == 1 else (3,) if s == 1 else (1,):
+                t = random_vnm(R, C, pattern, dtype=dtype, device="cuda", permute=(s + i) % 2 == 1, seed=R + C + N)
+                x = torch.randn(N, C, device="cuda").to(dtype)
+                bias = torch.randn(R, device="cuda").to(dtype) if i == 1 else None
+                y = run_kernel(ext, kernel, t, x, bias, ksplit)
+                check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern} ksplit={ksplit}")
+
+
+@pytest.mark.parametrize("N", [17, 257, 1000])
+def test_gemm_split_k_is_deterministic(ext, N):
+    # The same split-k launch repeated (and interleaved with another split) gives bit-identical, right results:
+    # partial sums meet in slice order, whichever CTA finishes last.
+    kernel = next(k for k in GEMM_KERNELS if k.dtype == "bf16" and k.V == 64 and k.variant.BM == 64 and k.variant.BN == 64)
+    t = random_vnm(1000, 3000, "64:2:8", device="cuda", seed=N)
+    x = torch.randn(N, 3000, device="cuda").to(torch.bfloat16)
+    ys = [run_kernel(ext, kernel, t, x, None, ks) for ks in (4, 4, 2, 4)]
+    for y in ys:
+        check(y, fp64_reference(x, t), torch.bfloat16, f"gemm split-k repeat N={N}")
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[3])
 
 
 def test_strided_rows_of_x(ext):

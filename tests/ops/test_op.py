@@ -102,12 +102,13 @@ def test_unsupported_pattern_falls_back_on_cuda_reason():
 
 
 # ---- dispatch and the generated list ------------------------------------------------------------------------
-@pytest.mark.parametrize("N,expect", [(1, 1), (8, 1), (9, 2), (16, 2)])
+@pytest.mark.parametrize("N,expect", [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (32, 4)])
 @pytest.mark.parametrize("V", instantiations.SUPPORTED_V)
 def test_decode_for_small_n(N, expect, V):
     k = dispatch.choose(N, 4096, V, "bf16", 132)
     assert k.variant.kind == "decode" and k.variant.n_tiles == expect and k.dtype == "bf16"
-    assert 16 * k.variant.rows <= V and k.variant.rows == min(4, V // 16)  # one gather serves all rows it can
+    most_rows = 2 if expect == 4 else 4  # 32-token tiles: the reduction's shared memory allows 2 row tiles
+    assert 16 * k.variant.rows <= V and k.variant.rows == min(most_rows, V // 16)  # one gather serves all rows it can
 
 
 def test_decode_ksplit_fills_the_gpu_and_keeps_warps_busy():
@@ -122,7 +123,7 @@ def test_decode_ksplit_fills_the_gpu_and_keeps_warps_busy():
 @pytest.mark.parametrize("V", instantiations.SUPPORTED_V)
 @pytest.mark.parametrize("dtype", instantiations.DTYPES)
 def test_gemm_for_large_n_matches_v(V, dtype):
-    for N in (17, 128, 1024, 8192):
+    for N in (instantiations.DECODE_MAX_N + 1, 128, 1024, 8192):
         k = dispatch.choose(N, 4096, V, dtype, 132)
         assert k.variant.kind == "gemm" and k.variant.V == V and k.dtype == dtype
 

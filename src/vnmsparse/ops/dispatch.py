@@ -1,6 +1,9 @@
-"""Which compiled kernel runs a given problem: a small table of rules over the generated list.
+"""Which compiled kernel runs a given problem, and with how many k slices.
 
-Decode (N <= 16) is the memory-bound kernel with the fewest 8-token tiles that cover N and as many 16-row
+`plan` first asks the measured table of the GPU model (`tuned`: the fastest kernel and k-split a tuning sweep
+timed for the nearest measured case); without one, or beyond its largest measured N, the rules below decide.
+
+Decode (N <= DECODE_MAX_N) is the memory-bound kernel with the fewest 8-token tiles that cover N and as many 16-row
 tiles per warp as V allows; `decode_ksplit` picks how many CTAs split its k range. For larger N the
 tensor-core kernel for the weight's V is the first of `PREFERRED_TILES` (measured order) that is compiled,
 or `SMALL_TILE` when that would not fill a wave. Tile sizes themselves come only from
@@ -24,6 +27,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from . import tuned
 from .instantiations import DECODE_MAX_N, KERNELS, Decode, Gemm, Kernel, Wgmma, WgmmaWindow
 
 _BY_NAME = {k.name: k for k in KERNELS}
@@ -188,15 +192,50 @@ def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, arch, _override: 
     return large
 
 
-def plan(N: int, R: int, V: int, Kc: int, dtype: str, sm_count: int, arch: tuple[int, int] | None, window: int = 0) -> tuple[int, int]:
-    """(kernel table index, k-split) for one call: what the op hands the binding, one cache lookup per call."""
-    return _plan(N, R, V, Kc, dtype, sm_count, arch, _override, _wgmma, window)
+def plan(N: int, R: int, V: int, Kc: int, dtype: str, sm_count: int, arch: tuple[int, int] | None, window: int = 0,
+         gpu: str = "") -> tuple[int, int]:
+    """(kernel table index, k-split) for one call: what the op hands the binding, one cache lookup per call.
+    `gpu` is the device's `tuned.gpu_slug`, which picks the measured table."""
+    return _plan(N, R, V, Kc, dtype, sm_count, None if arch is None else tuple(arch), _override, _wgmma, window, gpu)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(N: int, R: int, V: int, Kc: int, dtype: str, sm_count: int, arch, _override: str | None, _wgmma: bool, window: int):
+def _plan(N: int, R: int, V: int, Kc: int, dtype: str, sm_count: int, arch, _override: str | None, _wgmma: bool, window: int,
+          gpu: str):
+    if _override is None:
+        measured = _measured(N, R, V, Kc, dtype, arch, _wgmma, window, gpu)
+        if measured is not None:
+            return measured
     kernel = _choose(N, R, V, dtype, sm_count, arch, _override, _wgmma, window)
-    return kernel.index, decode_ksplit(kernel, R, Kc, sm_count)
+    return kernel.index, ksplit(kernel, N, R, Kc, sm_count)
+
+
+def _measured(N: int, R: int, V: int, Kc: int, dtype: str, arch, wgmma: bool, window: int, gpu: str) -> tuple[int, int] | None:
+    """The measured table's (kernel index, k-split) for this call, if it has one that can run here."""
+    choice = tuned.lookup(tuned.load(gpu), N, R, V, Kc, window > 0)
+    if choice is None:
+        return None
+    kernel = _BY_NAME.get(choice.kernel_name(dtype))
+    if kernel is None or kernel not in candidates(N, V, dtype, arch, window):
+        return None
+    if isinstance(kernel.variant, (Wgmma, WgmmaWindow)) and not wgmma:
+        return None
+    return kernel.index, min(choice.ksplit, max(Kc, 1)) if kernel.splits_k else 1
+
+
+def ksplit(kernel: Kernel, N: int, R: int, Kc: int, sm_count: int) -> int:
+    """k slices for a kernel without a measured choice: `decode_ksplit`'s model for decode; for the mma.sp gemm the
+    fewest slices that give one wave of CTAs, keeping at least 2 x STAGES chunks per slice."""
+    if isinstance(kernel.variant, Decode):
+        return decode_ksplit(kernel, R, Kc, sm_count)
+    if not isinstance(kernel.variant, Gemm):
+        return 1
+    v = kernel.variant
+    tiles = math.ceil(R / v.BM) * math.ceil(N / v.BN)
+    ks = 1
+    while tiles * ks < sm_count and Kc // (2 * ks) >= 2 * v.stages:
+        ks *= 2
+    return ks
 
 
 @functools.lru_cache(maxsize=4096)

@@ -22,7 +22,6 @@ from typing import ClassVar
 DTYPES = ("bf16", "fp16")
 _CUDA_TYPE = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 SUPPORTED_V = (16, 32, 64, 128)
-DECODE_MAX_N = 16  # the decode kernel's largest token count (2 MMA tiles of 8)
 
 
 def _traits_struct(name: str, fields: Sequence[str]) -> str:
@@ -83,7 +82,10 @@ class Decode(_Generated):
 
     @property
     def steps(self) -> int:
-        # Registers: STAGES x U chunks hold STAGES*U*rows 16-byte weight records and U*8*n_tiles gathered values.
+        # Registers: STAGES x U chunks hold STAGES*U*rows 16-byte weight records and U*8*n_tiles gathered values;
+        # at 4 n-tiles (32 tokens) one chunk per stage already holds 32 gathered values and 4*rows accumulators.
+        if self.n_tiles == 4:
+            return self.unroll or 1
         per_stage = {1: 4, 2: 4 if self.n_tiles == 1 else 2, 4: 2}[self.rows] // self.stages
         return self.unroll or per_stage
 
@@ -260,10 +262,13 @@ def _gemm_variants() -> list[Gemm]:
 
 VARIANTS: tuple[Decode | Gemm | Wgmma | WgmmaWindow, ...] = (
     *(Decode(n_tiles=nt, rows=rows) for rows in (1, 2, 4) for nt in (1, 2)),
+    # 32 tokens: the reduction's shared memory (WARPS x ROWS x 4 n-tiles of fp32 fragments) allows ROWS <= 2.
+    *(Decode(n_tiles=4, rows=rows) for rows in (1, 2)),
     *_gemm_variants(),
     *_wgmma_variants(),
     *_wgmma_window_variants(),
 )
+DECODE_MAX_N = max(v.max_n for v in VARIANTS if isinstance(v, Decode))  # the decode kernels' largest token count
 KIND_IDS = {"decode": 0, "gemm": 1, "wgmma": 2, "wgmma_window": 3}  # vnm::KernelKind (vnm_params.h)
 
 
@@ -287,6 +292,18 @@ class Kernel:
     def window(self) -> int:
         """The pack window the kernel needs (window kernels), else 0."""
         return getattr(self.variant, "window", 0)
+
+    @property
+    def tile(self) -> tuple[int, int]:
+        """(rows of y, tokens) one CTA computes: what split-k workspaces are counted in."""
+        if isinstance(self.variant, Decode):
+            return 16 * self.variant.rows, self.variant.max_n
+        return self.variant.BM, self.variant.BN
+
+    @property
+    def splits_k(self) -> bool:
+        """Whether the kernel can split its k chunks over CTAs (`ksplit` > 1): decode and mma.sp gemm."""
+        return isinstance(self.variant, (Decode, Gemm))
 
 
 KERNELS: tuple[Kernel, ...] = tuple(
@@ -357,7 +374,9 @@ def _table() -> str:
                 "wgmma_window": "KernelKind::kWgmmaWindow"}[k.variant.kind]
         dtype = "ElemType::kBf16" if k.dtype == "bf16" else "ElemType::kFp16"
         decls.append(f"extern template cudaError_t {k.variant.launcher(k.dtype)}(const VnmParams&, cudaStream_t);")
-        rows.append(f'    {{"{k.name}", {kind}, {dtype}, {k.V}, {min(k.variant.max_n, 1 << 30)}, {k.variant.rows}, {k.window}, &{k.variant.launcher(k.dtype)}}},')
+        tile_m, tile_n = k.tile
+        rows.append(f'    {{"{k.name}", {kind}, {dtype}, {k.V}, {min(k.variant.max_n, 1 << 30)}, {k.variant.rows}, {k.window}, '
+                    f'{tile_m}, {tile_n}, &{k.variant.launcher(k.dtype)}}},')
     return (
         f"{_BANNER}#include \"vnm_decode.cuh\"\n#include \"vnm_gemm.cuh\"\n#include \"vnm_wgmma_window.cuh\"\n#include \"vnm_tiles.h\"\n\n"
         "namespace vnm {\n\n" + "\n".join(decls) + "\n\n"

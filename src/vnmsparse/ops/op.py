@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..format import VNMTensor
 from ..reference import vnm_linear
-from . import build, dispatch
+from . import build, dispatch, tuned
 from .pack import SUPPORTED_DTYPES, PackedVNM, check_packable, unpack_dense
 
 log = logging.getLogger("vnmsparse.ops")
@@ -62,11 +62,12 @@ def _linear_fake(x, a_vals, a_meta, cols, bias, R, C, V, window=0):
 
 @functools.lru_cache(maxsize=None)
 def _device_info(index: int):
-    """(compiled module or None, why not, SM count, compute capability) for CUDA device `index`: looked up once."""
+    """(compiled module or None, why not, SM count, compute capability, GPU slug for the measured dispatch table)
+    for CUDA device `index`: looked up once."""
     device = torch.device("cuda", index)
     ext = build.extension(device)
     props = torch.cuda.get_device_properties(index)
-    return ext, build.unavailable_reason(device), props.multi_processor_count, (props.major, props.minor)
+    return ext, build.unavailable_reason(device), props.multi_processor_count, (props.major, props.minor), tuned.gpu_slug(props.name)
 
 
 _DTYPE_TAGS = {dtype: dispatch.dtype_tag(dtype) for dtype in SUPPORTED_DTYPES}
@@ -77,13 +78,13 @@ def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V, window=0):
     # so the binding flattens x's leading dims itself and one cached lookup picks the kernel.
     if x.shape[-1] != C:
         raise ValueError(f"vnmsparse::linear: x's last dim must be in_features={C}, got {tuple(x.shape)}")
-    ext, why, sms, arch = _device_info(x.get_device())
+    ext, why, sms, arch, gpu = _device_info(x.get_device())
     if ext is None or x.dtype not in _DTYPE_TAGS:
         log_once(logging.WARNING, f"vnmsparse::linear: {why or f'x dtype {x.dtype} has no kernel'}; using the plain-torch reference")
         return _reference_from_packed(x, a_vals, a_meta, cols, bias, R, C, V)
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
-    kernel, ksplit = dispatch.plan(x.numel() // C, R, V, a_vals.shape[1], _DTYPE_TAGS[x.dtype], sms, arch, window)
+    kernel, ksplit = dispatch.plan(x.numel() // C, R, V, a_vals.shape[1], _DTYPE_TAGS[x.dtype], sms, arch, window, gpu)
     return ext.run(x, a_vals, a_meta, cols, bias, R, C, V, kernel, ksplit, None, window)
 
 
@@ -130,7 +131,7 @@ def _wants_two_four_copy(x: torch.Tensor, packed: PackedVNM, tensor: VNMTensor) 
     N = x.numel() // tensor.shape[1]
     if not isinstance(N, int):  # symbolic under torch.compile's dynamic shapes: keep the V:2:M layout
         return False
-    _, _, sms, arch = _device_info(x.get_device())
+    _, _, sms, arch, _ = _device_info(x.get_device())
     R, V, M = tensor.shape[0], tensor.pattern.V, tensor.pattern.M
     return dispatch.uses_two_four_copy(N, R, V, M, packed.window, _DTYPE_TAGS[x.dtype], sms, arch)
 

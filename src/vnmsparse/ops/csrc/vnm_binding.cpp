@@ -53,18 +53,31 @@ void check_cuda_contiguous(const at::Tensor& t, const char* name, const at::Tens
   VNM_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
 }
 
-// Arrival counters of the split-k decode: zero between launches (the last CTA of each row group resets its
-// own), so one buffer per (device, stream) serves every call and CUDA-graph replay: launches on one stream
-// never overlap, while two streams sharing a buffer could (a row group's partials would be summed by the wrong
-// CTA). Graphs use the counters of the stream they were captured on. Never freed.
-at::Tensor counters_for(const at::Device& device, const c10::cuda::CUDAStream& stream, int64_t n) {
+// Arrival counters of the split-k kernels: zero between launches (the last CTA of each output tile resets its
+// own), so one buffer per (device, stream) serves every call and CUDA-graph replay: launches on one stream never
+// overlap, while two streams sharing a buffer could (a tile's partials would be summed by the wrong CTA). Graphs
+// use the counters of the stream they were captured on. The memory comes from cudaMalloc, not PyTorch's caching
+// allocator: a buffer created during torch.compile's CUDA-graph warm-up must not live in the graph's private
+// pool (cudagraph trees refuse a pool tensor that outlives the call). Zeroed by a memset on `stream`, ordered
+// before the kernel that needs it (inside a capture, the memset becomes a node of that graph). Never freed.
+int* counters_for(const at::Device& device, cudaStream_t stream, int64_t n) {
   static std::mutex mu;
-  static auto* buffers = new std::map<std::pair<int, int64_t>, at::Tensor>();
+  static auto* buffers = new std::map<std::pair<int, uintptr_t>, std::pair<int*, int64_t>>();
   std::lock_guard<std::mutex> lock(mu);
-  at::Tensor& buf = (*buffers)[{device.index(), stream.id()}];
-  if (!buf.defined() || buf.numel() < n)
-    buf = at::zeros({std::max<int64_t>(n, 4096)}, at::TensorOptions().dtype(at::kInt).device(device));
-  return buf;
+  auto& buf = (*buffers)[{device.index(), reinterpret_cast<uintptr_t>(stream)}];
+  if (buf.first == nullptr || buf.second < n) {
+    const int64_t count = std::max<int64_t>(n, 4096);
+    void* ptr = nullptr;
+    // cudaMalloc is not a stream operation: allowed while this thread captures only in relaxed mode.
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    VNM_CHECK(cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess, kOp, ": cannot switch the capture mode");
+    const cudaError_t err = cudaMalloc(&ptr, count * sizeof(int));
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    VNM_CHECK(err == cudaSuccess, kOp, ": cannot allocate split-k counters: ", cudaGetErrorString(err));
+    VNM_CHECK(cudaMemsetAsync(ptr, 0, count * sizeof(int), stream) == cudaSuccess, kOp, ": cannot zero split-k counters");
+    buf = {static_cast<int*>(ptr), count};  // a smaller buffer it replaces may be in a graph: kept, not freed
+  }
+  return buf.first;
 }
 
 // Programmatic dependent launch of the decode kernels: on sm_90 and newer unless VNMSPARSE_PDL=0 (read once), and
@@ -183,15 +196,15 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   p.pdl = entry.kind == vnm::KernelKind::kDecode && pdl_allowed(x.device(), stream) && aligned16(a_vals) && aligned16(a_meta) &&
           aligned16(cols);
   p.ldy = R;
-  at::Tensor xt, ws, counters;
+  at::Tensor xt, ws;
   p.ksplit = 1;
-  if (entry.kind == vnm::KernelKind::kDecode && ksplit > 1) {
-    const int64_t groups = (Rt + entry.rows - 1) / entry.rows;
+  if ((entry.kind == vnm::KernelKind::kDecode || entry.kind == vnm::KernelKind::kGemm) && ksplit > 1) {
+    // One fp32 partial tile per (output tile, k slice); one arrival counter per output tile.
+    const int64_t tiles = ((R + entry.tile_m - 1) / entry.tile_m) * ((N + entry.tile_n - 1) / entry.tile_n);
     p.ksplit = static_cast<int>(ksplit);
-    ws = at::empty({groups * ksplit * 16 * entry.rows * entry.max_n}, x.options().dtype(at::kFloat));
-    counters = counters_for(x.device(), stream, groups);
+    ws = at::empty({tiles * ksplit * entry.tile_m * entry.tile_n}, x.options().dtype(at::kFloat));
     p.ws = ws.data_ptr<float>();
-    p.counters = counters.data_ptr<int32_t>();
+    p.counters = counters_for(x.device(), stream.stream(), tiles);
   }
   if (entry.kind == vnm::KernelKind::kGemm || entry.kind == vnm::KernelKind::kWgmma) {
     xt = at::empty({C, p.Np}, x.options());

@@ -1,4 +1,4 @@
-// Decode kernel (N <= 16 tokens): memory-bound. Streams the packed weight (values + 2:4 metadata + kept
+// Decode kernel (N <= 32 tokens): memory-bound. Streams the packed weight (values + 2:4 metadata + kept
 // column indices) exactly once and gathers the activations each sparse MMA needs straight from x by
 // column index. No transpose of x anywhere.
 //
@@ -43,14 +43,14 @@ template <typename Tile> struct DecodeShape {
   static constexpr int kWinElems = kWarps * kStages * kUnroll * kMaxN * kWinPitch;
   static constexpr int kOutputs = 16 * kRows * kMaxN;  // outputs of one CTA
   static constexpr int kRedFloats = kWarps * kRows * kNTiles * 4 * 32;
-  // Windows for the 16-token kernels only: at N = 16 they beat the gather by 7-19% on every decode shape, at
-  // N = 1 they lost 1-7% (bench/results/decode-sweep-h100*.md: one gathered element per lane is cheaper there
-  // than M 16-byte pieces). And only where the windows fit the static shared memory.
-  static constexpr bool kUsesWindow = kNTiles == 2 && 2 * kWinElems <= 48 * 1024 - 1024;
+  // Windows for the kernels of 16 tokens and more only: at N = 16 they beat the gather by 7-19% on every decode
+  // shape, at N = 1 they lost 1-7% (one gathered element per lane is cheaper there than M 16-byte pieces: see
+  // docs in bench/NOTES-kernels.md). And only where the windows fit the static shared memory.
+  static constexpr bool kUsesWindow = kNTiles >= 2 && 2 * kWinElems <= 48 * 1024 - 1024;
   // The staging tiles (gather) and the windows are never used by the same launch: one region serves both.
   static constexpr int kLoopBytes = 2 * (kUsesWindow && kWinElems > kStageElems ? kWinElems : kStageElems);
   static constexpr int kSmemBytes = kLoopBytes > kRedFloats * 4 ? kLoopBytes : kRedFloats * 4;
-  static_assert(kNTiles == 1 || kNTiles == 2, "decode N_TILES must be 1 or 2 (N <= 16 tokens)");
+  static_assert(kNTiles == 1 || kNTiles == 2 || kNTiles == 4, "decode N_TILES must be 1, 2 or 4 (N <= 32 tokens)");
   static_assert(kRows == 1 || kRows == 2 || kRows == 4, "decode ROWS must be 1, 2 or 4 (ROWS*16 <= V)");
   static_assert(kWarps >= 1 && kWarps <= 16, "decode WARPS must be in 1..16");
   static_assert(kStages == 1 || kStages == 2, "decode STAGES must be 1 or 2");

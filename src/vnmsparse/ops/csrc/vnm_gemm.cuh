@@ -6,6 +6,10 @@
 //   Per stage one 8-group chunk (k = 32 kept columns); STAGES-deep cp.async pipeline; the column indices
 //   of the next stage are prefetched into registers one stage ahead, so gathers never wait on them.
 //   Epilogue: accumulators (+ bias) -> shared memory -> coalesced 16-byte stores of y (N, R).
+//   Split-k (p.ksplit > 1, blockIdx.z = k slice): when the (rows x tokens) tile grid alone would leave SMs idle
+//   (serving batches: N = 17..1024 gives few token tiles), each CTA multiplies one slice of the k chunks and
+//   publishes its fp32 accumulators to p.ws; the last CTA of a tile to arrive (arrival counter, reset by it) sums
+//   the slices in slice order, so the result does not depend on which CTA finished last, then runs the epilogue.
 //
 // x^T (C x Np, zero-padded to a multiple of 8 tokens) is written first by launch_transpose (vnm_transpose.cu).
 #pragma once
@@ -72,6 +76,9 @@ __global__ void __launch_bounds__(GemmShape<Tile>::kThreads, GemmShape<Tile>::kM
 
   const int m0 = blockIdx.x * S::kBM;  // first row of W
   const int n0 = blockIdx.y * S::kBN;  // first token
+  // This CTA's k slice: chunks [kbeg, kend) (all of them without split-k).
+  const int per_slice = (p.Kc + gridDim.z - 1) / gridDim.z;
+  const int kbeg = min(p.Kc, static_cast<int>(blockIdx.z) * per_slice), kend = min(p.Kc, kbeg + per_slice);
   const int mt0 = m0 / 16;
   const int blk0 = m0 / S::kV;          // first row block (the CTA may hold only part of it)
 
@@ -134,27 +141,27 @@ __global__ void __launch_bounds__(GemmShape<Tile>::kThreads, GemmShape<Tile>::kM
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.f;
 
-  // Prologue: stages 0 .. STAGES-2.
+  // Prologue: stages 0 .. STAGES-2 of the slice (stage slot = chunk index within the slice, mod STAGES).
   int cnext[S::kBPiecesPerThread];
 #pragma unroll
   for (int s = 0; s < S::kStages - 1; ++s) {
-    if (s < p.Kc) {
-      load_cols(s, cnext);
-      issue_stage(s, s, cnext);
+    if (kbeg + s < kend) {
+      load_cols(kbeg + s, cnext);
+      issue_stage(kbeg + s, s, cnext);
     }
     cp_async_commit();
   }
-  if (S::kStages - 1 < p.Kc) load_cols(S::kStages - 1, cnext);
+  if (kbeg + S::kStages - 1 < kend) load_cols(kbeg + S::kStages - 1, cnext);
 
-  for (int kc = 0; kc < p.Kc; ++kc) {
+  for (int kc = kbeg; kc < kend; ++kc) {
     cp_async_wait<S::kStages - 2>();
     __syncthreads();  // stage kc landed for everyone; everyone is done with stage kc-1's slot
     const int nxt = kc + S::kStages - 1;
-    if (nxt < p.Kc) issue_stage(nxt, nxt % S::kStages, cnext);
+    if (nxt < kend) issue_stage(nxt, (nxt - kbeg) % S::kStages, cnext);
     cp_async_commit();
-    if (nxt + 1 < p.Kc) load_cols(nxt + 1, cnext);
+    if (nxt + 1 < kend) load_cols(nxt + 1, cnext);
 
-    const int s = kc % S::kStages;
+    const int s = (kc - kbeg) % S::kStages;
     uint32_t a[S::kMT][4], e[S::kMT];
 #pragma unroll
     for (int mi = 0; mi < S::kMT; ++mi) {
@@ -179,6 +186,41 @@ __global__ void __launch_bounds__(GemmShape<Tile>::kThreads, GemmShape<Tile>::kM
   }
   cp_async_wait<0>();
   __syncthreads();
+
+  if (gridDim.z > 1) {
+    // Split-k: publish this slice's accumulators in fragment order ((mi, ni, i) major, then thread), so that each
+    // thread of the finishing CTA reads back exactly the values its own registers hold for every slice.
+    constexpr int kTileFloats = S::kMT * S::kNT * 4 * S::kThreads;
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    float* ws = p.ws + static_cast<size_t>(tile) * gridDim.z * kTileFloats;
+#pragma unroll
+    for (int mi = 0; mi < S::kMT; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < S::kNT; ++ni)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          __stcg(ws + static_cast<size_t>(blockIdx.z) * kTileFloats + ((mi * S::kNT + ni) * 4 + i) * S::kThreads + tid,
+                 acc[mi][ni][i]);
+    __threadfence();
+    __syncthreads();
+    __shared__ int last_flag;
+    if (tid == 0) last_flag = atomicAdd(p.counters + tile, 1) == static_cast<int>(gridDim.z) - 1;
+    __syncthreads();
+    if (!last_flag) return;
+    __threadfence();
+#pragma unroll
+    for (int mi = 0; mi < S::kMT; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < S::kNT; ++ni)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float sum = 0.f;
+          for (int z = 0; z < static_cast<int>(gridDim.z); ++z)
+            sum += __ldcg(ws + static_cast<size_t>(z) * kTileFloats + ((mi * S::kNT + ni) * 4 + i) * S::kThreads + tid);
+          acc[mi][ni][i] = sum;
+        }
+    if (tid == 0) p.counters[tile] = 0;  // ready for the next launch (and CUDA-graph replays)
+  }
 
   // Epilogue: stage y^T tile as out[n][m] (+bias), then write rows of y with 16-byte stores.
   uint16_t* out = reinterpret_cast<uint16_t*>(smem);
@@ -237,7 +279,9 @@ cudaError_t launch_gemm(const VnmParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     if (dev < 64) configured[dev] = true;
   }
-  dim3 grid((p.R + S::kBM - 1) / S::kBM, (p.N + S::kBN - 1) / S::kBN);
+  const int ks = p.ksplit > 1 ? p.ksplit : 1;
+  if (ks > 1 && (p.ws == nullptr || p.counters == nullptr)) return cudaErrorInvalidValue;
+  dim3 grid((p.R + S::kBM - 1) / S::kBM, (p.N + S::kBN - 1) / S::kBN, ks);
   kernel<<<grid, S::kThreads, S::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }

@@ -30,9 +30,10 @@ struct VnmParams {
   int Np;                 // N rounded up to a multiple of 8: row stride of xt (tensor-core path only)
   int64_t ldx;            // row stride of x in elements (>= C)
   int64_t ldy;            // row stride of y in elements (>= R)
-  int ksplit;             // decode: CTAs splitting the k chunks of one row group (gridDim.y)
-  float* ws;              // decode, ksplit > 1: (row groups, ksplit, outputs per CTA) fp32 partial sums
-  int* counters;          // decode, ksplit > 1: one arrival counter per row group, zero between launches
+  int ksplit;             // decode and mma.sp gemm: CTAs splitting the k chunks of one output tile (decode: gridDim.y,
+                          // gemm: gridDim.z)
+  float* ws;              // ksplit > 1: (output tiles, ksplit, TILE_M x TILE_N) fp32 partial sums
+  int* counters;          // ksplit > 1: one arrival counter per output tile, zero between launches
   int window;             // 8*M if every group's kept columns lie in its own M columns of x (pack.py), else 0.
                           // Decode: passed only when x rows are 16-byte aligned (it then copies chunk windows);
                           // wgmma window kernels: always (they need it, and TMA-ready x)
@@ -59,6 +60,8 @@ struct KernelEntry {
   int max_n;         // largest N this entry accepts (decode: 8 * n-tiles; gemm, wgmma: no limit)
   int rows;          // decode: 16-row tiles per warp (needs 16*rows <= V); gemm, wgmma: 0
   int window;        // wgmma window kernels: the pack window (8*M) they need; every other kernel: 0
+  int tile_m;        // rows of y per CTA (decode: 16 * rows; the others: BM)
+  int tile_n;        // tokens per CTA (decode: max_n; the others: BN)
   LaunchFn launch;
 };
 

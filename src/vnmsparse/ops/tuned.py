@@ -1,0 +1,75 @@
+"""Measured dispatch tables: for one GPU model, the fastest (kernel, k-split) of every case a tuning sweep timed.
+
+A table (`vnmsparse/tables/dispatch-<gpu>.json`, written by `bench/tune_dispatch.py` on that GPU) lists, per
+measured case (V, M, R, C, N, pack window), the kernel and k-split that ran fastest in CUDA graphs with the
+weights rotated beyond L2. A call is matched to the nearest measured shape of the same V and pack kind (log
+distance over rows R and k chunks Kc) and to the smallest measured N at or above its own; calls beyond the
+largest measured N, or on GPUs without a table, go to the rules in `dispatch`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+
+def gpu_slug(name: str) -> str:
+    """Short lower-case id of a GPU model from its device name: "NVIDIA H200" -> "h200"."""
+    m = re.search(r"(GH200|H100|H200|H20|A100|A10G?|L40S?|L4|RTX\s*\d+|B200)", name, re.I)
+    return re.sub(r"\W+", "", m.group(1)).lower() if m else re.sub(r"\W+", "-", name).strip("-").lower()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The measured winner of one case."""
+
+    V: int
+    R: int
+    Kc: int  # k chunks of 8 groups: ceil(ceil(C / M) / 8)
+    windowed: bool  # pack window > 0 (no folded input permutation)
+    N: int
+    kind: str  # instantiations variant kind, e.g. "gemm"
+    tag: str  # the variant's tag, e.g. "v64_m64n64w2x2s4"
+    ksplit: int
+
+    def kernel_name(self, dtype: str) -> str:
+        return f"{self.kind}_{dtype}_{self.tag}"
+
+
+def table_name(gpu: str) -> str:
+    return f"dispatch-{gpu}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def load(gpu: str) -> tuple[Choice, ...]:
+    """The shipped table for GPU slug `gpu` (empty where none ships)."""
+    path = resources.files("vnmsparse") / "tables" / table_name(gpu)
+    if not gpu or not path.is_file():
+        return ()
+    return parse(json.loads(path.read_text()))
+
+
+def parse(record: dict) -> tuple[Choice, ...]:
+    """Choices from a table's JSON record ({"entries": [...]}, as bench/tune_dispatch.py writes it)."""
+    out = []
+    for e in record["entries"]:
+        out.append(Choice(V=int(e["V"]), R=int(e["R"]), Kc=int(e["Kc"]), windowed=bool(e["window"]), N=int(e["N"]),
+                          kind=str(e["kind"]), tag=str(e["tag"]), ksplit=int(e["ksplit"])))
+    return tuple(out)
+
+
+def lookup(choices: tuple[Choice, ...], N: int, R: int, V: int, Kc: int, windowed: bool) -> Choice | None:
+    """The measured choice for this call: nearest shape of the same V and pack kind, then the smallest measured
+    N >= this N (None beyond the largest measured N or without a same-V entry)."""
+    same = [c for c in choices if c.V == V and c.windowed == windowed] or [c for c in choices if c.V == V]
+    if not same:
+        return None
+    dist = lambda c: (math.log(c.R / R) ** 2 + math.log(c.Kc / max(Kc, 1)) ** 2, c.R, c.Kc)  # noqa: E731
+    nearest = min(same, key=dist)
+    shape = [c for c in same if (c.R, c.Kc) == (nearest.R, nearest.Kc)]
+    covering = [c for c in shape if c.N >= N]
+    return min(covering, key=lambda c: c.N) if covering else None
