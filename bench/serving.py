@@ -144,8 +144,8 @@ def tune(args) -> dict:
                 x = torch.randn(N, C, device="cuda", generator=gen).to(torch.bfloat16)
                 timed = []
                 for kernel in dispatch.candidates(N, case.pattern.V, "bf16", arch, case.packed.window):
-                    if kernel.variant.kind.startswith("wgmma") and N < 128:
-                        continue  # 256-token tiles: never competitive this far below one tile
+                    if kernel.variant.kind.startswith("wgmma") and N < kernel.variant.BN // 2:
+                        continue  # a tile more than half empty: never competitive
                     for ks in ksplits(kernel, N, R, Kc, sms):
                         out = torch.full((N, R), float("nan"), device="cuda", dtype=torch.bfloat16)
                         case.run(ext, case.packed, x, kernel.index, ks, out)

@@ -231,15 +231,19 @@ def _wgmma_window_variants() -> list[WgmmaWindow]:
 
 
 def _wgmma_variants() -> list[Wgmma]:
-    # Per V: the wide-N tile (least A traffic per FLOP; measured fastest) and the 4-block / 2-block BN=128 tile
-    # (kept so bench/kernel.py --variants keeps measuring the alternative). bench/NOTES-wgmma.md: smem budgets.
-    # Stages with A in shared memory (history/kernel-h100-wgmma-stages.json): 8 beat 6 by 6-12% at V = 128; at
-    # V = 64, 6 were 1-9% slower than 4.
+    # Per V: the wide-N tile (least A traffic per FLOP; fastest at large N), the 4-block / 2-block BN=128 tile, and
+    # narrow-N tiles of 128 rows (BN = 128, 64) that give serving batches (N = 64..1024) more CTAs than the GPU has
+    # SMs. Stages with A in shared memory: 8 beat 6 by 6-12% at V = 128; at V = 64, 6 were 1-9% slower than 4 for
+    # the BN=256 tile (docs/kernels.md); the narrow tiles' stages are small, so they keep 8 in flight.
     return [
         Wgmma(V=64, consumers=2, wg_m=1, BN=256, stages=4),
         Wgmma(V=64, consumers=2, wg_m=2, BN=128, stages=4),
+        Wgmma(V=64, consumers=2, wg_m=1, BN=128, stages=8),
+        Wgmma(V=64, consumers=2, wg_m=1, BN=64, stages=8),
         Wgmma(V=128, consumers=2, wg_m=1, BN=256, stages=8),
         Wgmma(V=128, consumers=2, wg_m=2, BN=128, stages=6),
+        Wgmma(V=128, consumers=2, wg_m=1, BN=128, stages=8),
+        Wgmma(V=128, consumers=2, wg_m=1, BN=64, stages=8),
     ]
 
 
@@ -262,8 +266,10 @@ def _gemm_variants() -> list[Gemm]:
 
 VARIANTS: tuple[Decode | Gemm | Wgmma | WgmmaWindow, ...] = (
     *(Decode(n_tiles=nt, rows=rows) for rows in (1, 2, 4) for nt in (1, 2)),
-    # 32 tokens: the reduction's shared memory (WARPS x ROWS x 4 n-tiles of fp32 fragments) allows ROWS <= 2.
+    # 32 tokens: the reduction's shared memory (WARPS x ROWS x 4 n-tiles of fp32 fragments) allows ROWS <= 2 with
+    # 8 warps, or one V = 64 block's 4 row tiles with 4 warps.
     *(Decode(n_tiles=4, rows=rows) for rows in (1, 2)),
+    Decode(n_tiles=4, rows=4, warps=4),
     *_gemm_variants(),
     *_wgmma_variants(),
     *_wgmma_window_variants(),

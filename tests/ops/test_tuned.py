@@ -1,0 +1,77 @@
+"""The measured dispatch tables: lookup rules, and the shipped tables against what the dispatcher picks."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+
+from vnmsparse.ops import dispatch, instantiations, tuned
+
+H200 = (9, 0)
+
+
+def _entry(V=64, R=4096, Kc=64, window=64, N=64, kind="gemm", tag="v64_m64n64w2x2s4", ksplit=4):
+    return {"V": V, "R": R, "Kc": Kc, "window": window, "N": N, "kind": kind, "tag": tag, "ksplit": ksplit}
+
+
+def test_gpu_slug_names_the_model():
+    assert tuned.gpu_slug("NVIDIA H200") == "h200"
+    assert tuned.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert tuned.gpu_slug("NVIDIA GH200 480GB") == "gh200"
+    assert tuned.gpu_slug("Some GPU 9000") == "some-gpu-9000"
+
+
+def test_lookup_takes_the_nearest_shape_and_the_smallest_covering_n():
+    table = tuned.parse({"entries": [
+        _entry(N=32, ksplit=2), _entry(N=64, ksplit=4), _entry(N=128, ksplit=8),
+        _entry(R=28672, Kc=205, N=64, ksplit=1), _entry(V=128, N=64, tag="v128_m64n64w2x2s4"),
+    ]})
+    assert tuned.lookup(table, 50, 4096, 64, 64, True).ksplit == 4  # 50 -> the N=64 measurement
+    assert tuned.lookup(table, 32, 4096, 64, 64, True).ksplit == 2  # exact N
+    assert tuned.lookup(table, 1, 5000, 64, 70, True).ksplit == 2  # nearest shape is 4096, smallest N covers 1
+    assert tuned.lookup(table, 64, 20000, 64, 180, True).ksplit == 1  # nearest shape is 28672 x ...
+    assert tuned.lookup(table, 129, 4096, 64, 64, True) is None  # beyond the largest measured N: rules decide
+    assert tuned.lookup(table, 64, 4096, 32, 64, True) is None  # no entry for V = 32
+    assert tuned.lookup(table, 64, 4096, 128, 64, True).tag.startswith("v128")
+    assert tuned.lookup(table, 64, 4096, 64, 64, False).ksplit == 4  # no gathered-pack entry: the same V's
+
+
+def test_missing_table_is_empty():
+    assert tuned.load("no-such-gpu") == ()
+
+
+def test_dispatch_uses_a_measured_choice_only_where_it_can_run(monkeypatch):
+    table = tuned.parse({"entries": [_entry(N=64, ksplit=4), _entry(N=1024, kind="wgmma", tag="v64_c2m1n256s4", ksplit=1)]})
+    monkeypatch.setattr(tuned, "load", lambda gpu: table if gpu == "fake" else ())
+    dispatch._plan.cache_clear()
+    try:
+        index, ks = dispatch.plan(64, 4096, 64, 64, "fp16", 132, H200, 64, "fake")
+        kernel = instantiations.KERNELS[index]
+        assert kernel.name == "gemm_fp16_v64_m64n64w2x2s4" and ks == 4  # the dtype follows the call
+        index, ks = dispatch.plan(1000, 4096, 64, 64, "bf16", 132, (8, 0), 64, "fake")
+        assert instantiations.KERNELS[index].variant.kind == "gemm"  # wgmma cannot run on sm_80: rules decide
+        with dispatch.switches(wgmma=False):
+            index, _ = dispatch.plan(1000, 4096, 64, 64, "bf16", 132, H200, 64, "fake")
+        assert instantiations.KERNELS[index].variant.kind != "wgmma"
+        index, ks = dispatch.plan(64, 4096, 64, 3, "bf16", 132, H200, 64, "fake")
+        assert ks == 3  # never more slices than k chunks
+    finally:
+        dispatch._plan.cache_clear()
+
+
+@pytest.mark.parametrize("name", [p.name for p in (resources.files("vnmsparse") / "tables").iterdir()
+                                  if p.name.startswith("dispatch-")])
+def test_shipped_table_is_what_dispatch_picks(name):
+    # Every measured case of a shipped table: the dispatcher runs the measured winner with its k-split, and the
+    # winner was the fastest of the candidates timed for that case.
+    record = json.loads((resources.files("vnmsparse") / "tables" / name).read_text())
+    gpu = name.removeprefix("dispatch-").removesuffix(".json")
+    by_name = {k.name: k for k in instantiations.KERNELS}
+    dispatch._plan.cache_clear()
+    for e in record["entries"]:
+        index, ks = dispatch.plan(e["N"], e["R"], e["V"], e["Kc"], "bf16", 132, H200, e["window"], gpu)
+        expected = by_name[f"{e['kind']}_bf16_{e['tag']}"]
+        assert (instantiations.KERNELS[index], ks) == (expected, e["ksplit"]), e
+        assert e["us"] <= min(e["candidates_us"].values()), e
