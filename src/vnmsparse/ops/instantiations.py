@@ -234,7 +234,7 @@ def _wgmma_variants() -> list[Wgmma]:
     # Per V: the wide-N tile (least A traffic per FLOP; fastest at large N), the 4-block / 2-block BN=128 tile, and
     # narrow-N tiles of 128 rows (BN = 128, 64) that give serving batches (N = 64..1024) more CTAs than the GPU has
     # SMs. Stages with A in shared memory: 8 beat 6 by 6-12% at V = 128; at V = 64, 6 were 1-9% slower than 4 for
-    # the BN=256 tile (docs/kernels.md); the narrow tiles' stages are small, so they keep 8 in flight.
+    # the BN=256 tile (bench/NOTES-wgmma.md); the narrow tiles' stages are small, so they keep 8 in flight.
     return [
         Wgmma(V=64, consumers=2, wg_m=1, BN=256, stages=4),
         Wgmma(V=64, consumers=2, wg_m=2, BN=128, stages=4),
