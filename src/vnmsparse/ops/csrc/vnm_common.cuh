@@ -99,6 +99,14 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #endif
 }
 
+// Requests [ptr, ptr + bytes) into L2 in pieces of at most 16 KB (16-byte aligned start and size; sm_90+, a no-op
+// before). For index arrays a kernel walks one dependent load at a time: each of those loads then waits for L2,
+// not DRAM.
+__device__ __forceinline__ void prefetch_l2_range(const void* ptr, uint32_t bytes) {
+  const char* c = static_cast<const char*>(ptr);
+  for (uint32_t off = 0; off < bytes; off += 16384u) prefetch_l2(c + off, min(16384u, bytes - off));
+}
+
 // Launches kernel(p) with static shared memory only; p.pdl: as a programmatic dependent of the previous kernel
 // in the stream (the kernel must call grid_dependency_wait() before touching what that kernel may write).
 template <typename Kernel>

@@ -85,6 +85,12 @@ __global__ void __launch_bounds__(GemmShape<Tile>::kThreads, GemmShape<Tile>::kM
   const uint16_t* xt16 = static_cast<const uint16_t*>(p.xt);
   const uint32_t smem_base = smem_addr(smem);
 
+  // Each k step's gather waits on a load of its column indices: bring the slice's indices of every row block
+  // into L2 first, so that wait is an L2 hit rather than a DRAM round trip (at small N it is most of the time).
+  if (tid < S::kBlocks && blk0 + tid < p.Bn && kend > kbeg)
+    prefetch_l2_range(p.cols + (static_cast<size_t>(blk0 + tid) * p.Gp + 8 * kbeg) * 4,
+                      static_cast<uint32_t>(kend - kbeg) * 32 * sizeof(int));
+
   auto stage_a = [&](int s) { return smem_base + s * S::kStageBytes; };
   auto stage_e = [&](int s) { return smem_base + s * S::kStageBytes + S::kABytes; };
   auto stage_b = [&](int s) { return smem_base + s * S::kStageBytes + S::kABytes + S::kEBytes; };

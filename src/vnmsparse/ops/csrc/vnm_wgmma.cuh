@@ -243,6 +243,10 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
     const int own_blk = min(blk0 + own_row / 32, p.Bn - 1);  // rows past R: any valid block
     const int* own_cols = p.cols + static_cast<size_t>(own_blk) * p.Gp * 4 + own_row % 32;
     const bool owns = own_row < S::kRows;
+    // The loop below waits on one column-index load per k step: bring every block's indices into L2 first, so
+    // that wait is an L2 hit rather than a DRAM round trip (at serving N it bounds the whole kernel).
+    if (warp == 0 && lane < S::kBlocks && blk0 + lane < p.Bn)
+      prefetch_l2_range(p.cols + static_cast<size_t>(blk0 + lane) * p.Gp * 4, static_cast<uint32_t>(p.Kc) * 32 * sizeof(int));
     int col = owns ? __ldg(own_cols) : 0;  // k-step 0
     // This thread's pieces: one 16-byte piece (tokens n0 + 8 * piece0 ..) of rows owner0, owner0 + RPI, ...
     constexpr int kRowsPerInstr = 32 / S::kPieces;
