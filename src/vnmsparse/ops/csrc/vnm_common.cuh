@@ -139,6 +139,10 @@ __device__ __forceinline__ void cp_async_ca16(uint32_t dst, const void* src, boo
   const int bytes = valid ? 16 : 0;
   asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
 }
+// 4-byte async copy global -> shared (cached in L1): index arrays fetched ahead of their use without a register.
+__device__ __forceinline__ void cp_async_ca4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));

@@ -47,7 +47,10 @@ template <typename Tile> struct GemmShape {
   static constexpr int kStageBytes = kABytes + kEBytes + kBBytes;
   static constexpr int kOutPitch = kBM + 8;       // epilogue staging row pitch (elements)
   static constexpr int kOutBytes = kBN * kOutPitch * 2;
-  static constexpr int kSmemBytes = kStageBytes * kStages > kOutBytes ? kStageBytes * kStages : kOutBytes;
+  // Column-index ring: chunk j's indices (32 per row block) in slot j % STAGES, after the stages and the epilogue tile.
+  static constexpr int kColRingOffset = kStageBytes * kStages > kOutBytes ? kStageBytes * kStages : kOutBytes;
+  static constexpr int kColRingBytes = kStages * kBlocks * 32 * 4;
+  static constexpr int kSmemBytes = kColRingOffset + kColRingBytes;
   static constexpr int kBPiecesPerThread = kBlocks * 32 * kPieces / kThreads;
   static constexpr int kAPiecesPerThread = (kBM * 2 + kThreads - 1) / kThreads;
 
@@ -60,6 +63,7 @@ template <typename Tile> struct GemmShape {
   static_assert((kBlocks * 32 * kPieces) % kThreads == 0, "gathered pieces must split evenly over the threads");
   static_assert(kStages >= 2 && kStages <= 8, "STAGES must be in 2..8");
   static_assert((kBM / 16) * 4 <= kThreads, "metadata copy assumes one 16-byte piece per thread at most");
+  static_assert(kBlocks * 8 <= kThreads && kColRingOffset % 16 == 0, "column-index copy: one 16-byte piece per thread");
   static_assert(kBM % 8 == 0, "epilogue writes 8-row pieces");
 };
 
@@ -147,25 +151,50 @@ __global__ void __launch_bounds__(GemmShape<Tile>::kThreads, GemmShape<Tile>::kM
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.f;
 
-  // Prologue: stages 0 .. STAGES-2 of the slice (stage slot = chunk index within the slice, mod STAGES).
-  int cnext[S::kBPiecesPerThread];
+  // Column indices: chunk kc's sit in ring slot (kc - kbeg) % STAGES. They are copied in the commit group of the
+  // stage issued STAGES - 1 chunks before stage kc, so by the time stage kc is issued they have landed and its
+  // gather never waits on a dependent global load (at serving N those waits were most of the time).
+  const uint32_t col_ring = smem_base + S::kColRingOffset;
+  auto fetch_cols = [&](int kc) {  // 16 bytes per thread: 4 of the 32 indices of row block tid / 8
+    if (tid < S::kBlocks * 8 && kc < kend) {
+      const int b = blk0 + tid / 8;
+      const bool ok = b < p.Bn;
+      cp_async_ca16(col_ring + (((kc - kbeg) % S::kStages) * S::kBlocks * 32 + tid * 4) * 4,
+                    p.cols + (static_cast<size_t>(ok ? b : 0) * p.Gp + 8 * kc) * 4 + (tid % 8) * 4, ok);
+    }
+  };
+  auto ring_cols = [&](int kc, int (&c)[S::kBPiecesPerThread]) {
+#pragma unroll
+    for (int i = 0; i < S::kBPiecesPerThread; ++i) {
+      const uint32_t at = ((kc - kbeg) % S::kStages) * S::kBlocks * 32 + piece_blk(i) * 32 + piece_k(i);
+      c[i] = blk0 + piece_blk(i) < p.Bn ? static_cast<int>(lds32(col_ring + at * 4)) : -1;
+    }
+  };
+
+  // Prologue: stages 0 .. STAGES-2 of the slice (stage slot = chunk index within the slice, mod STAGES), their
+  // indices loaded together first; each stage's group also copies the indices of the chunk STAGES - 1 later.
+  int cfirst[S::kStages - 1][S::kBPiecesPerThread];
+#pragma unroll
+  for (int s = 0; s < S::kStages - 1; ++s)
+    if (kbeg + s < kend) load_cols(kbeg + s, cfirst[s]);
 #pragma unroll
   for (int s = 0; s < S::kStages - 1; ++s) {
-    if (kbeg + s < kend) {
-      load_cols(kbeg + s, cnext);
-      issue_stage(kbeg + s, s, cnext);
-    }
+    if (kbeg + s < kend) issue_stage(kbeg + s, s, cfirst[s]);
+    fetch_cols(kbeg + s + S::kStages - 1);
     cp_async_commit();
   }
-  if (kbeg + S::kStages - 1 < kend) load_cols(kbeg + S::kStages - 1, cnext);
 
   for (int kc = kbeg; kc < kend; ++kc) {
     cp_async_wait<S::kStages - 2>();
-    __syncthreads();  // stage kc landed for everyone; everyone is done with stage kc-1's slot
+    __syncthreads();  // stage kc (and chunk kc + STAGES - 1's indices) landed for everyone; slot kc-1 is free
     const int nxt = kc + S::kStages - 1;
-    if (nxt < kend) issue_stage(nxt, (nxt - kbeg) % S::kStages, cnext);
+    if (nxt < kend) {
+      int c[S::kBPiecesPerThread];
+      ring_cols(nxt, c);
+      issue_stage(nxt, (nxt - kbeg) % S::kStages, c);
+    }
+    fetch_cols(nxt + S::kStages - 1);  // into the slot chunk nxt - 1's indices left (read before the barrier)
     cp_async_commit();
-    if (nxt + 1 < kend) load_cols(nxt + 1, cnext);
 
     const int s = (kc - kbeg) % S::kStages;
     uint32_t a[S::kMT][4], e[S::kMT];

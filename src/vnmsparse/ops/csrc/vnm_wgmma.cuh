@@ -199,6 +199,9 @@ template <typename Tile> struct WgmmaShape {
   static constexpr int kConsumerRegs = kConsumers == 1 ? 240 : 232;
   static constexpr int kAcc = kBN / 2;                        // fp32 accumulators per thread per m64 tile
   static constexpr int kGroupM = 16;                          // row tiles per raster group (L2 reuse)
+  // k steps whose column indices are in flight ahead of the gather that needs them (a shared-memory ring filled
+  // by 4-byte cp.async): the gather of step kc then never waits on a load issued at step kc - 1.
+  static constexpr int kColAhead = 8;
 
   static_assert(kV == 64 || kV == 128, "the sparse-wgmma kernel needs V = 64 or 128 (an m64 tile shares one block's columns)");
   static_assert(kConsumers == 1 || kConsumers == 2, "CONSUMERS must be 1 or 2 (register file: 128 threads each)");
@@ -210,7 +213,8 @@ template <typename Tile> struct WgmmaShape {
   static_assert(kGatherIters * (32 / kPieces) * 4 == kRows, "gathered rows must split evenly over the producer warps");
   static_assert(kStages >= 3 && kStages <= 8, "STAGES must be in 3..8 (the producer runs up to STAGES - 1 ahead)");
   static_assert(kStageBytes % sm90::kAtomBytes == 0, "stages must keep B tiles 1024-byte aligned (swizzle atoms)");
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA exceeds the 227 KB an sm_90 block may use");
+  static_assert(kSmemBytes + kColAhead * kRows * 4 <= 227 * 1024,
+                "shared memory per CTA (ring, epilogue, column-index ring) exceeds the 227 KB an sm_90 block may use");
   static_assert(kOutPitch % 16 == 8, "epilogue pitch: an odd number of 16-byte units keeps stmatrix conflict-free");
 };
 
@@ -222,6 +226,7 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[S::kStages];
   __shared__ __align__(8) uint64_t empty_bar[S::kStages];
+  __shared__ int col_ring[S::kColAhead * S::kRows];  // [step % kColAhead][gathered row]: kept-column indices
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;  // 0: producer, 1..CONSUMERS: consumers
@@ -243,11 +248,18 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
     const int own_blk = min(blk0 + own_row / 32, p.Bn - 1);  // rows past R: any valid block
     const int* own_cols = p.cols + static_cast<size_t>(own_blk) * p.Gp * 4 + own_row % 32;
     const bool owns = own_row < S::kRows;
-    // The loop below waits on one column-index load per k step: bring every block's indices into L2 first, so
-    // that wait is an L2 hit rather than a DRAM round trip (at serving N it bounds the whole kernel).
+    // Column indices: every block's are requested into L2 up front, then each owning lane copies its row's index
+    // of step kc + kColAhead into the ring while step kc gathers. One commit group per step (empty for lanes that
+    // own no row), so `cp_async_wait<kColAhead - 1>` at step kc means step kc's index has landed.
     if (warp == 0 && lane < S::kBlocks && blk0 + lane < p.Bn)
       prefetch_l2_range(p.cols + static_cast<size_t>(blk0 + lane) * p.Gp * 4, static_cast<uint32_t>(p.Kc) * 32 * sizeof(int));
-    int col = owns ? __ldg(own_cols) : 0;  // k-step 0
+    const uint32_t ring = smem_addr(col_ring) + own_row * 4;
+    auto fetch_col = [&](int kc) {
+      if (owns && kc < p.Kc) cp_async_ca4(ring + (kc % S::kColAhead) * S::kRows * 4, own_cols + 32 * kc);
+      cp_async_commit();
+    };
+#pragma unroll
+    for (int kc = 0; kc < S::kColAhead; ++kc) fetch_col(kc);
     // This thread's pieces: one 16-byte piece (tokens n0 + 8 * piece0 ..) of rows owner0, owner0 + RPI, ...
     constexpr int kRowsPerInstr = 32 / S::kPieces;
     constexpr uint32_t kDstStep = sm90::gather_dst_step(S::kPieces, S::kBN);
@@ -266,7 +278,8 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
     for (int kc = 0; kc < p.Kc; ++kc) {
       const int s = kc % S::kStages;
       if (kc >= S::kStages) sm90::mbar_wait(empty0 + 8 * s, ((kc / S::kStages) - 1) & 1);
-      const int col_next = (owns && kc + 1 < p.Kc) ? __ldg(own_cols + 32 * (kc + 1)) : 0;
+      cp_async_wait<S::kColAhead - 1>();
+      const int col = owns ? static_cast<int>(lds32(ring + (kc % S::kColAhead) * S::kRows * 4)) : 0;
       const uint32_t stage = smem + s * S::kStageBytes;
       if (loads_a) {  // announced before this thread's own copy arrival below, so the phase cannot end without it
         const uint32_t a_stage = stage + S::kBlocks * S::kBTileBytes;
@@ -282,7 +295,7 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
         cp_async_ca16(stage + dst_base[it % 2] + (it / 2) * kDstStep, src, piece_ok);
       }
       sm90::mbar_arrive_on_copies(full0 + 8 * s);  // fires when this thread's copies so far have landed
-      col = col_next;
+      fetch_col(kc + S::kColAhead);  // into the slot just read (`col` is consumed by the shuffles above)
     }
     sm90::cp_async_wait_all();  // no thread leaves with copies in flight
   } else {
