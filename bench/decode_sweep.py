@@ -23,7 +23,7 @@ from kernel import bench_ms, gpu_slug
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import dispatch, instantiations
+from vnmsparse.ops import dispatch, variants
 
 
 def sweep_case(ext, R: int, C: int, N: int, pattern: str, sms: int, arch, rep_ms: float, gather: bool) -> dict:
@@ -94,8 +94,8 @@ def main() -> None:
         R, C = (int(v) for v in shape.split("x"))
         for pattern in args.patterns.split(","):
             for N in (int(v) for v in args.n.split(",")):
-                if N > instantiations.DECODE_MAX_N:
-                    raise SystemExit(f"--n: decode covers N <= {instantiations.DECODE_MAX_N}, got {N}")
+                if N > variants.DECODE_MAX_N:
+                    raise SystemExit(f"--n: decode covers N <= {variants.DECODE_MAX_N}, got {N}")
                 r = sweep_case(ext, R, C, N, pattern, props.multi_processor_count, arch, args.rep_ms, args.gather)
                 records.append(r)
                 print(f"{shape:>11} N={N:<3} {pattern}  chosen {r['chosen']['kernel']}/{r['chosen']['ksplit']} "

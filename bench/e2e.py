@@ -41,12 +41,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from vnmsparse import VNMPattern, magnitude_scores, vnm_mask
 from vnmsparse.nn import VNMLinear
-from vnmsparse.ops import dispatch as ops_dispatch
+from vnmsparse.ops import configure
 from vnmsparse.sparsify import SparsifyConfig, plan_layers, sparsify
 
 PARTS = ("llama-prefill", "llama-decode", "deit")
 VARIANTS = ("dense", "64:2:5", "64:2:8", "64:2:8+copy", "2:4")
-COPY = "+copy"  # the pattern, with vnmsparse.ops.enable_two_four_copy on (sm_90, large N: a 2:4 copy, more memory)
+COPY = "+copy"  # the pattern, with OpsConfig.two_four_copy on (sm_90, large N: a 2:4 copy, more memory)
 MODES = ("graph", "compile", "eager")
 TWO_FOUR = VNMPattern(V=1, M=4)
 TARGETS = "paper (Ampere, Spatha): DeiT-base 64:2:8 1.7x; LLaMA2-7B 64:2:5 1.49x (2:4: 1.26x)"
@@ -462,7 +462,7 @@ def deit(model: nn.Module, variant: str, check: dict, setup: Setup) -> list[dict
 def _run_variant(dense: nn.Module, variant: str, example: torch.Tensor, measure: Callable, model_name: str, part: str,
                  setup: Setup) -> dict[str, dict]:
     """Convert, check, and (if the check passes) time one variant."""
-    with ops_dispatch.switches(two_four_copy=variant.endswith(COPY)):
+    with configure(two_four_copy=variant.endswith(COPY)):
         return _convert_and_time(dense, variant, example, measure, model_name, part, setup)
 
 

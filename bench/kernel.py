@@ -18,7 +18,7 @@ vnm = vnmsparse.ops.linear (the public path: custom op, dispatch, kernel).
 Ceilings: decode (N <= 16) bytes moved / time against 3.0 TB/s (bytes = packed weight + x + y); tensor-core
 path dense-equivalent TFLOP/s (2 R C N / time) against 950 x M / 4 (the mma.sp peak measured on the H100), and for
 the sparse-wgmma path against 1979 x M / 4 (the datasheet's 2:4 peak; not yet measured here).
---path wgmma enables the sm_90a kernels (dispatch.enable_wgmma), also times the mma.sp path of the same case
+--path wgmma enables the sm_90a kernels (OpsConfig.wgmma), also times the mma.sp path of the same case
 (`mma_sp_ms`), and writes kernel-<gpu>-wgmma.json so the committed mma.sp records stay as they are.
 rel_err: ||y - ref|| / ||ref|| on the first 64 tokens against float64 W*mask.
 """
@@ -37,7 +37,7 @@ import torch
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import dispatch, instantiations
+from vnmsparse.ops import dispatch, variants
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "8192x8192", "28672x8192", "768x768", "3072x768", "768x3072"]
 NS = [1, 16, 128, 1024, 2048, 4096, 8192]
@@ -135,9 +135,8 @@ def run(args) -> list[dict]:
     arch = (props.major, props.minor)
     if args.path == "wgmma" and arch != (9, 0):
         raise SystemExit(f"--path wgmma needs an sm_90 GPU, this is sm_{arch[0]}{arch[1]}")
-    if args.path != "auto":
-        dispatch.enable_wgmma(args.path == "wgmma")
-    dispatch.enable_two_four_copy(args.two_four_copy)
+    changes = {"two_four_copy": args.two_four_copy} | ({} if args.path == "auto" else {"wgmma": args.path == "wgmma"})
+    ops.set_config(ops.config().replace(**changes))
     records = []
     gen = torch.Generator(device=dev).manual_seed(0)
     for shape in args.shapes:
@@ -149,7 +148,7 @@ def run(args) -> list[dict]:
         Ws = None
         for N, x in xs.items():
             dense_ms[N] = bench_ms(lambda: torch.matmul(x, W.T), args.warmup_ms, args.rep_ms)
-            if N <= instantiations.DECODE_MAX_N and not args.no_graph:
+            if N <= variants.DECODE_MAX_N and not args.no_graph:
                 Ws = Ws or [W] + [W.clone() for _ in range(copies_for(W.numel() * W.element_size()) - 1)]
                 dense_graph[N] = graph_ms([lambda Wi=Wi: torch.matmul(x, Wi.T) for Wi in Ws])
             cslt_ms[N], cslt_note[N] = None, "skipped"
@@ -223,26 +222,20 @@ def run(args) -> list[dict]:
                     rec["pct_of_ceiling"] = round(100 * tflops / (peak * M / 4), 1)
                     rec["ceiling"] = f"{peak * M / 4:.0f} TFLOP/s ({peak_name} x M/4)"
                 if kernel.variant.kind == "wgmma":  # the mma.sp kernel on the same case, same run
-                    with dispatch.switches(wgmma=False):
+                    with ops.configure(wgmma=False):
                         rec["mma_sp_ms"] = round(bench_ms(lambda: ops.linear(x, t), args.warmup_ms, args.rep_ms), 5)
                 if kernel.variant.kind == "wgmma_window":  # the kernel the pack would get without its window, same run
                     gather = dispatch.choose(N, R, t.pattern.V, args.dtype, props.multi_processor_count, arch)
-                    dispatch.override(gather.name)
-                    try:
+                    with ops.configure(kernel=gather.name):
                         rec["gather_kernel"] = gather.name
                         rec["gather_ms"] = round(bench_ms(lambda: ops.linear(x, t), args.warmup_ms, args.rep_ms), 5)
-                    finally:
-                        dispatch.override(None)
                 if args.variants:
                     rec["variants_ms"] = {}
                     for cand in dispatch.candidates(N, t.pattern.V, args.dtype, arch, packed.window):
                         if cand.variant.kind != kernel.variant.kind:
                             continue
-                        dispatch.override(cand.name)
-                        try:
+                        with ops.configure(kernel=cand.name):
                             rec["variants_ms"][cand.name] = round(bench_ms(lambda: ops.linear(x, t), args.warmup_ms, args.rep_ms), 5)
-                        finally:
-                            dispatch.override(None)
                 records.append(rec)
                 print(_line(rec), flush=True)
             del t, packed, Wref, ts
@@ -329,7 +322,7 @@ def main(argv=None) -> None:
                    help="tensor-core path: auto (dispatch default, VNMSPARSE_WGMMA), mma_sp, or wgmma (sm_90a; own JSON)")
     p.add_argument("--no-cslt", action="store_true")
     p.add_argument("--two-four-copy", action="store_true",
-                   help="dispatch.enable_two_four_copy: V:2:8 weights at large N on their 2:4 copy (own JSON, -two-four)")
+                   help="OpsConfig.two_four_copy: V:2:8 weights at large N on their 2:4 copy (own JSON, -two-four)")
     p.add_argument("--permute", action="store_true",
                    help="fold a random input permutation into each weight (as channel permutation does): no chunk windows")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (launch-overhead-free) decode timings")
@@ -344,7 +337,7 @@ def main(argv=None) -> None:
                 "command": "python bench/kernel.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "seconds": round(time.time() - t0, 1),
-                "kernels": len(instantiations.KERNELS),
+                "kernels": len(variants.KERNELS),
             }
         ]
     }

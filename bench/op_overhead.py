@@ -57,7 +57,7 @@ def main() -> None:
     packed = t.pack(dev)
     props = torch.cuda.get_device_properties(dev)
     kernel = dispatch.choose(args.n, R, t.pattern.V, "bf16", props.multi_processor_count, (props.major, props.minor))
-    ksplit = dispatch.decode_ksplit(kernel, R, packed.a_vals.shape[1], props.multi_processor_count)
+    ksplit = dispatch.ksplit(kernel, args.n, R, packed.a_vals.shape[1], props.multi_processor_count)
     ext = ops.extension(dev)
     V = t.pattern.V
     paths = {

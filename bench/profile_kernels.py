@@ -46,8 +46,7 @@ def main() -> None:
         W = torch.randn(R, C, device=dev).to(torch.bfloat16)
         t = vs.compress(W, pattern)
         x = torch.randn(N, C, device=dev).to(torch.bfloat16)
-        dispatch.override(name)
-        try:
+        with ops.configure(kernel=name):
             for _ in range(3):
                 ops.linear(x, t)
             torch.cuda.synchronize()
@@ -59,14 +58,12 @@ def main() -> None:
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             props = torch.cuda.get_device_properties(dev)
             chosen = dispatch.choose(N, R, t.pattern.V, "bf16", sms, (props.major, props.minor), t.pack(dev).window)
-            ks = dispatch.decode_ksplit(chosen, R, t.pack(dev).a_vals.shape[1], sms)
+            ks = dispatch.ksplit(chosen, N, R, t.pack(dev).a_vals.shape[1], sms)
             print(f"case {i}: R={R} C={C} N={N} {pattern} kernel={chosen.name} ksplit={ks}: {cpu_us:.1f} us CPU per call", flush=True)
             cudart.cudaProfilerStart()
             ops.linear(x, t)
             torch.cuda.synchronize()
             cudart.cudaProfilerStop()
-        finally:
-            dispatch.override(None)
 
 
 if __name__ == "__main__":

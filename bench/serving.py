@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import dispatch, instantiations, tuned
+from vnmsparse.ops import dispatch, variants, tuned
 
 LLAMA_SHAPES = ["4096x4096", "11008x4096", "4096x11008", "6144x4096", "14336x4096", "4096x14336", "8192x8192",
                 "10240x8192", "28672x8192", "8192x28672"]
@@ -112,7 +112,7 @@ class Case:
                        out, packed.window)
 
 
-def ksplits(kernel: instantiations.Kernel, N: int, R: int, Kc: int, sms: int) -> list[int]:
+def ksplits(kernel: variants.Kernel, N: int, R: int, Kc: int, sms: int) -> list[int]:
     """The k-splits worth timing for a kernel: its dispatch default and powers of two around what fills the GPU."""
     if not kernel.splits_k:
         return [1]
@@ -235,7 +235,7 @@ def sweep(args) -> dict:
                 rec = {"R": R, "C": C, "N": N, "pattern": pattern, "dense_us": round(dense, 2), "vnm_us": round(us, 2),
                        "speedup": round(dense / us, 3), "s24_us": None if s24 is None else round(s24, 2),
                        "s24_speedup": None if s24 is None else round(dense / s24, 3), "s24_note": s24_note,
-                       "kernel": instantiations.KERNELS[kernel_index].name, "ksplit": ks, "rel_err": float(f"{err:.2e}"),
+                       "kernel": variants.KERNELS[kernel_index].name, "ksplit": ks, "rel_err": float(f"{err:.2e}"),
                        "vnm_tbps": round(moved / (us * 1e-6) / 1e12, 2), "dense_tbps": round(2 * (R * C + N * (C + R)) / (dense * 1e-6) / 1e12, 2),
                        "dense_equiv_tflops": round(2 * R * C * N / (us * 1e-6) / 1e12, 1)}
                 rec["pct_of_copy_bw"] = round(100 * rec["vnm_tbps"] / ceiling["copy_tbps"], 1)

@@ -20,9 +20,9 @@ def ext():
 @pytest.fixture
 def wgmma_on_small(monkeypatch):
     """Public-path tests on small problems: the sm_90 tensor-core kernels enabled even below their wave threshold."""
-    from vnmsparse.ops import dispatch
+    from vnmsparse.ops import configure, dispatch
 
-    with dispatch.switches(wgmma=True):
+    with configure(wgmma=True):
         monkeypatch.setattr(dispatch, "WGMMA_MIN_WAVES", 0.0)
         dispatch._choose.cache_clear()
         dispatch._plan.cache_clear()

@@ -20,13 +20,13 @@ from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vn
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import instantiations, op
+from vnmsparse.ops import variants, op
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DECODE_SHAPES = [(1, 4, "16:2:4"), (17, 37, "16:2:5"), (100, 1001, "32:2:8"), (300, 250, "64:2:16"), (130, 77, "128:2:32"), (64, 4096, "64:2:8"), (260, 2000, "64:2:5")]
-DECODE_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "decode"]
-GEMM_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "gemm"]
+DECODE_KERNELS = [k for k in variants.KERNELS if k.variant.kind == "decode"]
+GEMM_KERNELS = [k for k in variants.KERNELS if k.variant.kind == "gemm"]
 
 
 @pytest.mark.parametrize("kernel", DECODE_KERNELS, ids=lambda k: k.name)

@@ -14,7 +14,7 @@ from opshelp import fp64_reference, random_vnm, rel_err
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import dispatch, instantiations, op
+from vnmsparse.ops import codegen, configure, dispatch, limits, op, variants
 
 
 def test_importing_needs_no_compiler_or_gpu():
@@ -103,11 +103,11 @@ def test_unsupported_pattern_falls_back_on_cuda_reason():
 
 # ---- dispatch and the generated list ------------------------------------------------------------------------
 @pytest.mark.parametrize("N,expect", [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (32, 4)])
-@pytest.mark.parametrize("V", instantiations.SUPPORTED_V)
+@pytest.mark.parametrize("V", limits.SUPPORTED_V)
 def test_decode_for_small_n(N, expect, V):
     k = dispatch.choose(N, 4096, V, "bf16", 132)
     assert k.variant.kind == "decode" and k.variant.n_tiles == expect and k.dtype == "bf16"
-    rows = {v.rows for v in instantiations.VARIANTS if v.kind == "decode" and v.n_tiles == expect and 16 * v.rows <= V}
+    rows = {v.rows for v in variants.VARIANTS if v.kind == "decode" and v.n_tiles == expect and 16 * v.rows <= V}
     assert k.variant.rows == max(rows)  # one gather serves all the rows it can
 
 
@@ -120,10 +120,10 @@ def test_decode_ksplit_fills_the_gpu_and_keeps_warps_busy():
     assert dispatch.decode_ksplit(gemm, 4096, 64, 132) == 1
 
 
-@pytest.mark.parametrize("V", instantiations.SUPPORTED_V)
-@pytest.mark.parametrize("dtype", instantiations.DTYPES)
+@pytest.mark.parametrize("V", limits.SUPPORTED_V)
+@pytest.mark.parametrize("dtype", limits.DTYPES)
 def test_gemm_for_large_n_matches_v(V, dtype):
-    for N in (instantiations.DECODE_MAX_N + 1, 128, 1024, 8192):
+    for N in (variants.DECODE_MAX_N + 1, 128, 1024, 8192):
         k = dispatch.choose(N, 4096, V, dtype, 132)
         assert k.variant.kind == "gemm" and k.variant.V == V and k.dtype == dtype
 
@@ -134,40 +134,39 @@ def test_large_problems_get_the_large_tile_and_small_ones_the_small():
     assert big.variant.BM * big.variant.BN > small.variant.BM * small.variant.BN
 
 
-def test_override_pins_a_kernel():
-    name = next(k.name for k in instantiations.KERNELS if k.variant.kind == "gemm" and k.V == 64 and k.dtype == "bf16")
-    try:
-        dispatch.override(name)
+def test_config_kernel_pins_a_kernel():
+    name = next(k.name for k in variants.KERNELS if k.variant.kind == "gemm" and k.V == 64 and k.dtype == "bf16")
+    with configure(kernel=name):
         assert dispatch.choose(4096, 4096, 64, "bf16", 132).name == name
         assert dispatch.choose(4096, 4096, 32, "bf16", 132).V == 32  # does not apply: normal choice
-    finally:
-        dispatch.override(None)
-    with pytest.raises(ValueError, match="unknown kernel"):
-        dispatch.override("nope")
+        assert variants.KERNELS[dispatch.plan(4096, 4096, 64, 64, "bf16", 132, (9, 0), 0, "h200")[0]].name == name
+    with pytest.raises(ValueError, match="compiled kernel name"):
+        with configure(kernel="nope"):
+            pass
 
 
 def test_generated_sources_follow_the_list(tmp_path):
-    names = [k.name for k in instantiations.KERNELS]
+    names = [k.name for k in variants.KERNELS]
     assert len(set(names)) == len(names)
-    files = instantiations.write(tmp_path)
+    files = codegen.write(tmp_path)
     assert files[-1].name == "vnm_table.cu"
     table = (tmp_path / "vnm_table.cu").read_text()
     positions = [table.index(f'"{n}"') for n in names]
     assert positions == sorted(positions)  # table order is list order: Python indexes it
     traits = (tmp_path / "vnm_tiles.h").read_text()
-    for v in instantiations.VARIANTS:
+    for v in variants.VARIANTS:
         assert f"_{v.tag} {{" in traits
     assert {f.name for f in files} == {f"gen_{n}.cu" for n in names} | {"vnm_table.cu"}
     # Writing again changes nothing on disk (incremental builds stay incremental).
     before = {f: f.stat().st_mtime_ns for f in files}
-    instantiations.write(tmp_path)
+    codegen.write(tmp_path)
     assert before == {f: f.stat().st_mtime_ns for f in files}
 
 
 def test_every_supported_v_has_a_gemm_for_each_dtype():
-    for V in instantiations.SUPPORTED_V:
-        for dtype in instantiations.DTYPES:
-            assert any(k.variant.kind == "gemm" and k.V == V and k.dtype == dtype for k in instantiations.KERNELS)
+    for V in limits.SUPPORTED_V:
+        for dtype in limits.DTYPES:
+            assert any(k.variant.kind == "gemm" and k.V == V and k.dtype == dtype for k in variants.KERNELS)
 
 
 def test_module_reload_free_registration():
@@ -210,11 +209,11 @@ def test_runs_eagerly_only_when_nothing_traces_or_intercepts():
     assert torch.equal(compiled(x), x - 1)  # traced: the custom op, not the direct call
 
 
-@pytest.mark.parametrize("V", instantiations.SUPPORTED_V)
+@pytest.mark.parametrize("V", limits.SUPPORTED_V)
 @pytest.mark.parametrize("N", [1, 9, 16, 17, 300, 4096])
 def test_plan_is_the_chosen_kernel_and_its_ksplit(N, V):
     for wgmma in (True, False):
-        with dispatch.switches(wgmma=wgmma):
+        with configure(wgmma=wgmma):
             index, ksplit = dispatch.plan(N, 4096, V, 64, "bf16", 132, (9, 0))
             kernel = dispatch.choose(N, 4096, V, "bf16", 132, (9, 0))
-        assert instantiations.KERNELS[index] == kernel and ksplit == dispatch.decode_ksplit(kernel, 4096, 64, 132)
+        assert variants.KERNELS[index] == kernel and ksplit == dispatch.ksplit(kernel, N, 4096, 64, 132)

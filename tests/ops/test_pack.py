@@ -12,7 +12,7 @@ from opshelp import fp64_reference, random_vnm, rel_err
 
 import vnmsparse as vs
 from vnmsparse.ops import check_packable, pack_for_device, two_four_tensor, unpack_dense
-from vnmsparse.ops.instantiations import SUPPORTED_V
+from vnmsparse.ops.limits import SUPPORTED_V
 
 SHAPES_PATTERNS = [
     (1, 4, "16:2:4"),

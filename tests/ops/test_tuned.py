@@ -7,7 +7,7 @@ from importlib import resources
 
 import pytest
 
-from vnmsparse.ops import dispatch, instantiations, tuned
+from vnmsparse.ops import configure, dispatch, tuned, variants
 
 H200 = (9, 0)
 
@@ -48,13 +48,13 @@ def test_dispatch_uses_a_measured_choice_only_where_it_can_run(monkeypatch):
     dispatch._plan.cache_clear()
     try:
         index, ks = dispatch.plan(64, 4096, 64, 64, "fp16", 132, H200, 64, "fake")
-        kernel = instantiations.KERNELS[index]
+        kernel = variants.KERNELS[index]
         assert kernel.name == "gemm_fp16_v64_m64n64w2x2s4" and ks == 4  # the dtype follows the call
         index, ks = dispatch.plan(1000, 4096, 64, 64, "bf16", 132, (8, 0), 64, "fake")
-        assert instantiations.KERNELS[index].variant.kind == "gemm"  # wgmma cannot run on sm_80: rules decide
-        with dispatch.switches(wgmma=False):
+        assert variants.KERNELS[index].variant.kind == "gemm"  # wgmma cannot run on sm_80: rules decide
+        with configure(wgmma=False):
             index, _ = dispatch.plan(1000, 4096, 64, 64, "bf16", 132, H200, 64, "fake")
-        assert instantiations.KERNELS[index].variant.kind != "wgmma"
+        assert variants.KERNELS[index].variant.kind != "wgmma"
         index, ks = dispatch.plan(64, 4096, 64, 3, "bf16", 132, H200, 64, "fake")
         assert ks == 3  # never more slices than k chunks
     finally:
@@ -68,10 +68,10 @@ def test_shipped_table_is_what_dispatch_picks(name):
     # winner was the fastest of the candidates timed for that case.
     record = json.loads((resources.files("vnmsparse") / "tables" / name).read_text())
     gpu = name.removeprefix("dispatch-").removesuffix(".json")
-    by_name = {k.name: k for k in instantiations.KERNELS}
+    by_name = {k.name: k for k in variants.KERNELS}
     dispatch._plan.cache_clear()
     for e in record["entries"]:
         index, ks = dispatch.plan(e["N"], e["R"], e["V"], e["Kc"], "bf16", 132, H200, e["window"], gpu)
         expected = by_name[f"{e['kind']}_bf16_{e['tag']}"]
-        assert (instantiations.KERNELS[index], ks) == (expected, e["ksplit"]), e
+        assert (variants.KERNELS[index], ks) == (expected, e["ksplit"]), e
         assert e["us"] <= min(e["candidates_us"].values()), e

@@ -2,7 +2,8 @@
 
 Every compiled `Wgmma` variant is run directly (by its table index) over odd shapes: R not a multiple of the
 tile (nor of 16), C not a multiple of M (padding slots), N = 1, 3, 17, 100, 257, 4095 (token tails, one and
-several token tiles), K from one k-step to many (pipeline wrap-around, phase flips), folded input permutations,
+several token tiles), K from one k-step to many (pipeline wrap-around, phase flips), split-k (uneven and empty
+slices), folded input permutations,
 bias or not, both dtypes. Then CUDA-graph replay and determinism; the public path with leading dims and bias,
 for the gathering and the window kernels alike, is in tests/ops/test_wgmma_window_gpu.py, the wrong-V refusal
 in tests/ops/test_binding_gpu.py (one process per case). Skipped unless the GPU is sm_90 (bench/run_gpu.sh runs
@@ -15,12 +16,12 @@ import pytest
 import torch
 from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, rel_err, run_kernel
 
-from vnmsparse.ops import instantiations
+from vnmsparse.ops import variants
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 (Hopper) GPU")]
 
-WGMMA_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "wgmma"]
+WGMMA_KERNELS = [k for k in variants.KERNELS if k.variant.kind == "wgmma"]
 
 
 def _shapes(V: int):
@@ -44,13 +45,15 @@ def test_wgmma_kernel(ext, kernel):
             t = random_vnm(R, C, pattern, dtype=dtype, device="cuda", permute=(s + i) % 2 == 1, seed=R + C + N)
             x = torch.randn(N, C, device="cuda").to(dtype)
             bias = torch.randn(R, device="cuda").to(dtype) if (s + i) % 2 == 0 else None
-            y = run_kernel(ext, kernel, t, x, bias)
-            check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern}")
+            # Split-k: whole, 3 slices (uneven; empty slices where K has fewer steps), 8 on the 64-step shape.
+            for ksplit in (1, 3, 8) if s == 3 else (1, 3) if i == 0 else (1,):
+                y = run_kernel(ext, kernel, t, x, bias, ksplit)
+                check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern} ksplit={ksplit}")
 
 
 def test_wgmma_matches_mma_sp_and_is_deterministic(ext):
     kernel = next(k for k in WGMMA_KERNELS if k.dtype == "bf16" and k.V == 64)
-    gemm = next(k for k in instantiations.KERNELS if k.variant.kind == "gemm" and k.V == 64 and k.dtype == "bf16")
+    gemm = next(k for k in variants.KERNELS if k.variant.kind == "gemm" and k.V == 64 and k.dtype == "bf16")
     t = random_vnm(1024, 2048, "64:2:8", device="cuda", seed=3)
     x = torch.randn(1024, 2048, device="cuda").to(torch.bfloat16)
     y1, y2 = run_kernel(ext, kernel, t, x), run_kernel(ext, kernel, t, x)
@@ -58,6 +61,18 @@ def test_wgmma_matches_mma_sp_and_is_deterministic(ext):
     ref = fp64_reference(x, t)
     check(y1, ref, torch.bfloat16, "wgmma 1024x2048 N=1024")
     assert rel_err(y1, ref) <= 1.5 * rel_err(run_kernel(ext, gemm, t, x), ref) + 1e-4  # as accurate as the mma.sp path
+
+
+@pytest.mark.parametrize("N", [64, 300])
+def test_wgmma_split_k_is_deterministic(ext, N):
+    # Slices meet in slice order, whichever CTA finishes last: repeated split launches are bit-identical.
+    kernel = next(k for k in WGMMA_KERNELS if k.dtype == "bf16" and k.V == 64 and k.variant.BN == 64)
+    t = random_vnm(1000, 4096, "64:2:8", device="cuda", seed=N)
+    x = torch.randn(N, 4096, device="cuda").to(torch.bfloat16)
+    ys = [run_kernel(ext, kernel, t, x, None, ks) for ks in (4, 4, 2, 4)]
+    for y in ys:
+        check(y, fp64_reference(x, t), torch.bfloat16, f"wgmma split-k repeat N={N}")
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[3])
 
 
 def test_cuda_graph_replay_with_wgmma(wgmma_on_small):

@@ -32,12 +32,12 @@ import pytest
 import torch
 from opshelp import fp64_reference, random_vnm, rel_err
 
-from vnmsparse.ops import instantiations, pack_for_device
+from vnmsparse.ops import variants, pack_for_device
 
 CSRC = Path(__file__).resolve().parents[2] / "src" / "vnmsparse" / "ops" / "csrc"
 DUMP_SRC = Path(__file__).resolve().parent / "sm90_layout_dump.cpp"
 SMEM_BASE = 0x2400 * 4  # a 1024-aligned, non-zero shared-memory address for the emulated stage
-WGMMA = [v for v in instantiations.VARIANTS if isinstance(v, instantiations.Wgmma)]
+WGMMA = [v for v in variants.VARIANTS if isinstance(v, variants.Wgmma)]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def hw_stmatrix_trans(image: np.ndarray, addrs: list[int], regs: np.ndarray) -> 
 
 
 # ---- the kernel's data flow, with its own index math (dumped) -------------------------------------------------
-def emulate(v: instantiations.Wgmma, p, x: torch.Tensor, bias, exe, desc_fault=None) -> np.ndarray:
+def emulate(v: variants.Wgmma, p, x: torch.Tensor, bias, exe, desc_fault=None) -> np.ndarray:
     R, C = p.shape
     V = p.V
     Rt, Kc = p.a_vals.shape[:2]

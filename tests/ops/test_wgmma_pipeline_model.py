@@ -17,7 +17,7 @@ import random
 
 import pytest
 
-from vnmsparse.ops import instantiations
+from vnmsparse.ops import variants
 
 PRODUCERS = 4  # producer threads modelled (the kernel has 128; each runs the same code)
 WARPS_PER_WG = 4
@@ -160,7 +160,7 @@ def run(stages: int, consumers: int, kc: int, seed: int, early: bool = False, la
     raise Stuck(f"STAGES={stages} consumers={consumers} Kc={kc} seed={seed}")
 
 
-STAGES = sorted({v.stages for v in instantiations.VARIANTS if isinstance(v, instantiations.Wgmma)})
+STAGES = sorted({v.stages for v in variants.VARIANTS if isinstance(v, variants.Wgmma)})
 
 
 @pytest.mark.parametrize("stages", STAGES)

@@ -17,12 +17,12 @@ import torch
 from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, run_kernel
 
 from vnmsparse import ops
-from vnmsparse.ops import dispatch, instantiations
+from vnmsparse.ops import configure, dispatch, variants
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 (Hopper) GPU")]
 
-WINDOW_KERNELS = [k for k in instantiations.KERNELS if k.variant.kind == "wgmma_window"]
+WINDOW_KERNELS = [k for k in variants.KERNELS if k.variant.kind == "wgmma_window"]
 
 
 def _shapes():
@@ -64,7 +64,7 @@ def test_window_kernel_refuses_a_pack_without_the_window(ext):
 def test_window_is_repeatable_and_matches_the_gather(ext):
     M = 4
     kernel = next(k for k in WINDOW_KERNELS if k.dtype == "bf16")
-    gather = next(k for k in instantiations.KERNELS if k.variant.kind == "wgmma" and k.V == 64 and k.dtype == "bf16")
+    gather = next(k for k in variants.KERNELS if k.variant.kind == "wgmma" and k.V == 64 and k.dtype == "bf16")
     t = random_vnm(1024, 2048, f"64:2:{M}", device="cuda", seed=3)
     x = torch.randn(1024, 2048, device="cuda").to(torch.bfloat16)
     y1, y2 = run_kernel(ext, kernel, t, x), run_kernel(ext, kernel, t, x)
@@ -96,9 +96,9 @@ def test_cuda_graph_replay_with_the_window_kernel(wgmma_on_small):
 
 
 @pytest.mark.parametrize("pattern", ["64:2:8", "16:2:8"])
-@dispatch.switches(two_four_copy=True)
+@configure(two_four_copy=True)
 def test_public_linear_on_the_two_four_copy(wgmma_on_small, pattern):
-    # enable_two_four_copy: large-N calls on unpermuted V:2:8 weights run the window kernel on the weight's 2:4
+    # OpsConfig.two_four_copy: large-N calls on unpermuted V:2:8 weights run the window kernel on the weight's 2:4
     # copy (built on first use, cached beside the V:2:8 layout); decode calls keep the V:2:8 layout.
     t = random_vnm(1000, 1001, pattern, device="cuda", seed=4)  # C % 8 != 0: a partial group and a short last quad
     bias = torch.randn(1000, device="cuda").to(torch.bfloat16)

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from . import instantiations
+from . import codegen, variants
 
 log = logging.getLogger("vnmsparse.ops")
 
@@ -48,7 +48,7 @@ def _source_hash() -> str:
     h = hashlib.sha256()
     for name in _STATIC_SOURCES:
         h.update((CSRC / name).read_bytes())
-    h.update(instantiations.fingerprint().encode())
+    h.update(codegen.fingerprint().encode())
     return h.hexdigest()[:12]
 
 
@@ -113,7 +113,7 @@ def _build(device: torch.device) -> tuple[ModuleType | None, str | None]:
     name = f"vnmsparse_ops_{_key(device)}_{_source_hash()}"
     build_dir = cache_root() / name
     gen_dir = build_dir / "gen"
-    cu_files = instantiations.write(gen_dir)
+    cu_files = codegen.write(gen_dir)
     verbose = os.environ.get("VNMSPARSE_VERBOSE_BUILD", "") not in ("", "0")
     try:
         module = cpp_extension.load(
@@ -135,9 +135,9 @@ def _check_table(module: ModuleType) -> None:
     """The compiled table must be the Python list, entry for entry (both come from one generator)."""
     compiled = module.table()
     expected = [
-        (k.name, instantiations.KIND_IDS[k.variant.kind], 0 if k.dtype == "bf16" else 1, k.V, k.variant.rows, k.window)
-        for k in instantiations.KERNELS
+        (k.name, variants.KIND_IDS[k.variant.kind], 0 if k.dtype == "bf16" else 1, k.V, k.variant.rows, k.window)
+        for k in variants.KERNELS
     ]
     got = [(*row[:4], *row[5:]) for row in compiled]
     if got != expected:
-        raise RuntimeError(f"vnmsparse: compiled kernel table does not match instantiations.KERNELS: {got} != {expected}")
+        raise RuntimeError(f"vnmsparse: compiled kernel table does not match variants.KERNELS: {got} != {expected}")

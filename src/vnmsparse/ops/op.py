@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from ..format import VNMTensor
 from ..reference import vnm_linear
 from . import build, dispatch, tuned
-from .pack import SUPPORTED_DTYPES, PackedVNM, check_packable, unpack_dense
+from .config import config
+from .limits import TORCH_DTYPES, check_packable
+from .pack import PackedVNM, unpack_dense
 
 log = logging.getLogger("vnmsparse.ops")
 _logged: set = set()
@@ -70,7 +72,7 @@ def _device_info(index: int):
     return ext, build.unavailable_reason(device), props.multi_processor_count, (props.major, props.minor), tuned.gpu_slug(props.name)
 
 
-_DTYPE_TAGS = {dtype: dispatch.dtype_tag(dtype) for dtype in SUPPORTED_DTYPES}
+_DTYPE_TAGS = TORCH_DTYPES
 
 
 def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V, window=0):
@@ -85,12 +87,12 @@ def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V, window=0):
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
     kernel, ksplit = dispatch.plan(x.numel() // C, R, V, a_vals.shape[1], _DTYPE_TAGS[x.dtype], sms, arch, window, gpu)
-    return ext.run(x, a_vals, a_meta, cols, bias, R, C, V, kernel, ksplit, None, window)
+    return ext.run(x, a_vals, a_meta, cols, bias, R, C, V, kernel, ksplit, None, window, config().pdl)
 
 
 def _runs_eagerly(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """True when calling the CUDA implementation directly gives exactly what the dispatcher would, minus its
-    ~20 us per call (bench/results/op-overhead-h100.md): nothing tracing (torch.compile, export, make_fx) or
+    ~20 us per call (measured on the H100; docs/kernels.md): nothing tracing (torch.compile, export, make_fx) or
     intercepting (torch function or dispatch modes, fake or other tensor subclasses), no autograd graph to record,
     no profiler running (its traces attribute kernels to the ops that launch them: they should show the op)."""
     if torch.compiler.is_compiling():  # first: dynamo folds it, and never traces the private calls below
@@ -149,7 +151,7 @@ def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None) -> torc
         log_once(level, f"vnmsparse.ops.linear: {reason}; using the plain-torch reference vnm_linear")
         return vnm_linear(x, tensor, bias)
     packed = tensor.pack(x.device)
-    if dispatch.two_four_copy_enabled() and _wants_two_four_copy(x, packed, tensor):
+    if config().two_four_copy and _wants_two_four_copy(x, packed, tensor):
         packed = tensor.pack(x.device, two_four=True)  # V:2:4: same R, C, V; the op sees window = 32
     if _runs_eagerly(x, bias):  # same kernels and result as the op below, without the dispatcher's cost
         return _linear_cuda(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, tensor.pattern.V, packed.window)

@@ -22,7 +22,7 @@ With R x C logical, G = ceil(C/M) groups, Rt = ceil(R/16) row tiles, Kc = ceil(G
 Padding rows and groups hold zero values and the valid metadata nibble 0b0100 (slots 0 and 1).
 
 `two_four_tensor` re-expresses an unpermuted V:2:8 weight as V:2:4 (twice the values), whose pack has window = 32:
-the optional 2:4 copy the window kernel multiplies at large N (`dispatch.enable_two_four_copy`).
+the optional 2:4 copy the window kernel multiplies at large N (`OpsConfig.two_four_copy`).
 
 The same arrays feed the sm_90a sparse-wgmma kernel (vnm_wgmma.cuh) unchanged: a 16-row record is exactly the
 register fragment warp w of a warpgroup supplies to `wgmma.mma_async.sp.m64nNk32` for rows 16w..16w+15 of an
@@ -40,10 +40,8 @@ import torch
 from ..format import VNMTensor, compress
 from ..masks import check_vnm
 from ..pattern import VNMPattern
-from .instantiations import SUPPORTED_V
+from .limits import check_packable
 
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
-M_RANGE = (4, 32)
 _PAD_NIBBLE = 0b0100  # p0 = 0, p1 = 1: a valid ordered 2:4 index pair
 
 
@@ -70,16 +68,6 @@ class PackedVNM:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.a_vals, self.a_meta, self.cols))
-
-
-def check_packable(V: int, M: int, dtype: torch.dtype) -> None:
-    """Raise ValueError (naming what is supported) if the kernels cannot run this pattern/dtype."""
-    if V not in SUPPORTED_V:
-        raise ValueError(f"vnmsparse kernels support V in {SUPPORTED_V}, got V={V}")
-    if not M_RANGE[0] <= M <= M_RANGE[1]:
-        raise ValueError(f"vnmsparse kernels support M in {M_RANGE[0]}..{M_RANGE[1]}, got M={M}")
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"vnmsparse kernels support bf16 and fp16 weights, got {dtype}; convert with tensor.to(dtype=torch.bfloat16)")
 
 
 def two_four_tensor(tensor: VNMTensor) -> VNMTensor:

@@ -32,7 +32,7 @@ class Choice:
     Kc: int  # k chunks of 8 groups: ceil(ceil(C / M) / 8)
     windowed: bool  # pack window > 0 (no folded input permutation)
     N: int
-    kind: str  # instantiations variant kind, e.g. "gemm"
+    kind: str  # variants kind, e.g. "gemm"
     tag: str  # the variant's tag, e.g. "v64_m64n64w2x2s4"
     ksplit: int
 

@@ -4,8 +4,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "vnm_limits.h"
 #include "vnm_params.h"
 
 namespace {
@@ -80,16 +81,11 @@ int* counters_for(const at::Device& device, cudaStream_t stream, int64_t n) {
   return buf.first;
 }
 
-// Programmatic dependent launch of the decode kernels: on sm_90 and newer unless VNMSPARSE_PDL=0 (read once), and
-// only while `stream` is being captured into a CUDA graph. Measured at 4096^2 (bench/batches/pdl-eager.txt, two
-// alternating runs each): in graphs it takes 0.6-1.0 us off every decode, but eager calls were 0.35-1.0 us slower
-// with it (their kernel before is rarely a decode that releases its dependents early).
-bool pdl_allowed(const at::Device& device, cudaStream_t stream) {
-  static const bool enabled = [] {
-    const char* v = std::getenv("VNMSPARSE_PDL");
-    return v == nullptr || (std::string(v) != "0" && std::string(v) != "");
-  }();
-  if (!enabled || vnm::compute_capability(device.index()) < 90) return false;
+// Programmatic dependent launch of the decode kernels: asked for by the caller (`OpsConfig.pdl`), and only on sm_90
+// and newer while `stream` is being captured into a CUDA graph: in graphs it takes 0.6-1.0 us off every decode at
+// 4096^2 on the H100, while eager calls measured 0.35-1.0 us slower with it (docs/kernels.md).
+bool pdl_allowed(bool requested, const at::Device& device, cudaStream_t stream) {
+  if (!requested || vnm::compute_capability(device.index()) < 90) return false;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   return cudaStreamIsCapturing(stream, &status) == cudaSuccess && status == cudaStreamCaptureStatusActive;
 }
@@ -100,7 +96,7 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 // y is (..., R). Flattening here rather than in Python keeps two tensor ops per call off the eager decode path.
 at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tensor& a_meta, const at::Tensor& cols,
                const c10::optional<at::Tensor>& bias, int64_t R, int64_t C, int64_t V, int64_t kernel,
-               int64_t ksplit, const c10::optional<at::Tensor>& out, int64_t window) {
+               int64_t ksplit, const c10::optional<at::Tensor>& out, int64_t window, bool pdl) {
   VNM_CHECK(x_in.dim() >= 1, kOp, ": x must have at least 1 dim, got a scalar");
   VNM_CHECK(x_in.size(-1) == C, kOp, ": x has ", x_in.size(-1), " columns but the weight has in_features=", C);
   VNM_CHECK(x_in.is_cuda(), kOp, ": x must be a CUDA tensor");
@@ -116,7 +112,8 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   VNM_CHECK(a_meta.scalar_type() == at::kInt && cols.scalar_type() == at::kInt, kOp,
               ": a_meta and cols must be int32");
   VNM_CHECK(R >= 1 && C >= 1, kOp, ": R and C must be positive");
-  VNM_CHECK(V == 16 || V == 32 || V == 64 || V == 128, kOp, ": V must be 16, 32, 64 or 128, got ", V);
+  VNM_CHECK(std::find(std::begin(vnm::kSupportedV), std::end(vnm::kSupportedV), V) != std::end(vnm::kSupportedV), kOp,
+            ": V must be one of ", vnm::kSupportedVText, ", got ", V);
   const int64_t Rt = (R + 15) / 16, Bn = (R + V - 1) / V;
   VNM_CHECK(a_vals.dim() == 4 && a_vals.size(0) == Rt && a_vals.size(2) == 32 && a_vals.size(3) == 8, kOp,
               ": a_vals must be (", Rt, ", Kc, 32, 8), got ", a_vals.sizes());
@@ -193,12 +190,12 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   else
     p.window = window <= vnm::kDecodeMaxWindow && aligned ? static_cast<int>(window) : 0;
   // Its L2 prefetches take 16-byte aligned ranges: every record is a multiple of 16 bytes, so the bases must be.
-  p.pdl = entry.kind == vnm::KernelKind::kDecode && pdl_allowed(x.device(), stream) && aligned16(a_vals) && aligned16(a_meta) &&
+  p.pdl = entry.kind == vnm::KernelKind::kDecode && pdl_allowed(pdl, x.device(), stream) && aligned16(a_vals) && aligned16(a_meta) &&
           aligned16(cols);
   p.ldy = R;
   at::Tensor xt, ws;
   p.ksplit = 1;
-  if ((entry.kind == vnm::KernelKind::kDecode || entry.kind == vnm::KernelKind::kGemm) && ksplit > 1) {
+  if (entry.kind != vnm::KernelKind::kWgmmaWindow && ksplit > 1) {
     // One fp32 partial tile per (output tile, k slice); one arrival counter per output tile.
     const int64_t tiles = ((R + entry.tile_m - 1) / entry.tile_m) * ((N + entry.tile_n - 1) / entry.tile_n);
     p.ksplit = static_cast<int>(ksplit);
@@ -232,6 +229,6 @@ std::vector<std::tuple<std::string, int, int, int, int64_t, int, int>> table() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run, "V:N:M linear with a chosen kernel (see vnmsparse.ops)", py::arg("x"), py::arg("a_vals"),
         py::arg("a_meta"), py::arg("cols"), py::arg("bias"), py::arg("R"), py::arg("C"), py::arg("V"),
-        py::arg("kernel"), py::arg("ksplit") = 1, py::arg("out") = py::none(), py::arg("window") = 0);
+        py::arg("kernel"), py::arg("ksplit") = 1, py::arg("out") = py::none(), py::arg("window") = 0, py::arg("pdl") = true);
   m.def("table", &table, "the compiled kernel table");
 }

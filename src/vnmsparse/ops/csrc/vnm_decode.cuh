@@ -44,8 +44,8 @@ template <typename Tile> struct DecodeShape {
   static constexpr int kOutputs = 16 * kRows * kMaxN;  // outputs of one CTA
   static constexpr int kRedFloats = kWarps * kRows * kNTiles * 4 * 32;
   // Windows for the kernels of 16 tokens and more only: at N = 16 they beat the gather by 7-19% on every decode
-  // shape, at N = 1 they lost 1-7% (one gathered element per lane is cheaper there than M 16-byte pieces: see
-  // docs in bench/NOTES-kernels.md). And only where the windows fit the static shared memory.
+  // shape on the H100, at N = 1 they lost 1-7% (one gathered element per lane is cheaper there than M 16-byte
+  // pieces; docs/kernels.md). And only where the windows fit the static shared memory.
   static constexpr bool kUsesWindow = kNTiles >= 2 && 2 * kWinElems <= 48 * 1024 - 1024;
   // The staging tiles (gather) and the windows are never used by the same launch: one region serves both.
   static constexpr int kLoopBytes = 2 * (kUsesWindow && kWinElems > kStageElems ? kWinElems : kStageElems);
@@ -58,12 +58,15 @@ template <typename Tile> struct DecodeShape {
   static_assert(kSmemBytes <= 48 * 1024, "decode shared memory must fit the static 48 KB");
 };
 
-// kWindowed: x arrives by chunk windows (p.window > 0) or by gather; one instantiation each, so that neither
+// How x reaches the MMAs: by chunk windows (p.window > 0) or by gather; one instantiation each, so that neither
 // path's registers constrain the other's (both together spilled at 128 registers).
-template <typename Tile, typename T, bool kWindowed>
+enum class DecodeX { kGather, kWindow };
+
+template <typename Tile, typename T, DecodeX kX>
 __global__ void __launch_bounds__(DecodeShape<Tile>::kThreads, 2)  // 2 CTAs per SM: <= 128 registers
     vnm_decode_kernel(const VnmParams p) {
   using S = DecodeShape<Tile>;
+  constexpr bool kWindowed = kX == DecodeX::kWindow;
   static_assert(!kWindowed || S::kUsesWindow, "decode: this tile takes x by gather only");
   constexpr int NT = S::kNTiles, MT = S::kRows, U = S::kUnroll;
   __shared__ __align__(16) unsigned char smem[S::kSmemBytes];
@@ -331,8 +334,9 @@ cudaError_t launch_decode(const VnmParams& p, cudaStream_t stream) {
   const int ks = p.ksplit > 1 ? p.ksplit : 1;
   if (ks > 1 && (p.ws == nullptr || p.counters == nullptr)) return cudaErrorInvalidValue;
   const dim3 grid(groups, ks);
-  if (S::kUsesWindow && p.window > 0) return launch_kernel(vnm_decode_kernel<Tile, T, S::kUsesWindow>, grid, S::kThreads, p, stream);
-  return launch_kernel(vnm_decode_kernel<Tile, T, false>, grid, S::kThreads, p, stream);
+  if constexpr (S::kUsesWindow)
+    if (p.window > 0) return launch_kernel(vnm_decode_kernel<Tile, T, DecodeX::kWindow>, grid, S::kThreads, p, stream);
+  return launch_kernel(vnm_decode_kernel<Tile, T, DecodeX::kGather>, grid, S::kThreads, p, stream);
 }
 
 }  // namespace vnm

@@ -30,8 +30,8 @@ struct VnmParams {
   int Np;                 // N rounded up to a multiple of 8: row stride of xt (tensor-core path only)
   int64_t ldx;            // row stride of x in elements (>= C)
   int64_t ldy;            // row stride of y in elements (>= R)
-  int ksplit;             // decode and mma.sp gemm: CTAs splitting the k chunks of one output tile (decode: gridDim.y,
-                          // gemm: gridDim.z)
+  int ksplit;             // CTAs splitting the k chunks of one output tile (decode, sparse wgmma: gridDim.y; mma.sp
+                          // gemm: gridDim.z); the window kernel takes 1
   float* ws;              // ksplit > 1: (output tiles, ksplit, TILE_M x TILE_N) fp32 partial sums
   int* counters;          // ksplit > 1: one arrival counter per output tile, zero between launches
   int window;             // 8*M if every group's kept columns lie in its own M columns of x (pack.py), else 0.

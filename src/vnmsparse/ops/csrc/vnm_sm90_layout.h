@@ -2,7 +2,7 @@
 // compiler can build it too: tests/ops/test_wgmma_layout.py compiles this header with g++, dumps every
 // mapping, and checks it against the PTX ISA's definitions of the operand layouts (CPU only).
 //
-// Conventions (see bench/NOTES-wgmma.md for the why):
+// Conventions (see docs/kernels.md for the why):
 //   B operand of one k-step and one V-row block: 32 kept columns (k) x BN tokens (n), bf16/fp16, stored
 //   "MN-major" (tokens contiguous) with the 128-byte swizzle: atoms of 8 k-rows x 64 tokens (1024 bytes),
 //   token atoms adjacent (LBO = 1024 bytes), groups of 8 k-rows BN*16 bytes apart (SBO).

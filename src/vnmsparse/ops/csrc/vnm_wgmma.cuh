@@ -1,5 +1,5 @@
 // Tensor-core kernel for Hopper (sm_90a): y^T = W x^T on sparse wgmma (wgmma.mma_async.sp m64nNk32),
-// warp-specialized. Design, budgets and the alternatives not taken: bench/NOTES-wgmma.md.
+// warp-specialized. Design, budgets and the alternatives not taken: docs/kernels.md.
 //
 //   producer warpgroup (1): gathers, per k-step and V-row block, the 32 kept rows of x^T (tokens n0..n0+BN-1)
 //       with 16-byte cp.async into a STAGES-deep ring of B tiles laid out as wgmma's MN-major 128-byte-swizzled
@@ -45,18 +45,23 @@ __device__ __forceinline__ void init_ring(uint32_t full0, uint32_t empty0, uint3
   __syncthreads();
 }
 
-// Main loop of a consumer warpgroup, both sparse-wgmma kernels. A stage of the ring holds kRecs consecutive
-// chunks (k = 32 each) of A records and metadata, and B for them. Per stage: wait until it is full (kGenericB:
-// the producers wrote B with cp.async, so fence it to the async proxy), read this warp's fragments and metadata
-// words of every m64 tile mi (record j at a_off[mi] + 512 j, e_off[mi] + 64 j; chunks past `chunks` and rows past
-// R get the padding metadata pair) into double-buffered registers (a wgmma reads them asynchronously), issue
-// kRecs x WG_M sparse wgmmas with B from b_desc(stage, j, mi), and release the previous stage once its wgmmas
-// retire. Returns with every wgmma retired and acc final.
-template <typename T, int kBN, int kTransB, bool kGenericB, int kRecs, int kStages, int kWgM, typename BDesc>
-__device__ __forceinline__ void consume_ring(float (&acc)[kWgM][kBN / 2], int chunks, uint32_t smem, uint32_t stage_bytes,
-                                             uint32_t full0, uint32_t empty0, const uint32_t (&a_off)[kWgM],
-                                             const uint32_t (&e_off)[kWgM], const bool (&rows_real)[kWgM],
-                                             BDesc b_desc, int lane) {
+// Main loop of a consumer warpgroup, both sparse-wgmma kernels. `Ring` is the kernel's shape struct; it names what
+// the loop needs: kBN (tokens = the wgmma N), kWgM (m64 tiles per consumer), kStages (ring depth), kRingRecs (chunks
+// of k = 32 per stage), kBTokensMajor (B tiles tokens-contiguous: the gathered kernel; else k-contiguous, as TMA
+// reads x) and kBGathered (B written by the producers' cp.async, so it is fenced to the async proxy). Per stage:
+// wait until it is full, read this warp's fragments and metadata words of every m64 tile mi (record j at
+// a_off[mi] + 512 j, e_off[mi] + 64 j; chunks past `chunks` and rows past R get the padding metadata pair) into
+// double-buffered registers (a wgmma reads them asynchronously), issue kRingRecs x kWgM sparse wgmmas with B from
+// b_desc(stage, j, mi), and release the previous stage once its wgmmas retire. Returns with every wgmma retired and
+// acc final.
+template <typename T, typename Ring, typename BDesc>
+__device__ __forceinline__ void consume_ring(float (&acc)[Ring::kWgM][Ring::kBN / 2], int chunks, uint32_t smem,
+                                             uint32_t stage_bytes, uint32_t full0, uint32_t empty0,
+                                             const uint32_t (&a_off)[Ring::kWgM], const uint32_t (&e_off)[Ring::kWgM],
+                                             const bool (&rows_real)[Ring::kWgM], BDesc b_desc, int lane) {
+  constexpr int kBN = Ring::kBN, kWgM = Ring::kWgM, kStages = Ring::kStages, kRecs = Ring::kRingRecs;
+  constexpr int kTransB = Ring::kBTokensMajor ? 1 : 0;
+  constexpr bool kGenericB = Ring::kBGathered;
 #pragma unroll
   for (int mi = 0; mi < kWgM; ++mi)
 #pragma unroll
@@ -165,6 +170,41 @@ __device__ __forceinline__ void store_tile(float (&acc)[kWgM][kBN / 2], const Vn
     }
   }
 }
+
+// Split-k meeting point of the consumer warpgroups (gridDim.y k slices of one output tile, blockIdx.x): each CTA
+// publishes its fp32 accumulators to p.ws in fragment order; the last to arrive (arrival counter, reset by it)
+// sums every slice in slice order, so the result does not depend on which CTA finished last. Returns true in that
+// CTA, with acc holding the sum; false in the others, which are done.
+template <int kWgM, int kAcc, int kConsumers>
+__device__ __forceinline__ bool split_k_finish(float (&acc)[kWgM][kAcc], const VnmParams& p) {
+  constexpr int kThreads = 128 * kConsumers;
+  constexpr int kTileFloats = kWgM * kAcc * kThreads;
+  __shared__ int last_flag;
+  const int t = threadIdx.x - 128, tile = blockIdx.x;
+  float* ws = p.ws + static_cast<size_t>(tile) * gridDim.y * kTileFloats;
+#pragma unroll
+  for (int mi = 0; mi < kWgM; ++mi)
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i)
+      __stcg(ws + static_cast<size_t>(blockIdx.y) * kTileFloats + (mi * kAcc + i) * kThreads + t, acc[mi][i]);
+  __threadfence();
+  sm90::named_barrier(2, kThreads);
+  if (t == 0) last_flag = atomicAdd(p.counters + tile, 1) == static_cast<int>(gridDim.y) - 1;
+  sm90::named_barrier(2, kThreads);
+  if (!last_flag) return false;
+  __threadfence();
+#pragma unroll
+  for (int mi = 0; mi < kWgM; ++mi)
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) {
+      float sum = 0.f;
+      for (int z = 0; z < static_cast<int>(gridDim.y); ++z)
+        sum += __ldcg(ws + static_cast<size_t>(z) * kTileFloats + (mi * kAcc + i) * kThreads + t);
+      acc[mi][i] = sum;
+    }
+  if (t == 0) p.counters[tile] = 0;  // ready for the next launch (and CUDA-graph replays)
+  return true;
+}
 #endif  // VNM_SM90A_ENABLED
 
 // Checks and derived constants for a sparse-wgmma tile traits struct (generated; see instantiations.py):
@@ -199,6 +239,9 @@ template <typename Tile> struct WgmmaShape {
   static constexpr int kConsumerRegs = kConsumers == 1 ? 240 : 232;
   static constexpr int kAcc = kBN / 2;                        // fp32 accumulators per thread per m64 tile
   static constexpr int kGroupM = 16;                          // row tiles per raster group (L2 reuse)
+  static constexpr int kRingRecs = 1;                         // chunks (k = 32) per ring stage
+  static constexpr bool kBTokensMajor = true;                 // gathered B tiles: tokens contiguous (N-major)
+  static constexpr bool kBGathered = true;                    // B written by the producers' cp.async
   // k steps whose column indices are in flight ahead of the gather that needs them (a shared-memory ring filled
   // by 4-byte cp.async): the gather of step kc then never waits on a load issued at step kc - 1.
   static constexpr int kColAhead = 8;
@@ -236,6 +279,9 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
   const uint32_t smem = cta.smem;
   const int m0 = cta.m0, n0 = cta.n0;
   const int blk0 = m0 / S::kV;  // first V-row block of the CTA (it may hold part of one when V > BM)
+  // Split-k (blockIdx.y = slice of gridDim.y): this CTA multiplies k steps [kbeg, kbeg + steps).
+  const int per_slice = (p.Kc + gridDim.y - 1) / gridDim.y;
+  const int kbeg = min(p.Kc, static_cast<int>(blockIdx.y) * per_slice), steps = min(p.Kc - kbeg, per_slice);
 
   // full: every producer thread, on its copies landing; empty: one lane per consumer warp.
   init_ring<S::kStages>(full0, empty0, 128, 4 * S::kConsumers);
@@ -251,15 +297,16 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
     // Column indices: every block's are requested into L2 up front, then each owning lane copies its row's index
     // of step kc + kColAhead into the ring while step kc gathers. One commit group per step (empty for lanes that
     // own no row), so `cp_async_wait<kColAhead - 1>` at step kc means step kc's index has landed.
-    if (warp == 0 && lane < S::kBlocks && blk0 + lane < p.Bn)
-      prefetch_l2_range(p.cols + static_cast<size_t>(blk0 + lane) * p.Gp * 4, static_cast<uint32_t>(p.Kc) * 32 * sizeof(int));
+    if (warp == 0 && lane < S::kBlocks && blk0 + lane < p.Bn && steps > 0)
+      prefetch_l2_range(p.cols + (static_cast<size_t>(blk0 + lane) * p.Gp + 8 * kbeg) * 4,
+                        static_cast<uint32_t>(steps) * 32 * sizeof(int));
     const uint32_t ring = smem_addr(col_ring) + own_row * 4;
-    auto fetch_col = [&](int kc) {
-      if (owns && kc < p.Kc) cp_async_ca4(ring + (kc % S::kColAhead) * S::kRows * 4, own_cols + 32 * kc);
+    auto fetch_col = [&](int j) {  // step j of the slice
+      if (owns && j < steps) cp_async_ca4(ring + (j % S::kColAhead) * S::kRows * 4, own_cols + 32 * (kbeg + j));
       cp_async_commit();
     };
 #pragma unroll
-    for (int kc = 0; kc < S::kColAhead; ++kc) fetch_col(kc);
+    for (int j = 0; j < S::kColAhead; ++j) fetch_col(j);
     // This thread's pieces: one 16-byte piece (tokens n0 + 8 * piece0 ..) of rows owner0, owner0 + RPI, ...
     constexpr int kRowsPerInstr = 32 / S::kPieces;
     constexpr uint32_t kDstStep = sm90::gather_dst_step(S::kPieces, S::kBN);
@@ -275,11 +322,11 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
       sm90::prefetch_tensormap(&amap);
       sm90::prefetch_tensormap(&emap);
     }
-    for (int kc = 0; kc < p.Kc; ++kc) {
-      const int s = kc % S::kStages;
-      if (kc >= S::kStages) sm90::mbar_wait(empty0 + 8 * s, ((kc / S::kStages) - 1) & 1);
+    for (int j = 0; j < steps; ++j) {  // step j of the slice: k step kc, ring stage s
+      const int kc = kbeg + j, s = j % S::kStages;
+      if (j >= S::kStages) sm90::mbar_wait(empty0 + 8 * s, ((j / S::kStages) - 1) & 1);
       cp_async_wait<S::kColAhead - 1>();
-      const int col = owns ? static_cast<int>(lds32(ring + (kc % S::kColAhead) * S::kRows * 4)) : 0;
+      const int col = owns ? static_cast<int>(lds32(ring + (j % S::kColAhead) * S::kRows * 4)) : 0;
       const uint32_t stage = smem + s * S::kStageBytes;
       if (loads_a) {  // announced before this thread's own copy arrival below, so the phase cannot end without it
         const uint32_t a_stage = stage + S::kBlocks * S::kBTileBytes;
@@ -295,7 +342,7 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
         cp_async_ca16(stage + dst_base[it % 2] + (it / 2) * kDstStep, src, piece_ok);
       }
       sm90::mbar_arrive_on_copies(full0 + 8 * s);  // fires when this thread's copies so far have landed
-      fetch_col(kc + S::kColAhead);  // into the slot just read (`col` is consumed by the shuffles above)
+      fetch_col(j + S::kColAhead);  // into the slot just read (`col` is consumed by the shuffles above)
     }
     sm90::cp_async_wait_all();  // no thread leaves with copies in flight
   } else {
@@ -315,10 +362,11 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
     }
     // One chunk per stage; B: the m64 tile's V-row block's gathered tile, N-major (transposed).
     float acc[S::kWgM][S::kAcc];
-    consume_ring<T, S::kBN, 1, true, 1, S::kStages>(
-        acc, p.Kc, smem, S::kStageBytes, full0, empty0, a_off, e_off, rows_real,
+    consume_ring<T, S>(
+        acc, steps, smem, S::kStageBytes, full0, empty0, a_off, e_off, rows_real,
         [&](uint32_t stage, int, int mi) { return sm90::b_desc(stage + b_off[mi], S::kBN); }, lane);
 
+    if (gridDim.y > 1 && !split_k_finish<S::kWgM, S::kAcc, S::kConsumers>(acc, p)) return;  // another slice finishes
     store_tile<S::kWgM, S::kBN, S::kConsumers, T>(acc, p, smem_raw, smem, m0, n0);
   }
 #endif  // VNM_SM90A_ENABLED
@@ -369,7 +417,7 @@ inline cudaError_t sm90_device(int* dev) {
 // Launch `Kernel` on one CTA per tile with `smem` bytes of dynamic shared memory, the limit raised once per
 // device (graph-capture safe: no attribute call while capturing after the first launch).
 template <auto Kernel, typename... Args>
-cudaError_t launch_tiles(int dev, long long tiles, int threads, int smem, cudaStream_t stream, const Args&... args) {
+cudaError_t launch_tiles(int dev, long long tiles, int slices, int threads, int smem, cudaStream_t stream, const Args&... args) {
   static bool configured[64] = {};
   if (dev >= 64 || !configured[dev]) {
     const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -377,7 +425,7 @@ cudaError_t launch_tiles(int dev, long long tiles, int threads, int smem, cudaSt
     if (dev < 64) configured[dev] = true;
   }
   if (tiles > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  Kernel<<<static_cast<unsigned>(tiles), threads, smem, stream>>>(args...);
+  Kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(slices)), threads, smem, stream>>>(args...);
   return cudaGetLastError();
 }
 
@@ -395,7 +443,9 @@ cudaError_t launch_wgmma(const VnmParams& p, cudaStream_t stream) {
   err = a_tensor_maps(p, 1, S::kRowTiles, &amap, &emap);
   if (err != cudaSuccess) return err;
   const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
-  return launch_tiles<vnm_wgmma_kernel<Tile, T>>(dev, tiles, S::kThreads, S::kSmemBytes, stream, p, amap, emap);
+  const int ks = p.ksplit > 1 ? p.ksplit : 1;
+  if (ks > 1 && (p.ws == nullptr || p.counters == nullptr)) return cudaErrorInvalidValue;
+  return launch_tiles<vnm_wgmma_kernel<Tile, T>>(dev, tiles, ks, S::kThreads, S::kSmemBytes, stream, p, amap, emap);
 }
 
 }  // namespace vnm

@@ -3,8 +3,8 @@
 // no x^T pass: a chunk of 8 groups is 32 contiguous columns of x and its packed record already is the 2:4 A
 // operand over them, so B is x itself, [BN tokens x 64 columns] tiles loaded by TMA (K-major, 128-byte swizzle)
 // and shared by every row of the CTA, as in a dense GEMM. The gather kernel (vnm_wgmma.cuh) moves a per-row-block
-// copy of x instead and is bound by that L2 -> SM traffic (bench/NOTES-wgmma.md); this one is 2.0-2.6x faster.
-// Tried and measured slower (NOTES-wgmma.md, "Fifth session"): the same for M = 8 with each record expanded into
+// copy of x instead and is bound by that L2 -> SM traffic (docs/kernels.md); this one is 2.0-2.6x faster.
+// Tried and measured slower (docs/kernels.md): the same for M = 8 with each record expanded into
 // two 2:4 operands over its 64 columns (in the consumers' registers, or in shared memory by the producer warps),
 // and 2-CTA clusters sharing x tiles by multicast.
 //
@@ -35,6 +35,9 @@ template <typename Tile> struct WgmmaWindowShape {
   static constexpr int kBM = 64 * kWgM * kConsumers;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kChunksPerStage = sm90::kWindowCols / (8 * kM);  // packed records per stage: 2
+  static constexpr int kRingRecs = kChunksPerStage;                      // consume_ring: chunks per stage
+  static constexpr bool kBTokensMajor = false;                           // B is x's tile by TMA: k contiguous
+  static constexpr bool kBGathered = false;                              // written by TMA (async proxy already)
   static constexpr int kRowTiles = kBM / 16;                             // packed 16-row records per chunk
   static constexpr int kXBytes = kBN * 128;                              // BN tokens x one 128-byte line
   static constexpr int kABytes = kRowTiles * kChunksPerStage * 512;      // records: 32 lanes x 16 bytes
@@ -116,7 +119,7 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
     // Two chunks per stage; B for chunk j: columns 32j.. of the stage's x tile (64 bytes in), K-major, shared by
     // every m64 tile.
     float acc[S::kWgM][S::kAcc];
-    consume_ring<T, S::kBN, 0, false, kRecs, S::kStages>(
+    consume_ring<T, S>(
         acc, p.Kc, smem, S::kStageBytes, full0, empty0, a_off, e_off, rows_real,
         [](uint32_t stage, int j, int) { return sm90::bk_desc(stage, 64u * j); }, lane);
 
@@ -156,7 +159,7 @@ cudaError_t launch_wgmma_window(const VnmParams& p, cudaStream_t stream) {
   if (err == cudaSuccess) err = a_tensor_maps(p, kRecs, S::kRowTiles, &amap, &emap);
   if (err != cudaSuccess) return err;
   const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
-  return launch_tiles<vnm_wgmma_window_kernel<Tile, T>>(dev, tiles, S::kThreads, S::kSmemBytes, stream, p, map, amap, emap);
+  return launch_tiles<vnm_wgmma_window_kernel<Tile, T>>(dev, tiles, 1, S::kThreads, S::kSmemBytes, stream, p, map, amap, emap);
 }
 
 }  // namespace vnm

@@ -1,48 +1,33 @@
-"""Dispatch of the sm_90a sparse-wgmma kernels (CPU): on by default, sm_90 only, V in {64, 128}, large N only."""
+"""The dispatch rules (CPU): sparse wgmma on sm_90 only, V in {64, 128}, large N only; the window kernel; the 2:4 copy."""
 
 from __future__ import annotations
 
 import pytest
-from vnmsparse.ops import dispatch, instantiations
+from vnmsparse.ops import configure, dispatch, limits
 
 H100 = (9, 0)
 
 
 @pytest.fixture
 def wgmma_on():
-    with dispatch.switches(wgmma=True):
+    with configure(wgmma=True):
         yield
 
 
 @pytest.fixture
 def wgmma_off():
-    with dispatch.switches(wgmma=False):
+    with configure(wgmma=False):
         yield
 
 
-@pytest.mark.parametrize("V", instantiations.SUPPORTED_V)
+@pytest.mark.parametrize("V", limits.SUPPORTED_V)
 def test_turned_off_keeps_the_mma_sp_kernel(wgmma_off, V):
     for N in (1, 256, 4096):
         assert dispatch.choose(N, 4096, V, "bf16", 132, H100).variant.kind in ("decode", "gemm")
 
 
-def test_on_by_default_unless_the_environment_says_0(monkeypatch):
-    import importlib
-
-    for value, expected in (("", True), ("1", True), ("0", False)):
-        if value:
-            monkeypatch.setenv("VNMSPARSE_WGMMA", value)
-        else:
-            monkeypatch.delenv("VNMSPARSE_WGMMA", raising=False)
-        try:
-            assert importlib.reload(dispatch).wgmma_enabled() is expected
-        finally:
-            monkeypatch.delenv("VNMSPARSE_WGMMA", raising=False)
-            importlib.reload(dispatch)
-
-
 @pytest.mark.parametrize("V", (64, 128))
-@pytest.mark.parametrize("dtype", instantiations.DTYPES)
+@pytest.mark.parametrize("dtype", limits.DTYPES)
 def test_enabled_on_sm90_picks_wgmma_for_large_n(wgmma_on, V, dtype):
     for N, R in ((dispatch.WGMMA_MIN_N, 32768), (4096, 8192), (8192, 8192)):  # each at least one wave of tiles
         k = dispatch.choose(N, R, V, dtype, 132, H100)
@@ -53,7 +38,7 @@ def test_enabled_on_sm90_picks_wgmma_for_large_n(wgmma_on, V, dtype):
 
 @pytest.mark.parametrize("arch", [None, (8, 0), (8, 6), (8, 9), (10, 0)])
 def test_never_on_other_gpus(wgmma_on, arch):
-    for V in instantiations.SUPPORTED_V:
+    for V in limits.SUPPORTED_V:
         assert dispatch.choose(4096, 8192, V, "bf16", 132, arch).variant.kind == "gemm"
         assert not any(k.variant.kind == "wgmma" for k in dispatch.candidates(4096, V, "bf16", arch))
 
@@ -86,9 +71,9 @@ def test_unpermuted_m4_takes_the_window_kernel_on_sm90_only(wgmma_on, V):
 def test_two_four_copy_only_where_it_pays(wgmma_on):
     # (N, R, V, M, window, dtype, SMs, arch): enabled, unpermuted V:2:8 with V <= 64, where the window kernel runs.
     use = dispatch.uses_two_four_copy
-    with dispatch.switches(two_four_copy=False):
+    with configure(two_four_copy=False):
         assert not use(2048, 4096, 64, 8, 64, "bf16", 132, H100)  # off by default: it costs memory
-    with dispatch.switches(two_four_copy=True):
+    with configure(two_four_copy=True):
         assert use(2048, 4096, 64, 8, 64, "bf16", 132, H100)
         assert use(2048, 4096, 16, 8, 64, "fp16", 132, H100)
         assert not use(16, 4096, 64, 8, 64, "bf16", 132, H100)  # decode: the V:2:8 layout moves half the bytes
@@ -98,4 +83,3 @@ def test_two_four_copy_only_where_it_pays(wgmma_on):
         assert not use(2048, 4096, 64, 5, 40, "bf16", 132, H100)  # M = 5: not 2:4
         assert not use(2048, 4096, 64, 8, 64, "bf16", 108, (8, 0))  # no window kernel before sm_90
         assert not use(256, 64, 64, 8, 64, "bf16", 132, H100)  # below half a wave of window tiles
-    assert not dispatch.two_four_copy_enabled()  # the block restored the default

@@ -1,37 +1,26 @@
-"""The one list of compiled kernel variants, and the generator that turns it into CUDA sources.
+"""The catalogue of compiled kernel variants: the one list the build, the dispatcher and the benchmarks read.
 
-Each `Decode` / `Gemm` / `Wgmma` entry becomes a tile traits struct (named `static constexpr` fields, checked
-by the kernel's `*Shape` static_asserts), one translation unit per (variant, dtype), and one row of the kernel
-table in `vnm_table.cu`. The sparse-wgmma instructions the `Wgmma` entries need (one per N) are generated into
-`vnm_wgmma_ops.h`. The table's order is this list's order, so Python dispatch (`dispatch.py`) picks
-a kernel by index into `KERNELS` and reads tile sizes from here: they are written nowhere else.
-
-Run as a script to write the sources somewhere for a manual nvcc build:
-    python -m vnmsparse.ops.instantiations --out /tmp/vnm_gen
+Each `Decode` / `Gemm` / `Wgmma` / `WgmmaWindow` entry is one tile configuration: its fields become a traits
+struct of named `static constexpr`s (checked by the kernel's `*Shape` static_asserts), and `codegen.py` writes
+one translation unit per (variant, dtype) and one row of the kernel table per `KERNELS` entry, in this order, so
+the dispatcher picks a kernel by index into `KERNELS`. Tile sizes are written nowhere else. `rank` is the measured
+order of preference among the variants of one kind and V (lower first): what the dispatch rules use on GPUs
+without a measured table (docs/kernels.md says what was measured).
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
-DTYPES = ("bf16", "fp16")
-_CUDA_TYPE = {"bf16": "__nv_bfloat16", "fp16": "__half"}
-SUPPORTED_V = (16, 32, 64, 128)
+from .limits import DTYPES, SUPPORTED_V
 
-
-def _traits_struct(name: str, fields: Sequence[str]) -> str:
-    """A tile traits struct, one `static constexpr int` per "NAME = value;  // comment": the shape all kinds share."""
-    body = "".join(f"  static constexpr int {field}\n" for field in fields)
-    return f"struct {name} {{\n{body}}};\n"
+CUDA_TYPE = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 
 
 class _Generated:
-    """The C++ a variant generates, named from its `kind` and `tag`: written once for all three kinds."""
+    """The C++ names of a variant, from its `kind` and `tag`: written once for every kind."""
 
     kind: ClassVar[str]
 
@@ -49,13 +38,9 @@ class _Generated:
         """The traits struct's name, e.g. GemmTile_v64_m128n128w2x4s4."""
         return f"{self.kind.capitalize()}Tile_{self.tag}"
 
-    def traits(self) -> str:
-        """The traits struct (for vnm_tiles.h)."""
-        return _traits_struct(self.struct, self.fields())
-
     def launcher(self, dtype: str) -> str:
         """The launcher template instantiated for this variant and dtype, e.g. launch_gemm<GemmTile_..., __half>."""
-        return f"launch_{self.kind}<{self.struct}, {_CUDA_TYPE[dtype]}>"
+        return f"launch_{self.kind}<{self.struct}, {CUDA_TYPE[dtype]}>"
 
 
 @dataclass(frozen=True)
@@ -77,7 +62,7 @@ class Decode(_Generated):
     @property
     def stages(self) -> int:
         # Two stages of chunks in flight measured 1-6% faster at N <= 8 and 4-9% slower at N = 16 (one stage of
-        # twice the chunks keeps more of the 16-token gathers in flight): bench/results/decode-sweep-h100.md.
+        # twice the chunks keeps more of the 16-token gathers in flight; H100, docs/kernels.md).
         return 2 if self.n_tiles == 1 else 1
 
     @property
@@ -116,6 +101,7 @@ class Gemm(_Generated):
     warps_n: int
     stages: int
     min_ctas: int = 1
+    rank: int = 0  # measured preference among the gemm tiles of one V, lower first (the dispatch rules)
 
     kind = "gemm"
     max_n = 1 << 30
@@ -152,6 +138,7 @@ class Wgmma(_Generated):
     wg_m: int  # m64 tiles per consumer warpgroup
     BN: int  # tokens per CTA = the wgmma N
     stages: int  # ring depth in shared memory (gathered B tiles and A records of one k-step each)
+    rank: int = 0  # measured preference among the wgmma tiles of one V, lower first (the dispatch rules)
 
     kind = "wgmma"
     max_n = 1 << 30
@@ -188,6 +175,7 @@ class WgmmaWindow(_Generated):
     wg_m: int
     BN: int
     stages: int  # ring depth of stages ([BN tokens x 64 columns] of x and the CTA's A records for them)
+    rank: int = 0  # measured preference among the window tiles of one M, lower first (the dispatch rules)
 
     kind = "wgmma_window"
     max_n = 1 << 30
@@ -226,7 +214,7 @@ class WgmmaWindow(_Generated):
 def _wgmma_window_variants() -> list[WgmmaWindow]:
     # The 128 x 256 tile with 4 stages: as fast or faster than 5 stages or 256 x 128 on every case measured
     # (history/kernel-h100-window-smem.json); M = 8 (records expanded in registers) and 2-CTA clusters sharing x
-    # were slower (bench/NOTES-wgmma.md).
+    # were slower (docs/kernels.md).
     return [WgmmaWindow(M=4, consumers=2, wg_m=1, BN=256, stages=4)]
 
 
@@ -234,16 +222,16 @@ def _wgmma_variants() -> list[Wgmma]:
     # Per V: the wide-N tile (least A traffic per FLOP; fastest at large N), the 4-block / 2-block BN=128 tile, and
     # narrow-N tiles of 128 rows (BN = 128, 64) that give serving batches (N = 64..1024) more CTAs than the GPU has
     # SMs. Stages with A in shared memory: 8 beat 6 by 6-12% at V = 128; at V = 64, 6 were 1-9% slower than 4 for
-    # the BN=256 tile (bench/NOTES-wgmma.md); the narrow tiles' stages are small, so they keep 8 in flight.
+    # the BN=256 tile (docs/kernels.md); the narrow tiles' stages are small, so they keep 8 in flight.
     return [
-        Wgmma(V=64, consumers=2, wg_m=1, BN=256, stages=4),
-        Wgmma(V=64, consumers=2, wg_m=2, BN=128, stages=4),
-        Wgmma(V=64, consumers=2, wg_m=1, BN=128, stages=8),
-        Wgmma(V=64, consumers=2, wg_m=1, BN=64, stages=8),
-        Wgmma(V=128, consumers=2, wg_m=1, BN=256, stages=8),
-        Wgmma(V=128, consumers=2, wg_m=2, BN=128, stages=6),
-        Wgmma(V=128, consumers=2, wg_m=1, BN=128, stages=8),
-        Wgmma(V=128, consumers=2, wg_m=1, BN=64, stages=8),
+        Wgmma(V=64, consumers=2, wg_m=1, BN=256, stages=4, rank=0),
+        Wgmma(V=64, consumers=2, wg_m=2, BN=128, stages=4, rank=1),
+        Wgmma(V=64, consumers=2, wg_m=1, BN=128, stages=8, rank=2),
+        Wgmma(V=64, consumers=2, wg_m=1, BN=64, stages=8, rank=3),
+        Wgmma(V=128, consumers=2, wg_m=1, BN=256, stages=8, rank=0),
+        Wgmma(V=128, consumers=2, wg_m=2, BN=128, stages=6, rank=1),
+        Wgmma(V=128, consumers=2, wg_m=1, BN=128, stages=8, rank=2),
+        Wgmma(V=128, consumers=2, wg_m=1, BN=64, stages=8, rank=3),
     ]
 
 
@@ -252,15 +240,15 @@ def _gemm_variants() -> list[Gemm]:
     for V in SUPPORTED_V:
         if V >= 64:
             # Large tile: the workhorse for N >= ~1024.  Small tile: more CTAs for mid-size N.
-            out.append(Gemm(V=V, BM=128, BN=128, warps_m=2, warps_n=4, stages=4, min_ctas=2))
-            out.append(Gemm(V=V, BM=64, BN=64, warps_m=2, warps_n=2, stages=4, min_ctas=4))
-            out.append(Gemm(V=V, BM=64, BN=128, warps_m=1, warps_n=4, stages=4, min_ctas=2))
+            out.append(Gemm(V=V, BM=128, BN=128, warps_m=2, warps_n=4, stages=4, min_ctas=2, rank=2))
+            out.append(Gemm(V=V, BM=64, BN=64, warps_m=2, warps_n=2, stages=4, min_ctas=4, rank=3))
+            out.append(Gemm(V=V, BM=64, BN=128, warps_m=1, warps_n=4, stages=4, min_ctas=2, rank=1))
             # 64x64 per warp: the most MMAs per shared-memory byte read (ncu: the smaller tiles are L1-bound).
-            out.append(Gemm(V=V, BM=128, BN=128, warps_m=2, warps_n=2, stages=4, min_ctas=2))
+            out.append(Gemm(V=V, BM=128, BN=128, warps_m=2, warps_n=2, stages=4, min_ctas=2, rank=0))
         else:
             # Small V: several row blocks per CTA, each with its own gathered activations.
-            out.append(Gemm(V=V, BM=64, BN=128, warps_m=1, warps_n=4, stages=3, min_ctas=2))
-            out.append(Gemm(V=V, BM=64, BN=64, warps_m=2, warps_n=2, stages=3, min_ctas=4))
+            out.append(Gemm(V=V, BM=64, BN=128, warps_m=1, warps_n=4, stages=3, min_ctas=2, rank=1))
+            out.append(Gemm(V=V, BM=64, BN=64, warps_m=2, warps_n=2, stages=3, min_ctas=4, rank=3))
     return out
 
 
@@ -308,8 +296,8 @@ class Kernel:
 
     @property
     def splits_k(self) -> bool:
-        """Whether the kernel can split its k chunks over CTAs (`ksplit` > 1): decode and mma.sp gemm."""
-        return isinstance(self.variant, (Decode, Gemm))
+        """Whether the kernel can split its k chunks over CTAs (`ksplit` > 1): all but the window kernel."""
+        return isinstance(self.variant, (Decode, Gemm, Wgmma))
 
 
 KERNELS: tuple[Kernel, ...] = tuple(
@@ -318,123 +306,3 @@ KERNELS: tuple[Kernel, ...] = tuple(
 )
 
 
-# ---- generator -------------------------------------------------------------------------------------------
-_BANNER = "// Generated by vnmsparse/ops/instantiations.py from its KERNELS list. Do not edit.\n"
-
-
-def _traits_header() -> str:
-    body = "".join(v.traits() for v in VARIANTS)
-    return f"{_BANNER}#pragma once\n\nnamespace vnm {{\n\n{body}\n}}  // namespace vnm\n"
-
-
-def _unit(kernel: Kernel) -> str:
-    return (
-        f"{_BANNER}#include \"{kernel.variant.header}\"\n#include \"vnm_tiles.h\"\n\n"
-        f"namespace vnm {{\ntemplate cudaError_t {kernel.variant.launcher(kernel.dtype)}(const VnmParams&, cudaStream_t);\n}}\n"
-    )
-
-
-_WGMMA_ELEM = {"bf16": "bf16", "fp16": "f16"}  # PTX type names
-
-
-def _wgmma_op(n: int, dtype: str, trans_b: int) -> str:
-    """One `WgmmaSp<T, N, TRANS_B>` specialization: wgmma.mma_async.sp m64nNk32, A from registers, B by
-    descriptor (TRANS_B = 1: N-major, tokens contiguous; 0: K-major), fp32 accumulators, sparsity selector 0,
-    always accumulating."""
-    regs = n // 2
-    d_list = ", ".join(f"%{i}" for i in range(regs))
-    d_ops = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
-    t = _WGMMA_ELEM[dtype]
-    return (
-        f"template <> struct WgmmaSp<{_CUDA_TYPE[dtype]}, {n}, {trans_b}> {{\n"
-        f"  static __device__ __forceinline__ void run(float (&d)[{regs}], const uint4& a, uint64_t desc, uint32_t e) {{\n"
-        f"    asm volatile(\n"
-        f'        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 6}, 0;\\n"\n'
-        f'        "wgmma.mma_async.sp.sync.aligned.m64n{n}k32.f32.{t}.{t} "\n'
-        f'        "{{{d_list}}}, "\n'
-        f'        "{{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}, %{regs + 4}, %{regs + 5}, 0, p, 1, 1, {trans_b};\\n}}\\n"\n'
-        f"        : {d_ops}\n"
-        f'        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(e), "n"(1));\n'
-        f"  }}\n}};\n"
-    )
-
-
-def _wgmma_ops_header() -> str:
-    shapes = sorted({(v.BN, 1) for v in VARIANTS if isinstance(v, Wgmma)} | {(v.BN, 0) for v in VARIANTS if isinstance(v, WgmmaWindow)})
-    body = "".join(_wgmma_op(n, d, tb) for n, tb in shapes for d in DTYPES)
-    return (
-        f"{_BANNER}#pragma once\n\n#include <cstdint>\n#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n\n"
-        "#include \"vnm_sm90.cuh\"\n\nnamespace vnm {\n\n"
-        "// D(64 x N, fp32) += A(64 x 32, 2:4 sparse, registers) * B(32 x N, shared memory; TRANS_B = 1: tokens\n"
-        "// contiguous, 0: k contiguous).\n"
-        "template <typename T, int N, int TRANS_B> struct WgmmaSp;\n\n"
-        f"#if defined(VNM_SM90A_ENABLED)\n{body}#endif  // VNM_SM90A_ENABLED\n\n}}  // namespace vnm\n"
-    )
-
-
-def _table() -> str:
-    decls = []
-    rows = []
-    for k in KERNELS:
-        kind = {"decode": "KernelKind::kDecode", "gemm": "KernelKind::kGemm", "wgmma": "KernelKind::kWgmma",
-                "wgmma_window": "KernelKind::kWgmmaWindow"}[k.variant.kind]
-        dtype = "ElemType::kBf16" if k.dtype == "bf16" else "ElemType::kFp16"
-        decls.append(f"extern template cudaError_t {k.variant.launcher(k.dtype)}(const VnmParams&, cudaStream_t);")
-        tile_m, tile_n = k.tile
-        rows.append(f'    {{"{k.name}", {kind}, {dtype}, {k.V}, {min(k.variant.max_n, 1 << 30)}, {k.variant.rows}, {k.window}, '
-                    f'{tile_m}, {tile_n}, &{k.variant.launcher(k.dtype)}}},')
-    return (
-        f"{_BANNER}#include \"vnm_decode.cuh\"\n#include \"vnm_gemm.cuh\"\n#include \"vnm_wgmma_window.cuh\"\n#include \"vnm_tiles.h\"\n\n"
-        "namespace vnm {\n\n" + "\n".join(decls) + "\n\n"
-        "static const KernelEntry kTable[] = {\n" + "\n".join(rows) + "\n};\n\n"
-        "const KernelEntry* kernel_table(int* count) {\n"
-        "  *count = static_cast<int>(sizeof(kTable) / sizeof(kTable[0]));\n  return kTable;\n}\n\n"
-        "}  // namespace vnm\n"
-    )
-
-
-def sources() -> dict[str, str]:
-    """File name -> content of every generated source (traits header, one unit per kernel, the table)."""
-    files = {"vnm_tiles.h": _traits_header(), "vnm_wgmma_ops.h": _wgmma_ops_header(), "vnm_table.cu": _table()}
-    for k in KERNELS:
-        files[f"gen_{k.name}.cu"] = _unit(k)
-    return files
-
-
-def fingerprint() -> str:
-    """Short hash of the generated sources: part of the extension's cache key."""
-    h = hashlib.sha256()
-    for name, text in sorted(sources().items()):
-        h.update(name.encode())
-        h.update(text.encode())
-    return h.hexdigest()[:12]
-
-
-def write(out_dir: str | Path) -> list[Path]:
-    """Write the generated sources into out_dir (only files whose content changed, so builds stay incremental).
-
-    Returns the .cu files to compile, in table order, table last.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    compiled: list[Path] = []
-    for name, text in sources().items():
-        path = out / name
-        if not path.exists() or path.read_text() != text:
-            path.write_text(text)
-        if name.endswith(".cu"):
-            compiled.append(path)
-    compiled.sort(key=lambda p: (p.name == "vnm_table.cu", p.name))
-    return compiled
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="directory for the generated sources")
-    args = parser.parse_args()
-    for path in write(args.out):
-        print(path)
-
-
-if __name__ == "__main__":
-    main()
