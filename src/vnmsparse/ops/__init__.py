@@ -13,8 +13,9 @@ first CUDA call. `pack_for_device` is what `VNMTensor.pack(device)` calls (and c
 from .build import extension, unavailable_reason
 from .dispatch import choose, enable_two_four_copy, enable_wgmma, override
 from .instantiations import KERNELS
-from .op import kernel_unavailable_reason, linear
-from .pack import PackedVNM, check_packable, pack_for_device, two_four_tensor, unpack_dense
+from .op import kernel_unavailable_reason, linear, linear_packed, two_four_copy_pays
+from .pack import (PackedVNM, check_packable, pack_for_device, padding_columns, two_four_tensor, unpack_dense,
+                   unpack_tensor)
 
 __all__ = [
     "KERNELS",
@@ -26,9 +27,13 @@ __all__ = [
     "extension",
     "kernel_unavailable_reason",
     "linear",
+    "linear_packed",
     "override",
     "pack_for_device",
+    "padding_columns",
+    "two_four_copy_pays",
     "two_four_tensor",
     "unavailable_reason",
     "unpack_dense",
+    "unpack_tensor",
 ]
