@@ -29,8 +29,8 @@ _logged: set = set()
 
 
 def log_once(level: int, message: str) -> None:
-    """Log `message` the first time it occurs in this process."""
-    if message not in _logged:
+    """Log `message` the first time it occurs in this process (not while torch.compile traces: it would break)."""
+    if message not in _logged and not torch.compiler.is_compiling():
         _logged.add(message)
         log.log(level, message)
 
