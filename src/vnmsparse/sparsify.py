@@ -317,21 +317,24 @@ def _prune_group(
 
 def sparsify(
     model: nn.Module,
-    config: SparsifyConfig | None = None,
+    config: SparsifyConfig | VNMPattern | str | None = None,
     calib: Calib | None = None,
     filter_fn: FilterFn | None = None,
     progress: bool = True,
 ) -> SparsifyReport:
     """Prune `model`'s nn.Linear layers in place to V:N:M, replacing them by VNMLinear; returns a report.
 
+    `config`: a `SparsifyConfig`, or a pattern ("64:2:8") as shorthand for `SparsifyConfig(pattern=...)`.
+
     `calib`: token ids (n, seq_len) or model inputs (split into `config.calib_batch_size` rows), a mapping of
     keyword inputs, or an iterable of either. The result is also recorded on `model.vnm_sparsity` for
     `save_pretrained`.
     """
     start = time.perf_counter()
-    config = SparsifyConfig() if config is None else config
+    if config is None or isinstance(config, (str, VNMPattern)):  # "64:2:8": SparsifyConfig(pattern="64:2:8")
+        config = SparsifyConfig() if config is None else SparsifyConfig(pattern=config)
     if not isinstance(config, SparsifyConfig):
-        raise TypeError(f"config must be a SparsifyConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a SparsifyConfig or a pattern such as '64:2:8', got {type(config).__name__}")
     plan = plan_layers(model, config, filter_fn)
     method = config.resolve_method(calib)
     model_params = sum(p.numel() for p in model.parameters())
