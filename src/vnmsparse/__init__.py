@@ -16,6 +16,9 @@ from .reference import vnm_linear
 from .scores import magnitude_scores, ria_scores
 from .sparsify import SparsifyConfig, sparsify
 from .select import SpeedTable, analytic_speedups, candidate_patterns, mask_diversity, pareto_patterns, select_pattern
+from . import hf
+
+hf.install()  # transformers' from_pretrained then knows "vnmsparse" checkpoints (registered when it is imported)
 
 __all__ = [
     "VNMPattern",

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, hf
 from .format import VNMTensor
 from .nn import VNMLinear
 
@@ -290,4 +290,5 @@ def load_pretrained(
     if not densify:
         model.vnm_sparsity = {k: v for k, v in sparsity.items()
                               if k not in ("format", "version", "library_version", "dtype", "layers")}
+        hf.attach(model)
     return model.eval()

@@ -98,6 +98,14 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .hf import export_dense
+
+    out = export_dense(args.source, args.dense)
+    print(f"dense checkpoint written to {out} (pruned weights stored as zeros; load it with any transformers tool)")
+    return 0
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -130,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--repeats", type=int, default=30, help="timed calls per case (median)")
     prof.add_argument("--out", help="folder for the table (default ~/.cache/vnmsparse/tables)")
     prof.set_defaults(run=_profile)
+
+    exp = sub.add_parser("export", help="write a pruned checkpoint as a plain transformers one (pruned weights zero)")
+    exp.add_argument("source", help="a folder written by `vnm prune --out`, vnmsparse.save_pretrained or "
+                     "model.save_pretrained")
+    exp.add_argument("--dense", metavar="DIR", required=True,
+                     help="new folder for the dense checkpoint, readable by any tool that loads transformers models")
+    exp.set_defaults(run=_export)
 
     prune_job.add_parser(sub)
     return parser

@@ -9,6 +9,7 @@ allocates nothing that lasts); the canonical `VNMTensor` is rebuilt from it (`op
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,7 +45,9 @@ class VNMLinear(nn.Module):
                 raise ValueError(f"bias must be a tensor of shape ({self.out_features},), got {getattr(bias, 'shape', bias)!r}")
             bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
         self.bias = bias
-        for name in (*_CANONICAL, *_PACKED, *_COPY):  # state_dict is written by _save_to_state_dict
+        for name in _CANONICAL:  # saved; None while the packed layout is held (then rebuilt for state_dict)
+            self.register_buffer(name, None)
+        for name in (*_PACKED, *_COPY):  # derived on the device, never saved
             self.register_buffer(name, None, persistent=False)
         self.pattern = weight.pattern
         self._weight: VNMTensor | None = None
@@ -153,13 +156,23 @@ class VNMLinear(nn.Module):
         return self
 
     # --- state_dict -------------------------------------------------------------------------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"pattern": str(self.pattern), "shape": [self.out_features, self.in_features], "version": FORMAT_VERSION}
+    extra_state_as_tensor = False  # True while transformers' loader fills this layer: it handles only tensors
+
+    def get_extra_state(self) -> dict[str, Any] | torch.Tensor:
+        """The record state_dict keeps beside the tensors: a dict (a uint8 JSON tensor if extra_state_as_tensor)."""
+        state = {"pattern": str(self.pattern), "shape": [self.out_features, self.in_features], "version": FORMAT_VERSION}
+        return extra_state_tensor(state) if self.extra_state_as_tensor else state
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check a saved record (a dict, or a uint8 tensor of its JSON as `extra_state_tensor` writes for files that
+        hold only tensors) against this layer: transformers' loader calls this. Changes nothing."""
+        self._check_extra(_extra_from_tensor(state) if isinstance(state, torch.Tensor) else state)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        for name, tensor in self.weight.state_tensors().items():
-            destination[prefix + name] = tensor if keep_vars else tensor.detach()
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias, then the extra state
+        if self._packed is not None:  # the canonical buffers are None: the canonical form rebuilt from the pack
+            for name, tensor in self.weight.state_tensors().items():
+                destination[prefix + name] = tensor if keep_vars else tensor.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # canonical buffers if held, bias, extra state
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
@@ -167,15 +180,16 @@ class VNMLinear(nn.Module):
         catches the error keeps the layer as it was)."""
         keys = [prefix + name for name in (*_CANONICAL, _EXTRA_STATE)]
         present = {key: state_dict.pop(key) for key in keys if key in state_dict}
-        if strict:
-            missing_keys.extend(key for key in keys if key not in present)
         weight = None
         if len(present) == len(keys):
             assign = local_metadata.get("assign_to_params_buffers", False)
             weight = self._weight_from_state(*present.values(), like=None if assign else self._held())
-        errors = len(error_msgs)
+        errors, missing = len(error_msgs), len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)  # the bias
+                                      error_msgs)  # the bias (the keys above were taken out: its misses are ours)
+        missing_keys[missing:] = [key for key in missing_keys[missing:] if key not in keys]
+        if strict:
+            missing_keys.extend(key for key in keys if key not in present)
         if weight is not None and len(error_msgs) == errors:
             self._hold(weight)
 
@@ -187,15 +201,8 @@ class VNMLinear(nn.Module):
                            like: torch.Tensor | None) -> VNMTensor:
         """The checked `VNMTensor` a state dict holds for this layer (same shape and pattern), copied to the device
         and dtype of `like` (None: the state's own tensors, as `load_state_dict(assign=True)` asks)."""
-        if not isinstance(extra, Mapping) or extra.get("version") != FORMAT_VERSION:
-            raise ValueError(f"VNMLinear extra state must be a dict with version {FORMAT_VERSION!r}, got {extra!r}")
+        pattern = self._check_extra(extra)
         shape = [self.out_features, self.in_features]
-        if list(extra.get("shape", ())) != shape:
-            raise ValueError(f"VNMLinear state has shape {extra.get('shape')}; this layer is {shape}")
-        pattern = VNMPattern.parse(extra.get("pattern"))
-        if pattern != self.pattern:
-            raise ValueError(f"VNMLinear state is {pattern}, whose buffers have other shapes than this {self.pattern} "
-                             "layer's; load it into a layer of its pattern")
         tensors = []
         for name, tensor in zip(_CANONICAL, (values, columns, positions)):
             if not isinstance(tensor, torch.Tensor):
@@ -206,6 +213,33 @@ class VNMLinear(nn.Module):
             tensors.append(tensor)
         return VNMTensor(*tensors, pattern, tuple(shape))  # checks every invariant
 
+    def _check_extra(self, extra: Any) -> VNMPattern:
+        """This layer's pattern, if `extra` is a record of this layer's version, shape and pattern; else ValueError."""
+        if not isinstance(extra, Mapping) or extra.get("version") != FORMAT_VERSION:
+            raise ValueError(f"VNMLinear extra state must be a dict with version {FORMAT_VERSION!r}, got {extra!r}")
+        shape = [self.out_features, self.in_features]
+        if list(extra.get("shape", ())) != shape:
+            raise ValueError(f"VNMLinear state has shape {extra.get('shape')}; this layer is {shape}")
+        pattern = VNMPattern.parse(extra.get("pattern"))
+        if pattern != self.pattern:
+            raise ValueError(f"VNMLinear state is {pattern}, whose buffers have other shapes than this {self.pattern} "
+                             "layer's; load it into a layer of its pattern")
+        return pattern
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}, "
                 f"bias={self.bias is not None}")
+
+
+def extra_state_tensor(state: Mapping[str, Any]) -> torch.Tensor:
+    """A VNMLinear extra-state record as a uint8 tensor of its JSON, for files that hold only tensors (safetensors)."""
+    return torch.frombuffer(bytearray(json.dumps(dict(state), sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def _extra_from_tensor(tensor: torch.Tensor) -> Any:
+    if tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        raise ValueError(f"VNMLinear extra state as a tensor must be 1-D uint8 JSON, got {tensor.dtype} {tuple(tensor.shape)}")
+    try:
+        return json.loads(bytes(tensor.cpu().tolist()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"VNMLinear extra state tensor is not a JSON record: {error}") from None

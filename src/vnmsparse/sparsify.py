@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import hf
 from .calibrate import BlockRunner, block_index, calibration_mode, collect_act_sq_mean, find_blocks, recording
 from .format import VALUE_DTYPES, compress
 from .nn import VNMLinear
@@ -357,6 +358,7 @@ def sparsify(
     report = SparsifyReport(layers, method.value, calibration, config.a if method is Method.RIA else None,
                             config.permute, len(batches), model_params, time.perf_counter() - start)
     model.vnm_sparsity = report.to_config()
+    hf.attach(model)  # a transformers model's own save_pretrained can write it now
     return report
 
 
