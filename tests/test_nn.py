@@ -297,3 +297,11 @@ def test_gpu_compile_reduce_overhead_runs_on_the_packed_buffers():
         for _ in range(3):
             out = compiled(x)
     torch.testing.assert_close(out, eager)
+
+
+def test_a_move_to_where_the_packed_layer_is_keeps_its_buffers(packs_on_cpu):
+    sparse = VNMLinear.from_linear(linear(), "16:2:8").to(torch.bfloat16)
+    vals = sparse.packed_vals
+    sparse.to("cpu")
+    sparse.to(torch.bfloat16)
+    assert sparse.packed_vals is vals

@@ -99,6 +99,10 @@ def _define() -> tuple[type, type]:
             return True
 
         @property
+        def is_compileable(self) -> bool:
+            return True  # the op has a fake implementation; torch.compile and CUDA graphs run it
+
+        @property
         def is_trainable(self) -> bool:
             return False
 

@@ -139,11 +139,18 @@ class VNMLinear(nn.Module):
         """`.to()`, `.cuda()`, `.half()`, `.to_empty()`: the weight in canonical form through `fn`, then held anew
         (packed if it lands on a GPU). A dtype a `VNMTensor` cannot hold is refused before anything changes;
         `to_empty` from the meta device gives an all-zero weight in a valid layout, ready for `load_state_dict`."""
-        weight = self.weight
-        probe = fn(torch.empty(0, dtype=weight.dtype, device=weight.device))  # where and in what fn puts values
+        held = self._held()
+        probe = fn(torch.empty(0, dtype=held.dtype, device=held.device))  # where and in what fn puts values
         if probe.dtype not in VALUE_DTYPES:
             raise TypeError(f"VNMLinear values must be one of {VALUE_DTYPES}, not {probe.dtype}; the layer is unchanged "
                             "(convert the rest of the model around it, or use to_linear())")
+        if self._packed is not None and (probe.device, probe.dtype) == (held.device, held.dtype):
+            kept = {name: self._buffers[name] for name in (*_PACKED, *_COPY)}  # already there: no unpack and repack
+            self._buffers.update(dict.fromkeys(kept))
+            super()._apply(fn, recurse)  # the bias
+            self._buffers.update(kept)
+            return self
+        weight = self.weight
         shape = (self.out_features, self.in_features)
         if weight.values.is_meta and not probe.is_meta:
             moved = VNMTensor.zeros(shape, weight.pattern, probe.dtype, probe.device)
