@@ -25,9 +25,11 @@ install_torch() {
     echo "setup: NVIDIA GPU found: installing the CUDA build ($default)"; pip install -q $default; return
   fi
   echo "setup: no NVIDIA GPU found: installing the CPU build of torch $TORCH_VERSION"
-  if ! pip install -q "torch==$TORCH_VERSION+cpu" "torchvision==$TORCHVISION_VERSION+cpu" --extra-index-url "$TORCH_CPU_INDEX"; then
-    echo "setup: no CPU build of torch $TORCH_VERSION is reachable here (pip's indexes and $TORCH_CPU_INDEX);"
-    echo "setup: installing the default build instead ($default: it runs on the CPU, with unused CUDA libraries)"
+  if ! pip install -q "torch==$TORCH_VERSION+cpu" "torchvision==$TORCHVISION_VERSION+cpu" \
+       --extra-index-url "$TORCH_CPU_INDEX" >.venv/torch-cpu.log 2>&1; then
+    echo "setup: no CPU build of torch $TORCH_VERSION is reachable here (pip's indexes and $TORCH_CPU_INDEX;"
+    echo "setup: pip's answer is in .venv/torch-cpu.log); installing the default build instead ($default):"
+    echo "setup: it runs on the CPU too, with CUDA libraries it does not use"
     pip install -q $default
   fi
 }

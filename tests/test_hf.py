@@ -123,3 +123,21 @@ def test_loading_works_whichever_is_imported_first(hf_saved, imports):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("VNMLinear")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_from_pretrained_onto_a_gpu_holds_only_the_packed_layout(hf_saved):
+    from transformers import AutoModelForCausalLM
+
+    model, folder = hf_saved
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda")
+    layer = loaded.model.layers[0].mlp.up_proj
+    assert layer.values is None and layer.packed_vals.is_cuda
+    ids = token_ids().cuda()
+    reference = logits(model.to(torch.bfloat16), token_ids()).float()
+    torch.testing.assert_close(logits(loaded, ids).float().cpu(), reference, rtol=0.05, atol=0.05)
+    loaded.save_pretrained(folder.parent / "from-gpu")  # the canonical form, rebuilt from the packed one
+    again = AutoModelForCausalLM.from_pretrained(folder.parent / "from-gpu", dtype=torch.bfloat16)
+    assert again.model.layers[0].mlp.up_proj.weight == layer.weight.to(device="cpu")
+    model.float()
