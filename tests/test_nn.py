@@ -125,7 +125,7 @@ def test_packed_layer_holds_one_copy_and_saves_the_canonical_form(packs_on_cpu, 
     canonical = VNMLinear.from_linear(dense, pattern).weight.to(dtype=torch.bfloat16)
     sparse = VNMLinear(canonical, dense.bias.detach().to(torch.bfloat16))
     assert sparse.values is None and sparse.columns is None and sparse.packed_vals is not None
-    assert sparse.packed_nbytes == sum(b.numel() * b.element_size() for b in sparse.buffers())
+    assert sparse.held_nbytes == sum(b.numel() * b.element_size() for b in sparse.buffers())
     assert sparse.weight == canonical  # rebuilt exactly, padding slots included
     state = sparse.state_dict()
     assert set(state) == {"values", "columns", "positions", "bias", "_extra_state"}
@@ -265,8 +265,8 @@ def test_gpu_layer_memory_after_its_first_call_is_its_packed_bytes():
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
     assert sparse.values is None and sparse.packed_vals is not None
-    assert held <= sparse.packed_nbytes + 64 * 1024, (held, sparse.packed_nbytes)
-    assert sparse.packed_nbytes < 0.3 * 4096 * 4096 * 2  # well under the dense bf16 weight
+    assert held <= sparse.held_nbytes + 64 * 1024, (held, sparse.held_nbytes)
+    assert sparse.held_nbytes < 0.3 * 4096 * 4096 * 2  # well under the dense bf16 weight
 
 
 @pytest.mark.gpu

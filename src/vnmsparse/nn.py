@@ -113,7 +113,7 @@ class VNMLinear(nn.Module):
         self._hold(VNMTensor(self.values, self.columns, self.positions, self.pattern, (self.out_features, self.in_features)))
 
     @property
-    def packed_nbytes(self) -> int:
+    def held_nbytes(self) -> int:
         """Bytes of the weight as held now (packed layout and its copy, or the canonical tensors)."""
         held = [t for name in (*_CANONICAL, *_PACKED, *_COPY) if (t := self._buffers[name]) is not None]
         return sum(t.numel() * t.element_size() for t in held)
