@@ -305,3 +305,9 @@ def test_a_move_to_where_the_packed_layer_is_keeps_its_buffers(packs_on_cpu):
     sparse.to("cpu")
     sparse.to(torch.bfloat16)
     assert sparse.packed_vals is vals
+
+
+def test_packed_layer_refuses_an_input_on_another_device(packs_on_cpu):
+    sparse = VNMLinear.from_linear(linear(), "16:2:8").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="move one of them"):
+        sparse(torch.randn(2, 40, dtype=torch.bfloat16, device="meta"))

@@ -169,10 +169,12 @@ def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None) -> torc
 def linear_packed(x: torch.Tensor, packed: PackedVNM, bias: Optional[torch.Tensor] = None,
                   two_four: Optional[PackedVNM] = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for a weight already in its kernel layout (`pack_for_device`), with its optional 2:4
-    copy: what `VNMLinear` calls on a GPU. The kernels where they can run (x on the pack's device, in its dtype),
-    else the reference computed from the packed parts."""
+    copy: what `VNMLinear` calls on a GPU. x must be on the pack's device; the kernels run where they can (x in
+    the weight's dtype), else the reference computed from the packed parts."""
     R, C = packed.shape
     check_input(x, bias, R, C)
+    if x.device != packed.a_vals.device:
+        raise ValueError(f"x is on {x.device}, the packed weight on {packed.a_vals.device}: move one of them")
     reason = _unavailable(x.device, x.dtype, packed.V, packed.M, packed.a_vals.dtype)
     if reason is not None:
         log_once(logging.WARNING, f"vnmsparse.ops.linear_packed: {reason}; using the plain-torch reference")
