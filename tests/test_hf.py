@@ -141,3 +141,20 @@ def test_from_pretrained_onto_a_gpu_holds_only_the_packed_layout(hf_saved):
     again = AutoModelForCausalLM.from_pretrained(folder.parent / "from-gpu", dtype=torch.bfloat16)
     assert again.model.layers[0].mlp.up_proj.weight == layer.weight.to(device="cpu")
     model.float()
+
+
+def test_attach_makes_a_hand_swapped_model_saveable(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from vnmsparse import hf
+
+    model = tiny_llama()
+    name = "model.layers.0.mlp.up_proj"
+    model.set_submodule(name, VNMLinear.from_linear(model.get_submodule(name), "16:2:8"))
+    hf.attach(model)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded.get_submodule(name), VNMLinear) and torch.equal(logits(loaded), logits(model))
+    plain = nn.Sequential(VNMLinear.from_linear(nn.Linear(16, 16), "16:2:8"))
+    hf.attach(plain)  # not a transformers model: nothing to do
+    assert not hasattr(plain, "hf_quantizer")
