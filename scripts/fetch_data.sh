@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Fetch the default texts and images from Debian packages into ./data (never committed):
+# Fetch the default texts and images from Debian packages into DIR (default: $VNMSPARSE_DATA, else the per-user
+# data folder ${XDG_DATA_HOME:-~/.local/share}/vnmsparse/data, where the package looks):
 #   Jane Austen's six novels (r-cran-janeaustenr)    -> calibration / training text
 #   Moby Dick (r-cran-tokenizers)                    -> evaluation text
 #   Fashion-MNIST (dataset-fashion-mnist)            -> the ViT experiment
 # Only the data files are unpacked (dpkg -x); R itself is not installed.
 set -euo pipefail
-dest="${1:-${VNMSPARSE_DATA:-data}}"
+dest="${1:-${VNMSPARSE_DATA:-${XDG_DATA_HOME:-$HOME/.local/share}/vnmsparse/data}}"
 mkdir -p "$dest"
 dest=$(cd "$dest" && pwd)
 work=$(mktemp -d)

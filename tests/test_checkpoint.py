@@ -153,3 +153,47 @@ def test_folders_that_are_not_checkpoints(tmp_path):
         load_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no VNMLinear"):
         save_pretrained(tiny_llama(), tmp_path / "dense")
+
+
+def test_the_package_exports_save_and_load():
+    import vnmsparse
+
+    assert vnmsparse.save_pretrained is save_pretrained and vnmsparse.load_pretrained is load_pretrained
+    assert vnmsparse.checkpoint.load_pretrained is load_pretrained
+
+
+def _copy_with_config(folder, tmp_path, edit):
+    (tmp_path / WEIGHTS_NAME).write_bytes((folder / WEIGHTS_NAME).read_bytes())
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    edit(config)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    return tmp_path
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.update(rms_norm_eps=1e-3), "checksum"),
+    (lambda c: c.update(rope_theta=5e5), "checksum"),
+    (lambda c: c["sparsity_config"].update(dtype="float99"), "dtype"),
+    (lambda c: c.update(architectures=["BertModel"]), "checksum"),
+    (lambda c: c.update(architectures=[5]), "architectures"),
+    (lambda c: c.update(architectures="LlamaForCausalLM"), "architectures"),
+    (lambda c: c["sparsity_config"].update(layers=list(c["sparsity_config"]["layers"])), "layers"),
+])
+def test_an_edited_config_is_refused(saved_llama, tmp_path, edit, match):
+    with pytest.raises(ValueError, match=match):
+        load_pretrained(_copy_with_config(saved_llama[1], tmp_path, edit))
+
+
+def test_a_failed_load_leaves_the_given_model_untouched(tmp_path):
+    model = tiny_vit()
+    sparsify(model, SparsifyConfig("32:2:8"), progress=False)
+    save_pretrained(model, tmp_path)
+    target = tiny_vit(seed=5)
+    target.head = nn.Linear(192, 7)  # another number of classes: the checkpoint does not fit
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    modules = dict(target.named_modules())
+    with pytest.raises(ValueError, match="head"):
+        load_pretrained(tmp_path, model=target)
+    assert dict(target.named_modules()).keys() == modules.keys()
+    assert all(target.get_submodule(n) is m for n, m in modules.items())
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())

@@ -40,3 +40,28 @@ def test_select_writes_a_plot(tmp_path, capsys):
     assert main(["select", "--target", "2", "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
+
+
+def test_info_says_when_a_format_is_larger_than_dense(capsys):
+    assert main(["info", "1:2:4"]) == 0
+    assert "2.56x LARGER" in capsys.readouterr().out
+    assert main(["info", "2:4"]) == 0
+    out = capsys.readouterr().out
+    assert "pattern            64:2:4" in out and "x smaller" in out
+
+
+def test_select_bad_paths_are_named(tmp_path, capsys):
+    assert main(["select", "--target", "2", "--table", str(tmp_path / "none.json")]) == 2
+    assert "--table" in capsys.readouterr().err
+    assert main(["select", "--target", "2", "--plot", str(tmp_path / "no" / "front.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["select", "--target", "2", "--plot", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_plot_labels_do_not_overlap_and_the_choice_is_labelled():
+    from vnmsparse.plot import _spaced
+
+    points = [(1.0, 0.45), (1.01, 0.449), (2.0, 0.3), (2.02, 0.301), (14.0, 0.05)]
+    kept = _spaced(points, first=1)
+    assert kept[0] == 1 and 0 not in kept and 2 in kept and 3 not in kept and 4 in kept

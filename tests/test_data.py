@@ -56,3 +56,18 @@ def test_bad_arguments():
         data.fashion_mnist("val")
     with pytest.raises(FileNotFoundError, match="not found"):
         data.read_text("/no/such/file.txt")
+
+
+def test_data_is_found_from_any_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("VNMSPARSE_DATA", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "share"))
+    monkeypatch.chdir(tmp_path)
+    assert data.data_dir() == tmp_path / "share" / "vnmsparse" / "data"  # where setup puts it
+    (tmp_path / "data").mkdir()
+    assert data.data_dir() == data.Path("data")  # a checkout fetched into by an older setup
+    (tmp_path / "share" / "vnmsparse" / "data").mkdir(parents=True)
+    assert data.data_dir() == tmp_path / "share" / "vnmsparse" / "data"
+    with pytest.raises(FileNotFoundError, match="setup.sh"):
+        data.check_text("austen")
+    monkeypatch.setenv("VNMSPARSE_DATA", str(tmp_path / "mine"))
+    assert data.data_dir() == tmp_path / "mine"

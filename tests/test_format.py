@@ -191,3 +191,57 @@ def test_to_changes_dtype_and_keeps_indices():
     assert h.dtype == torch.float16 and torch.equal(h.columns, t.columns)
     with pytest.raises(TypeError, match="dtype"):
         t.to(dtype=torch.int8)
+
+
+def test_pruned_non_finite_weights_are_stored_as_zeros():
+    weight = torch.randn(8, 8)
+    weight[0, 0], weight[1, 7], weight[2, 3] = float("inf"), float("nan"), -float("inf")
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[:, 4:6] = True
+    t = compress(weight, "4:2:8", mask=mask)
+    assert torch.isfinite(t.values).all()
+    assert torch.equal(t.to_dense(), torch.where(mask, weight, 0.0))
+    assert torch.isfinite(vnm_linear(torch.randn(2, 8), t)).all()
+
+
+@pytest.mark.parametrize("shape, error", [
+    ((16, 16, 5), ValueError), ((16,), ValueError), ((16.5, 16), TypeError), ((True, 16), TypeError), ("16x16", ValueError),
+])
+def test_shape_must_be_two_ints(shape, error):
+    t = compress(torch.randn(16, 16), "16:2:8")
+    with pytest.raises(error, match="shape"):
+        VNMTensor(t.values, t.columns, t.positions, t.pattern, shape)
+    assert VNMTensor(t.values, t.columns, t.positions, t.pattern, torch.Size([16, 16])).shape == (16, 16)
+
+
+def test_wrong_types_raise_clear_errors(tmp_path):
+    weight = torch.randn(8, 16)
+    with pytest.raises(TypeError, match="scores must be a torch.Tensor"):
+        compress(weight, "8:2:8", scores=weight.tolist())
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        compress(weight, "8:2:8", mask=[[True] * 16] * 8)
+    t = compress(weight, "8:2:8")
+    t.save(tmp_path / "w.safetensors")
+    with pytest.raises(TypeError, match="path"):
+        VNMTensor.load(str(tmp_path / "w.safetensors").encode())
+    with pytest.raises(TypeError, match="path"):
+        t.save(b"/tmp/w.safetensors")
+
+
+def test_equality_is_by_value():
+    weight = torch.randn(8, 16)
+    a, b = compress(weight, "8:2:8"), compress(weight.clone(), "8:2:8")
+    assert a == b and not (a != b)
+    assert a != compress(weight, "4:2:8") and a != compress(weight * 2, "8:2:8") and a != a.to(dtype=torch.float16)
+    assert a != "not a tensor"
+    with pytest.raises(TypeError):
+        hash(a)
+
+
+def test_meta_tensors_are_skeletons_and_zeros_is_valid():
+    t = VNMTensor.zeros((50, 37), "16:2:8", torch.bfloat16)
+    assert t.dtype == torch.bfloat16 and not t.to_dense().any() and t.to_dense().shape == (50, 37)
+    meta = VNMTensor.zeros((50, 37), "16:2:8", device="meta")
+    assert meta.device.type == "meta" and meta.values.shape == t.values.shape
+    with pytest.raises(ValueError, match="shape"):
+        VNMTensor(meta.values[:, :3], meta.columns, meta.positions, meta.pattern, meta.shape)

@@ -109,3 +109,26 @@ def test_cuda_and_cpu_agree():
         s = torch.randint(0, 4, (200, 300)).float() if ties else torch.rand(200, 300)
         for p in ("64:2:8", "16:2:5", "1:2:4"):
             assert torch.equal(vnm_mask(s, p), vnm_mask(s.cuda(), p).cpu())
+
+
+@given(data=st.data(), p=patterns, kind=st.sampled_from(["float64", "int64"]))
+def test_scores_rank_in_their_own_precision(data, p, kind):
+    """Scores that differ below float32's precision (float64 near 1, integers above 2^24) keep their order."""
+    R, C = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 40))
+    k = torch.randint(0, 50, (R, C), generator=torch.Generator().manual_seed(data.draw(st.integers(0, 2**31))))
+    scores = 2**40 + k if kind == "int64" else 1 + k.double() * 2**-40  # every block sum exact in float64
+    assert torch.equal(vnm_mask(scores, p), rule_by_loops(scores, p))
+
+
+def test_float64_scores_beyond_float32_range():
+    s = torch.tensor([[1, 2, 1e300, 3, 4, 5], [1, 2, -1e300, 3, 4, 5]], dtype=torch.float64)
+    assert vnm_mask(s, "2:2:6").tolist() == [[False, False, False, False, True, True]] * 2
+    huge = torch.tensor([[1e308, 1e308, -1e308, 1.0, 2.0, 3.0]] * 2, dtype=torch.float64)  # sums overflow float64
+    assert vnm_mask(huge, "2:2:6").tolist() == [[True, True, False, False, False, False]] * 2
+
+
+def test_meta_tensors_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="meta"):
+        vnm_mask(torch.empty(4, 8, device="meta"), "4:2:8")
+    with pytest.raises(ValueError, match="meta"):
+        check_vnm(torch.empty(4, 8, dtype=torch.bool, device="meta"), "4:2:8")

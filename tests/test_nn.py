@@ -105,3 +105,209 @@ def test_compile_llama_with_vnm_layers():
         eager = model(ids).logits
         compiled = torch.compile(model)(ids).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+# --- one copy of the weight: the packed layout where the kernels take it -------------------------------------------
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+@pytest.fixture
+def packs_on_cpu(monkeypatch):
+    """Make VNMLinear treat the CPU like a GPU whose kernels take bf16 / fp16 (forward: the reference from the packed
+    parts), so that the packed-mode bookkeeping runs here; the GPU tests below run the real thing."""
+    monkeypatch.setattr(VNMLinear, "_packs", staticmethod(lambda weight: weight.dtype in HALF and not weight.values.is_meta))
+
+
+@pytest.mark.parametrize("shape, pattern", [((48, 40), "16:2:8"), ((50, 37), "32:2:5"), ((33, 9), "16:2:4")])
+def test_packed_layer_holds_one_copy_and_saves_the_canonical_form(packs_on_cpu, shape, pattern):
+    dense = linear(*shape)
+    canonical = VNMLinear.from_linear(dense, pattern).weight.to(dtype=torch.bfloat16)
+    sparse = VNMLinear(canonical, dense.bias.detach().to(torch.bfloat16))
+    assert sparse.values is None and sparse.columns is None and sparse.packed_vals is not None
+    assert sparse.held_nbytes == sum(b.numel() * b.element_size() for b in sparse.buffers())
+    assert sparse.weight == canonical  # rebuilt exactly, padding slots included
+    state = sparse.state_dict()
+    assert set(state) == {"values", "columns", "positions", "bias", "_extra_state"}
+    assert torch.equal(state["values"], canonical.values) and torch.equal(state["columns"], canonical.columns)
+    x = torch.randn(3, shape[1], dtype=torch.bfloat16)
+    torch.testing.assert_close(sparse(x), nn.functional.linear(x, canonical.to_dense(), sparse.bias))
+    back = VNMLinear(canonical.to(dtype=torch.float32), dense.bias)
+    back.load_state_dict(state)  # into a canonical fp32 layer: copied and cast, as nn.Module does
+    assert back.values.dtype == torch.float32 and torch.equal(back.weight.to_dense(), canonical.to_dense().float())
+    sparse.float()  # no fp32 kernel: back to the canonical tensors
+    assert sparse.packed_vals is None and sparse.weight == canonical.to(dtype=torch.float32)
+    sparse.bfloat16()
+    assert sparse.values is None and sparse.weight == canonical
+
+
+def test_packed_layer_compiles_over_its_buffers(packs_on_cpu):
+    sparse = VNMLinear.from_linear(linear(64, 40), "16:2:8").to(torch.bfloat16)
+    x = torch.randn(5, 40, dtype=torch.bfloat16)
+    assert torch.equal(torch.compile(sparse, fullgraph=True)(x), sparse(x))
+
+
+def test_packed_layer_loads_a_state_dict_into_its_packed_layout(packs_on_cpu):
+    source = VNMLinear.from_linear(linear(seed=0), "16:2:8")
+    target = VNMLinear.from_linear(linear(seed=1), "16:2:8").to(torch.float16)
+    target.load_state_dict(source.state_dict())
+    assert target.values is None and target.weight == source.weight.to(dtype=torch.float16)
+
+
+def test_double_is_refused_before_anything_changes():
+    sparse = VNMLinear.from_linear(linear(), "16:2:8")
+    before = sparse.state_dict()
+    with pytest.raises(TypeError, match="float64"):
+        sparse.double()
+    assert sparse.values.dtype == sparse.bias.dtype == torch.float32
+    assert all(torch.equal(before[k], v) for k, v in sparse.state_dict().items() if k != "_extra_state")
+
+
+def test_meta_and_to_empty_then_load():
+    source = VNMLinear.from_linear(linear(), "16:2:8")
+    skeleton = VNMLinear.from_linear(linear(seed=3), "16:2:8").to("meta")
+    assert skeleton.values.is_meta and skeleton.bias.is_meta
+    assert skeleton(torch.empty(2, 40, device="meta")).shape == (2, 48)
+    skeleton.to_empty(device="cpu")  # no data to keep: a valid all-zero weight
+    assert not skeleton.weight.to_dense().any()
+    skeleton.load_state_dict(source.state_dict())
+    x = torch.randn(3, 40)
+    assert torch.equal(skeleton(x), source(x))
+
+
+def _tampered(state, key, value):
+    state = dict(state)
+    state[key] = value
+    return state
+
+
+@pytest.mark.parametrize("key, value, error, match", [
+    ("_extra_state", {"pattern": "16:2:8", "shape": [48, 40], "version": "0"}, ValueError, "version"),
+    ("_extra_state", {"pattern": "16:2:9", "shape": [48, 40], "version": "1"}, ValueError, "16:2:9"),
+    ("_extra_state", {"pattern": "64:2:3", "shape": [48, 40], "version": "1"}, ValueError, "M must be"),
+    ("columns", "not a tensor", TypeError, "columns"),
+    ("positions", torch.zeros(48, 3, dtype=torch.uint8), ValueError, "positions"),
+    ("columns", torch.zeros(3, 5, 4, dtype=torch.int32), ValueError, "repeats a column"),
+])
+def test_a_bad_state_dict_leaves_the_layer_untouched(key, value, error, match):
+    target = VNMLinear.from_linear(linear(seed=1), "16:2:8")
+    before = {k: v.clone() for k, v in target.state_dict().items() if k != "_extra_state"}
+    state = _tampered(VNMLinear.from_linear(linear(seed=0), "16:2:8").state_dict(), key, value)
+    with pytest.raises(error, match=match):
+        target.load_state_dict(state)
+    after = target.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert target.weight.values is target.values
+
+
+def test_a_failed_bias_load_leaves_the_weight_untouched():
+    target = VNMLinear.from_linear(linear(seed=1), "16:2:8")
+    before = target.weight.to_dense().clone()
+    state = _tampered(VNMLinear.from_linear(linear(seed=0), "16:2:8").state_dict(), "bias", torch.zeros(3))
+    with pytest.raises(RuntimeError, match="bias"):
+        target.load_state_dict(state)
+    assert torch.equal(target.weight.to_dense(), before)
+
+
+def test_loaded_state_is_copied_not_shared():
+    source = VNMLinear.from_linear(linear(seed=0), "16:2:8")
+    target = VNMLinear.from_linear(linear(seed=1), "16:2:8")
+    target.load_state_dict(source.state_dict())
+    assert target.values.data_ptr() != source.values.data_ptr()
+
+
+@pytest.mark.parametrize("x, error, match", [
+    (torch.ones(2, 40, dtype=torch.int64), TypeError, "floating-point"),
+    (torch.tensor(1.0), ValueError, "at least one dim"),
+    (torch.ones(2, 39), ValueError, "in_features=40"),
+])
+def test_inputs_nn_linear_refuses_are_refused(x, error, match):
+    sparse = VNMLinear.from_linear(linear(), "16:2:8")
+    with pytest.raises(error, match=match):
+        sparse(x)
+    with pytest.raises(error, match=match):
+        vs_linear(x, sparse.weight)
+
+
+def vs_linear(x, weight, bias=None):
+    from vnmsparse import ops
+
+    ops.linear(x, weight, bias)
+    from vnmsparse import vnm_linear
+
+    return vnm_linear(x, weight, bias)
+
+
+def test_bias_must_be_a_tensor():
+    from vnmsparse import ops, vnm_linear
+
+    weight = compress(torch.randn(8, 16), "8:2:8")
+    for fn in (vnm_linear, ops.linear):
+        with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+            fn(torch.randn(2, 16), weight, [0.0] * 8)
+
+
+# --- on a GPU (the lead runs these on the device) ----------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_layer_memory_after_its_first_call_is_its_packed_bytes():
+    torch.cuda.empty_cache()
+    sparse = VNMLinear.from_linear(linear(4096, 4096, bias=False), "64:2:8").to(torch.bfloat16)
+    x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    base = torch.cuda.memory_allocated()
+    sparse.cuda()
+    with torch.no_grad():
+        y = sparse(x)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
+    assert sparse.values is None and sparse.packed_vals is not None
+    assert held <= sparse.held_nbytes + 64 * 1024, (held, sparse.held_nbytes)
+    assert sparse.held_nbytes < 0.3 * 4096 * 4096 * 2  # well under the dense bf16 weight
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_layer_round_trips_state_and_devices_exactly():
+    cpu = VNMLinear.from_linear(linear(96, 72), "32:2:5").to(torch.float16)
+    gpu_layer = VNMLinear.from_linear(linear(96, 72), "32:2:5").to(torch.float16).cuda()
+    assert gpu_layer.values is None
+    assert gpu_layer.weight == cpu.weight.to(device="cuda")
+    state = gpu_layer.state_dict()
+    assert state["values"].is_cuda and torch.equal(state["values"].cpu(), cpu.values)
+    back = gpu_layer.cpu()
+    assert back.packed_vals is None and back.weight == cpu.weight
+    x = torch.randn(5, 72, dtype=torch.float16, device="cuda")
+    gpu_layer.cuda()
+    torch.testing.assert_close(gpu_layer(x).float(), cpu.float()(x.cpu().float()).cuda(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_compile_reduce_overhead_runs_on_the_packed_buffers():
+    model = nn.Sequential(VNMLinear.from_linear(linear(256, 128), "64:2:8"), nn.ReLU(),
+                          VNMLinear.from_linear(linear(128, 256), "64:2:8")).to(torch.bfloat16).cuda()
+    x = torch.randn(4, 128, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, mode="reduce-overhead")
+        for _ in range(3):
+            out = compiled(x)
+    torch.testing.assert_close(out, eager)
+
+
+def test_a_move_to_where_the_packed_layer_is_keeps_its_buffers(packs_on_cpu):
+    sparse = VNMLinear.from_linear(linear(), "16:2:8").to(torch.bfloat16)
+    vals = sparse.packed_vals
+    sparse.to("cpu")
+    sparse.to(torch.bfloat16)
+    assert sparse.packed_vals is vals
+
+
+def test_packed_layer_refuses_an_input_on_another_device(packs_on_cpu):
+    sparse = VNMLinear.from_linear(linear(), "16:2:8").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="move one of them"):
+        sparse(torch.randn(2, 40, dtype=torch.bfloat16, device="meta"))

@@ -45,3 +45,16 @@ def test_geometry_of_short_blocks():
 def test_bytes_per_weight_counts_values_positions_and_indices():
     p = VNMPattern.parse("64:2:8")
     assert p.bytes_per_weight(2.0) == pytest.approx(2 / 8 * 2 + 0.5 / 8 + 16 / (64 * 8))
+
+
+def test_two_four_means_the_kernels_v_and_gives_the_plain_2_4_mask():
+    import torch
+
+    from vnmsparse import vnm_mask
+    from vnmsparse.ops.limits import SUPPORTED_V
+    from vnmsparse.pattern import TWO_FOUR_V
+
+    p = VNMPattern.parse(" 2 : 4 ")
+    assert p == VNMPattern(V=TWO_FOUR_V, M=4) and TWO_FOUR_V in SUPPORTED_V and p.sparsity == 0.5
+    scores = torch.rand(70, 36)
+    assert torch.equal(vnm_mask(scores, p), vnm_mask(scores, "1:2:4"))

@@ -77,3 +77,48 @@ def test_real_smollm2_end_to_end(tmp_path, capsys):
     assert "210 / 211" in table and "75.00%" in table
     loaded = load_pretrained(out)
     assert sum(isinstance(m, VNMLinear) for m in loaded.modules()) == 210
+
+
+def test_pattern_errors_keep_their_reason_and_2_4_is_accepted(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "--pattern", "64:2:3"])
+    assert "M must be >= 4" in capsys.readouterr().err
+    assert build_parser().parse_args(["prune", "--pattern", "2:4"]).pattern == VNMPattern(V=64, M=4)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--calib", "no-such-text.txt"], "--calib"),
+    (["--eval", "no-such-text.txt"], "--eval"),
+    (["--model", "no-such-model"], "no-such-model"),
+    (["--device", "tpu"], "--device"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device"),
+])
+def test_inputs_are_checked_before_the_model_loads(monkeypatch, capsys, flags, match):
+    import vnmsparse.models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(vnmsparse.models, "load_causal_lm", never)
+    assert main(["prune", *flags]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_out_must_not_be_a_file(monkeypatch, tmp_path, capsys):
+    import vnmsparse.models
+
+    monkeypatch.setattr(vnmsparse.models, "load_causal_lm", lambda *a, **k: pytest.fail("loaded"))
+    (tmp_path / "f").write_text("x")
+    assert main(["prune", "--calib", str(tmp_path / "f"), "--eval", str(tmp_path / "f"), "--out", str(tmp_path / "f")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_the_load_hint_works_when_pasted(tiny_job, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--pattern", "16:2:8", "--method", "magnitude", "--no-reference", "--calib-chunks", "1",
+                 "--eval-chunks", "1", "--seq-len", "32", "--out", str(out)]) == 0
+    hint = capsys.readouterr().out.strip().splitlines()[-1].strip()
+    assert hint.startswith("import vnmsparse; model = vnmsparse.load_pretrained(")
+    namespace = {}
+    exec(hint, namespace)
+    assert sum(isinstance(m, VNMLinear) for m in namespace["model"].modules()) == 14

@@ -184,3 +184,9 @@ def test_permute_on_vit_with_sequential_calibration():
     report = sparsify(model, SparsifyConfig("32:2:8", permute=True, sequential=True), calib=images(), progress=False)
     assert len(report.layers) == 8 and all(layer.kept_score[1] >= layer.kept_score[0] for layer in report.layers)
     assert torch.isfinite(model(images(1))).all()
+
+
+def test_a_pattern_string_is_shorthand_for_a_config():
+    model = tiny_llama()
+    report = sparsify(model, "16:2:8", progress=False)
+    assert report.method == "magnitude" and {layer.pattern for layer in report.layers} == {"16:2:8"}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, hf
 from .format import VNMTensor
 from .nn import VNMLinear
 
@@ -27,6 +27,7 @@ WEIGHTS_NAME = "vnm_model.safetensors"
 CONFIG_NAME = "config.json"
 CHECKPOINT_FORMAT = "vnmsparse.checkpoint"
 CHECKPOINT_VERSION = "1"
+_DTYPE_NAMES = {"float32", "float16", "bfloat16"}
 
 
 def _dense_checksum(tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> str:
@@ -38,6 +39,11 @@ def _dense_checksum(tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -
         digest.update(t.reshape(-1).view(torch.uint8).numpy())
     digest.update(json.dumps(aliases, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def _config_checksum(config: dict[str, Any]) -> str:
+    """sha256 of config.json's content (key order aside): an edited rms_norm_eps or rope_theta cannot load silently."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def _float_dtype(model: nn.Module) -> str | None:
@@ -111,9 +117,11 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     if hf_config is not None and hasattr(hf_config, "to_json_string"):
         config = json.loads(hf_config.to_json_string(use_diff=False))
         config["architectures"] = config.get("architectures") or [type(model).__name__]
+        config.pop("quantization_config", None)  # transformers' record of the same layers (`vnmsparse.hf`)
     else:
         config = {"architecture": f"{type(model).__module__}.{type(model).__qualname__}"}
     config["sparsity_config"] = sparsity_config
+    metadata["config_sha256"] = _config_checksum(config)
 
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,6 +144,14 @@ def read_sparsity_config(directory: str | os.PathLike) -> tuple[dict[str, Any], 
         raise ValueError(f"{path} has no vnmsparse sparsity_config: not a checkpoint written by save_pretrained")
     if sparsity.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"sparsity_config version {sparsity.get('version')!r} is not supported; this build reads {CHECKPOINT_VERSION}")
+    layers = sparsity.get("layers")
+    if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in layers.items()):
+        raise ValueError(f"{path}: sparsity_config.layers must map layer names to pattern strings, got {layers!r}")
+    if sparsity.get("dtype") is not None and sparsity["dtype"] not in _DTYPE_NAMES:
+        raise ValueError(f"{path}: sparsity_config.dtype must be one of {sorted(_DTYPE_NAMES)} or null, got {sparsity['dtype']!r}")
+    architectures = config.get("architectures")
+    if architectures is not None and (not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)):
+        raise ValueError(f"{path}: architectures must be a list of class names, got {architectures!r}")
     return config, sparsity
 
 
@@ -169,7 +185,7 @@ def _skeleton(config: dict[str, Any], dtype: str | None) -> nn.Module:
 
     architectures = config.get("architectures") or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
-    if cls is None:
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ValueError(f"config.json names no transformers architecture ({architectures!r}); "
                          "pass model= an instance of the saved (dense) model to load into")
     hf_config = cls.config_class.from_dict({k: v for k, v in config.items() if k != "sparsity_config"})
@@ -188,6 +204,31 @@ def _check_ties(model: nn.Module, stored: set[str]) -> None:
         separate = [n for n in group if n in stored]
         if len(separate) > 1:
             raise ValueError(f"the checkpoint holds separate tensors for {separate}, which this model ties together")
+
+
+def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], weights: dict[str, VNMTensor], densify: bool,
+                folder: Path) -> None:
+    """Raise ValueError unless `state` (dense tensors) and `weights` (compressed layers) fill `model` exactly: every
+    layer an nn.Linear of the stored shape, every other tensor present with its shape, nothing left over."""
+    current = model.state_dict()
+    expected = dict(current)
+    for name, weight in weights.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the model has no layer {name!r} to load into") from None
+        if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != weight.shape:
+            raise ValueError(f"layer {name!r} of the model is {linear!r}; the checkpoint holds a {weight.shape} weight")
+        if not densify:
+            del expected[f"{name}.weight"]
+    missing = sorted(set(expected) - set(state) - {f"{n}.weight" for n in weights})
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{folder} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(current[key].shape):
+            raise ValueError(f"{folder} does not fit the model: {key} is {tuple(tensor.shape)} in the checkpoint, "
+                             f"{tuple(current[key].shape)} in the model")
 
 
 def load_pretrained(
@@ -223,32 +264,31 @@ def load_pretrained(
             raise ValueError(f"layer {name!r} in {folder / WEIGHTS_NAME}: {error}") from None
         if sparsity["layers"][name] != record["pattern"]:
             raise ValueError(f"layer {name!r}: {CONFIG_NAME} says {sparsity['layers'][name]}, the weights {record['pattern']}")
+    if metadata.get("config_sha256") != _config_checksum(config):
+        raise ValueError(f"{folder / CONFIG_NAME} does not match the checksum {WEIGHTS_NAME} holds for it: the config "
+                         "was edited or belongs to another checkpoint")
 
     if model is None:
         model = _skeleton(config, sparsity.get("dtype"))
     _check_ties(model, set(dense))
     state = dict(dense)
+    for alias, target in aliases.items():
+        if target not in state:
+            raise ValueError(f"{folder / WEIGHTS_NAME}: alias {alias!r} names {target!r}, which it does not hold")
+        state[alias] = state[target]
+    _check_fits(model, state, weights, densify, folder)  # every check before the first change to `model`
+
     for name, weight in weights.items():
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the model has no layer {name!r} to load into") from None
-        if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != weight.shape:
-            raise ValueError(f"layer {name!r} of the model is {linear!r}; the checkpoint holds a {weight.shape} weight")
         if densify:
             state[f"{name}.weight"] = weight.to_dense()
         else:
-            sparse = VNMLinear(weight, linear.bias)
+            sparse = VNMLinear(weight, model.get_submodule(name).bias)
             model.set_submodule(name, sparse)
             state.update({f"{name}.{k}": v for k, v in weight.state_tensors().items()})
             state[f"{name}._extra_state"] = sparse.get_extra_state()
-    for alias, target in aliases.items():
-        state[alias] = state[target]
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"{folder} does not fit the model: {error}") from None
+    model.load_state_dict(state, strict=True)
     if not densify:
         model.vnm_sparsity = {k: v for k, v in sparsity.items()
                               if k not in ("format", "version", "library_version", "dtype", "layers")}
+        hf.attach(model)
     return model.eval()

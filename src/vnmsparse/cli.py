@@ -19,7 +19,10 @@ def _info(args: argparse.Namespace) -> int:
     print(f"pattern            {p}")
     print(f"sparsity           {p.sparsity:.4f}  ({p.N} kept of every {p.M} per row, 4 columns per {p.V}x{p.M} block)")
     print(f"log K per weight   {mask_diversity(p):.4f}  (mask diversity, natural log)")
-    print(f"bytes per weight   {per_weight:.4f} compressed vs {dense:.1f} dense (16-bit): {dense / per_weight:.2f}x smaller")
+    ratio = dense / per_weight
+    size = (f"{ratio:.2f}x smaller" if ratio >= 1 else
+            f"{1 / ratio:.2f}x LARGER: its column indices cost more than pruning saves; use a larger V")
+    print(f"bytes per weight   {per_weight:.4f} compressed vs {dense:.1f} dense (16-bit): {size}")
     return 0
 
 
@@ -33,8 +36,23 @@ def _current_gpu() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
+def _check_output_file(path: str, flag: str) -> None:
+    """Raise ValueError now, before any work, if a file cannot be written at `path`."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path!r} is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise ValueError(f"{flag} {path!r}: the folder {str(target.parent)!r} does not exist")
+    if not os.access(target.parent, os.W_OK):
+        raise ValueError(f"{flag} {path!r}: the folder {str(target.parent)!r} is not writable")
+
+
 def _select(args: argparse.Namespace) -> int:
+    if args.plot:
+        _check_output_file(args.plot, "--plot")
     if args.table:
+        if not Path(args.table).is_file():
+            raise ValueError(f"--table {args.table!r}: no such file (a JSON table written by `vnm profile`)")
         table = SpeedTable.load(args.table)
     else:
         from .profile import SHIPPED_TABLES
@@ -50,7 +68,7 @@ def _select(args: argparse.Namespace) -> int:
     if args.plot:
         from .plot import plot_patterns
 
-        plot_patterns(table.speedups, choice, args.plot, f"target {args.target}x; speedups: {table.source}")
+        plot_patterns(table.speedups, choice, args.plot, f"target {args.target}x; speedups: {table.source}", args.target)
         print(f"plot written to {args.plot}")
     return 0
 
@@ -77,6 +95,14 @@ def _profile(args: argparse.Namespace) -> int:
     for name, speedup in best:
         print(f"  {name:>9} {speedup:6.2f}x")
     print(f"table written to {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .hf import export_dense
+
+    out = export_dense(args.source, args.dense)
+    print(f"dense checkpoint written to {out} (pruned weights stored as zeros; load it with any transformers tool)")
     return 0
 
 
@@ -113,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", help="folder for the table (default ~/.cache/vnmsparse/tables)")
     prof.set_defaults(run=_profile)
 
+    exp = sub.add_parser("export", help="write a pruned checkpoint as a plain transformers one (pruned weights zero)")
+    exp.add_argument("source", help="a folder written by `vnm prune --out`, vnmsparse.save_pretrained or "
+                     "model.save_pretrained")
+    exp.add_argument("--dense", metavar="DIR", required=True,
+                     help="new folder for the dense checkpoint, readable by any tool that loads transformers models")
+    exp.set_defaults(run=_export)
+
     prune_job.add_parser(sub)
     return parser
 
@@ -121,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
         print(f"vnm {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,9 +1,10 @@
 """Real data for calibration, training and evaluation, read from Debian packages' files.
 
-`scripts/fetch_data.sh` unpacks them (without installing R) into ./data, or $VNMSPARSE_DATA:
-Jane Austen's novels (r-cran-janeaustenr), Moby Dick (r-cran-tokenizers), Fashion-MNIST
-(dataset-fashion-mnist). R's lazy-load databases (.rdx index + .rdb records, each record a zlib-compressed
-serialized R object) are read with the `rdata` package.
+`scripts/fetch_data.sh` unpacks them (without installing R) into the per-user data folder
+(`user_data_dir()`, where `scripts/setup.sh` puts them), or $VNMSPARSE_DATA: Jane Austen's novels
+(r-cran-janeaustenr), Moby Dick (r-cran-tokenizers), Fashion-MNIST (dataset-fashion-mnist). R's lazy-load
+databases (.rdx index + .rdb records, each record a zlib-compressed serialized R object) are read with the
+`rdata` package.
 """
 
 from __future__ import annotations
@@ -17,18 +18,38 @@ from pathlib import Path
 import torch
 
 AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
-FETCH_HINT = "run `bash scripts/fetch_data.sh` (or set VNMSPARSE_DATA to where it put the files)"
+TEXTS = {"austen": Path("janeaustenr") / "Rdata", "mobydick": Path("tokenizers") / "Rdata"}  # name -> R database
+FETCH_HINT = "run `bash scripts/setup.sh` (or `bash scripts/fetch_data.sh DIR` and set VNMSPARSE_DATA=DIR)"
+
+
+def user_data_dir() -> Path:
+    """The per-user data folder that scripts/setup.sh fills: $XDG_DATA_HOME/vnmsparse/data (~/.local/share/...)."""
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share").expanduser() / "vnmsparse" / "data"
 
 
 def data_dir() -> Path:
-    """Where the fetched data lives: $VNMSPARSE_DATA, else ./data."""
-    return Path(os.environ.get("VNMSPARSE_DATA", "data")).expanduser()
+    """Where the fetched data lives: $VNMSPARSE_DATA, else the per-user folder if setup filled it, else ./data (a
+    checkout fetched into by an older setup), so the jobs find their data from any working directory."""
+    if os.environ.get("VNMSPARSE_DATA"):
+        return Path(os.environ["VNMSPARSE_DATA"]).expanduser()
+    user = user_data_dir()
+    return user if user.is_dir() or not Path("data").is_dir() else Path("data")
 
 
 def _require(path: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {FETCH_HINT}")
     return path
+
+
+def check_text(name_or_path: str) -> None:
+    """Raise FileNotFoundError now, before any model is loaded, if `read_text(name_or_path)` could not read it."""
+    if name_or_path in TEXTS:
+        base = data_dir() / TEXTS[name_or_path]
+        _require(base.with_suffix(".rdx"))
+        _require(base.with_suffix(".rdb"))
+    elif not Path(name_or_path).is_file():
+        raise FileNotFoundError(f"text file {name_or_path!r} not found (or use {' / '.join(map(repr, TEXTS))})")
 
 
 def read_r_lazyload(base: Path) -> dict[str, object]:
@@ -48,7 +69,7 @@ def read_r_lazyload(base: Path) -> dict[str, object]:
 
 def austen_text(novels: tuple[str, ...] = AUSTEN_NOVELS) -> str:
     """Jane Austen's novels as one text (the calibration and training default)."""
-    books = read_r_lazyload(data_dir() / "janeaustenr" / "Rdata")
+    books = read_r_lazyload(data_dir() / TEXTS["austen"])
     unknown = [n for n in novels if n not in books]
     if unknown:
         raise ValueError(f"unknown novels {unknown}; choose from {sorted(books)}")
@@ -57,7 +78,7 @@ def austen_text(novels: tuple[str, ...] = AUSTEN_NOVELS) -> str:
 
 def moby_dick_text() -> str:
     """Herman Melville's Moby Dick (the evaluation default), Project Gutenberg header and licence removed."""
-    text = str(read_r_lazyload(data_dir() / "tokenizers" / "Rdata")["mobydick"][0]).replace("\r\n", "\n")
+    text = str(read_r_lazyload(data_dir() / TEXTS["mobydick"])["mobydick"][0]).replace("\r\n", "\n")
     start = text.find("CHAPTER 1. Loomings.")
     end = text.find("End of Project Gutenberg")
     return text[start if start >= 0 else 0 : end if end > 0 else len(text)].strip()
@@ -65,14 +86,12 @@ def moby_dick_text() -> str:
 
 def read_text(name_or_path: str) -> str:
     """'austen', 'mobydick', or a path to a UTF-8 text file."""
+    check_text(name_or_path)
     if name_or_path == "austen":
         return austen_text()
     if name_or_path == "mobydick":
         return moby_dick_text()
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file {name_or_path!r} not found (or use 'austen' / 'mobydick')")
-    return path.read_text(encoding="utf-8")
+    return Path(name_or_path).read_text(encoding="utf-8")
 
 
 def token_chunks(tokenizer, text: str, seq_len: int, max_chunks: int | None = None) -> torch.Tensor:

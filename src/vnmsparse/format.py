@@ -34,7 +34,7 @@ VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TENSOR_NAMES = ("values", "columns", "positions")
 
 
-def _nibbles_from_slots(slots: torch.Tensor) -> torch.Tensor:
+def nibbles_from_slots(slots: torch.Tensor) -> torch.Tensor:
     """(R, G, 2) ascending slots -> (R, ceil(G/2)) uint8, two groups per byte, low nibble first."""
     R, G, _ = slots.shape
     nibble = (slots[..., 0] | (slots[..., 1] << 2)).to(torch.uint8)  # (R, G)
@@ -51,9 +51,13 @@ def slots_from_nibbles(positions: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.stack((nibble & 0x3, nibble >> 2), dim=-1)
 
 
-@dataclass
+@dataclass(eq=False)
 class VNMTensor:
-    """A V:N:M-compressed weight. Build with `compress`; `to_dense()` gives back exactly W * mask."""
+    """A V:N:M-compressed weight. Build with `compress`; `to_dense()` gives back exactly W * mask.
+
+    On the meta device only shapes and dtypes are checked (there are no values to check): a skeleton that a
+    loader fills in. Two tensors are `==` when pattern, shape, dtype and every stored tensor are equal.
+    """
 
     values: torch.Tensor
     columns: torch.Tensor
@@ -64,8 +68,31 @@ class VNMTensor:
 
     def __post_init__(self) -> None:
         self.pattern = VNMPattern.parse(self.pattern)
-        self.shape = (int(self.shape[0]), int(self.shape[1]))
+        self.shape = _check_shape(self.shape)
         _validate(self)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, VNMTensor):
+            return NotImplemented
+        if (self.pattern, self.shape, self.dtype) != (other.pattern, other.shape, other.dtype):
+            return False
+        return all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(self.state_tensors().values(), other.state_tensors().values()))
+
+    __hash__ = None  # mutable tensors: equal by value, so not hashable
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, int], pattern: VNMPattern | str, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> VNMTensor:
+        """An all-zero weight in a valid layout (each block keeps its group's first 4 columns): the placeholder a
+        module holds before its weights are loaded."""
+        pattern = VNMPattern.parse(pattern)
+        R, C = _check_shape(shape)
+        B, G = pattern.blocks(R, C)
+        first = torch.arange(G, dtype=torch.int32, device=device).view(1, G, 1) * pattern.M
+        columns = (first + torch.arange(KEPT_COLUMNS, dtype=torch.int32, device=device)).expand(B, G, KEPT_COLUMNS)
+        slots = torch.tensor([0, 1], device=device).expand(R, G, 2)
+        return cls(torch.zeros(R, 2 * G, dtype=dtype, device=device), columns.contiguous(),
+                   nibbles_from_slots(slots).contiguous(), pattern, (R, C))
 
     # --- geometry -------------------------------------------------------------------------------
     @property
@@ -167,6 +194,7 @@ class VNMTensor:
         """Write a safetensors file: the three tensors, with pattern, shape and version in its metadata."""
         from safetensors.torch import save_file
 
+        _check_path(path)
         save_file({k: v.cpu() for k, v in self.state_tensors().items()}, os.fspath(path), metadata=self.metadata())
 
     @classmethod
@@ -195,6 +223,7 @@ class VNMTensor:
         """Read a file written by `save`. A truncated, tampered or mismatched file raises ValueError."""
         from safetensors import SafetensorError, safe_open
 
+        _check_path(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no VNMTensor file at {os.fspath(path)!r}")
         try:
@@ -204,6 +233,20 @@ class VNMTensor:
         except (SafetensorError, OSError, RuntimeError) as error:
             raise ValueError(f"cannot read {os.fspath(path)!r} as a safetensors file: {error}") from error
         return cls.from_state(tensors, metadata)
+
+
+def _check_path(path: Any) -> None:
+    if not isinstance(path, (str, os.PathLike)) or isinstance(os.fspath(path), bytes):
+        raise TypeError(f"path must be a str or os.PathLike naming a file, got {type(path).__name__}")
+
+
+def _check_shape(shape: Any) -> tuple[int, int]:
+    """The logical (rows, columns): exactly two positive ints."""
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
+        raise ValueError(f"VNMTensor.shape must be (out_features, in_features), two ints, got {shape!r}")
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in shape):
+        raise TypeError(f"VNMTensor.shape must hold ints, got {tuple(type(n).__name__ for n in shape)}")
+    return int(shape[0]), int(shape[1])
 
 
 def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -237,6 +280,8 @@ def _validate(t: VNMTensor) -> None:
         raise TypeError(f"VNMTensor.positions must be uint8, got {t.positions.dtype}")
     if not (t.values.device == t.columns.device == t.positions.device):
         raise ValueError("VNMTensor tensors must be on one device")
+    if t.values.is_meta:  # a skeleton: no data to check yet
+        return
     width = G * t.pattern.M
     cols = t.columns.to(torch.int64)
     if cols.numel() and (cols.min() < 0 or cols.max() >= width):
@@ -267,6 +312,9 @@ def compress(
     if weight.dtype not in VALUE_DTYPES:
         raise TypeError(f"weight dtype must be one of {VALUE_DTYPES}, got {weight.dtype}")
     pattern = VNMPattern.parse(pattern)
+    for name, value in (("mask", mask), ("scores", scores)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
     if mask is not None and scores is not None:
         raise ValueError("give either mask or scores, not both")
     if mask is not None:
@@ -288,14 +336,15 @@ def compress(
 def _encode(weight: torch.Tensor, pattern: VNMPattern, selection: Selection, keep: torch.Tensor | None) -> VNMTensor:
     R, C = weight.shape
     _, G = pattern.blocks(R, C)
-    kept_weight = weight if keep is None else weight * keep  # filler slots of a sparse mask hold zeros
+    # Filler slots of a sparse mask hold zeros (where, not *: a pruned inf or NaN must not leave inf * 0 = NaN behind).
+    kept_weight = weight if keep is None else torch.where(keep, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
     padded = torch.nn.functional.pad(kept_weight, (0, G * pattern.M - C))
     per_row = selection.columns.repeat_interleave(pattern.V, dim=0)[:R]
     kept_columns = per_row.gather(2, selection.slots).view(R, 2 * G)
     return VNMTensor(
         values=padded.gather(1, kept_columns).contiguous(),
         columns=selection.columns.to(torch.int32).contiguous(),
-        positions=_nibbles_from_slots(selection.slots).contiguous(),
+        positions=nibbles_from_slots(selection.slots).contiguous(),
         pattern=pattern,
         shape=(R, C),
     )

@@ -61,8 +61,25 @@ def _check_scores(scores: torch.Tensor) -> None:
         raise ValueError(f"scores must be a non-empty 2-D tensor (out_features, in_features), got {tuple(scores.shape)}")
     if not (scores.is_floating_point() or scores.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"scores must be a real-valued tensor, got {scores.dtype}")
+    if scores.is_meta:
+        raise ValueError("scores are on the meta device (shapes only); a mask needs their values")
     if scores.is_floating_point() and not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or inf; importance scores must be finite")
+
+
+def _column_sums(scores: torch.Tensor, V: int) -> torch.Tensor:
+    """(B, V, G, M) zero-padded scores -> (B, G, M) float64 column sums of each block.
+
+    float64 holds every float32 / fp16 / bf16 sum of up to 2^29 terms exactly enough that CPU and CUDA agree, and
+    int32 scores exactly; float64 scores near its range are first scaled by a power of two (exact), so that a sum
+    never overflows to inf (and inf - inf never becomes NaN).
+    """
+    s = scores.to(torch.float64)
+    if scores.dtype == torch.float64:
+        exponent = int(torch.frexp(s.abs().max()).exponent)
+        if exponent > 1000 - V.bit_length():
+            s = torch.ldexp(s, torch.tensor(-exponent, dtype=torch.float64, device=s.device))
+    return s.sum(dim=1)
 
 
 def _pad(x: torch.Tensor, right: int, bottom: int, value: float) -> torch.Tensor:
@@ -80,17 +97,19 @@ def select(scores: torch.Tensor, pattern: VNMPattern) -> Selection:
     V, M = pattern.V, pattern.M
     B, G = pattern.blocks(R, C)
     Rp, Cp = B * V, G * M
-    s = scores.detach().float()
+    s = scores.detach()  # ranked in its own dtype: a cast to float32 would merge scores that differ
 
     # Column sums per V x M block, in float64 so that CPU and CUDA see the same sums.
-    zero_padded = _pad(s, Cp - C, Rp - R, 0.0)
-    col_sums = zero_padded.view(B, V, G, M).sum(dim=1, dtype=torch.float64)  # (B, G, M)
+    zero_padded = _pad(s, Cp - C, Rp - R, 0)
+    col_sums = _column_sums(zero_padded.view(B, V, G, M), V)  # (B, G, M)
     col_sums.view(B, Cp)[:, C:] = float("-inf")  # padding columns lose to every real one
     local = _kept_indices(_top_k(col_sums, KEPT_COLUMNS), KEPT_COLUMNS)  # (B, G, 4) in 0..M-1
     del zero_padded, col_sums
 
-    # Each row's scores at its block's 4 kept columns, then its 2 best.
-    row_padded = _pad(s, Cp - C, 0, float("-inf")).view(R, G, M)
+    # Each row's scores at its block's 4 kept columns, then its 2 best. Padding scores the lowest value of the dtype:
+    # a tie with a real score goes to the real column, which has the lower index.
+    lowest = float("-inf") if s.is_floating_point() else torch.iinfo(s.dtype).min
+    row_padded = _pad(s, Cp - C, 0, lowest).view(R, G, M)
     local_per_row = local.repeat_interleave(V, dim=0)[:R]  # (R, G, 4)
     kept_scores = row_padded.gather(2, local_per_row)
     slots = _kept_indices(_top_k(kept_scores, KEPT_PER_ROW), KEPT_PER_ROW)  # (R, G, 2)
@@ -139,6 +158,8 @@ def _first_violation(mask: torch.Tensor, pattern: VNMPattern) -> str | None:
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dim() != 2 or mask.numel() == 0:
         raise ValueError(f"mask must be a non-empty 2-D tensor, got shape {tuple(mask.shape)}")
+    if mask.is_meta:
+        raise ValueError("mask is on the meta device (shapes only); checking it needs its values")
     pattern = VNMPattern.parse(pattern)
     m = mask if mask.dtype == torch.bool else mask != 0
     R, C = m.shape

@@ -28,16 +28,22 @@ def builtin_gguf() -> Path:
     return path
 
 
+def check_model(model: str) -> Path:
+    """The file or folder `load_causal_lm(model)` would read; FileNotFoundError if there is none (checked before
+    anything slow happens)."""
+    if model == BUILTIN:
+        return builtin_gguf()
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model {model!r} is neither {BUILTIN!r}, an HF folder, nor a .gguf file")
+    return path
+
+
 def load_causal_lm(model: str = BUILTIN, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """(model, tokenizer) from 'smollm2-135m', an HF folder, or a .gguf file; model in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model == BUILTIN:
-        path = builtin_gguf()
-    else:
-        path = Path(model)
-        if not path.exists():
-            raise FileNotFoundError(f"model {model!r} is neither {BUILTIN!r}, an HF folder, nor a .gguf file")
+    path = check_model(model)
     if path.suffix == ".gguf":
         kwargs = {"gguf_file": path.name}
         folder = str(path.parent)

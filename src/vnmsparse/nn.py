@@ -1,24 +1,38 @@
-"""`VNMLinear`: an nn.Linear whose weight is a V:N:M-compressed `VNMTensor`, run through the vnmsparse op."""
+"""`VNMLinear`: an nn.Linear whose weight is a V:N:M-compressed `VNMTensor`, run through the vnmsparse op.
+
+One copy of the weight lives on the module's device. Where the CUDA kernels take it (a CUDA device, bf16 / fp16,
+a supported V and M), that copy is the kernel layout (`ops.pack_for_device`), built when the module is built,
+moved or loaded there, never inside a forward (so a CUDA graph or `torch.compile(mode="reduce-overhead")` warm-up
+allocates nothing that lasts); the canonical `VNMTensor` is rebuilt from it (`ops.unpack_tensor`) for
+`state_dict`, `weight` and moves elsewhere. Everywhere else the copy is the canonical tensors themselves.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import ops
-from .format import FORMAT_VERSION, VNMTensor, compress
+from .format import FORMAT_VERSION, VALUE_DTYPES, VNMTensor, compress
 from .pattern import VNMPattern
 
-_BUFFERS = ("values", "columns", "positions")
+_CANONICAL = ("values", "columns", "positions")  # the VNMTensor, what state_dict holds
+_PACKED = ("packed_vals", "packed_meta", "packed_cols", "padding")  # kernel layout + the padding slots it drops
+_COPY = ("copy_vals", "copy_meta", "copy_cols")  # optional 2:4 copy (`OpsConfig.two_four_copy`)
+_EXTRA_STATE = "_extra_state"
 
 
 class VNMLinear(nn.Module):
     """y = x W^T + b with W stored V:N:M-compressed: the GPU kernel where there is one, the reference elsewhere.
 
-    The compressed tensors are buffers (`values`, `columns`, `positions`) and the pattern and logical shape are
-    extra state, so `state_dict` / `load_state_dict` round-trip; `weight` is the `VNMTensor` over those buffers.
+    `state_dict` holds the canonical tensors (`values`, `columns`, `positions`), the bias, and the pattern and
+    logical shape as extra state, wherever the module lives; `load_state_dict` checks all of it before changing
+    anything. `weight` is the `VNMTensor` (on a GPU, rebuilt from the packed layout: a temporary copy).
+    Value dtypes are those of `VNMTensor` (fp32, fp16, bf16): `.double()` is refused before anything changes.
     """
 
     def __init__(self, weight: VNMTensor, bias: torch.Tensor | None = None) -> None:
@@ -31,10 +45,15 @@ class VNMLinear(nn.Module):
                 raise ValueError(f"bias must be a tensor of shape ({self.out_features},), got {getattr(bias, 'shape', bias)!r}")
             bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
         self.bias = bias
-        for name, tensor in weight.state_tensors().items():
-            self.register_buffer(name, tensor)
+        for name in _CANONICAL:  # saved; None while the packed layout is held (then rebuilt for state_dict)
+            self.register_buffer(name, None)
+        for name in (*_PACKED, *_COPY):  # derived on the device, never saved
+            self.register_buffer(name, None, persistent=False)
         self.pattern = weight.pattern
-        self._weight = weight
+        self._weight: VNMTensor | None = None
+        self._packed: ops.PackedVNM | None = None
+        self._copy: ops.PackedVNM | None = None
+        self._hold(weight)
 
     @classmethod
     def from_linear(
@@ -50,43 +69,184 @@ class VNMLinear(nn.Module):
         bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), linear.bias.requires_grad)
         return cls(compress(linear.weight.detach(), pattern, mask=mask, scores=scores), bias)
 
+    # --- the one copy of the weight -------------------------------------------------------------------------------
+    def _hold(self, weight: VNMTensor) -> None:
+        """Keep `weight` as this module's only copy: packed where the kernels take it, else as it is."""
+        packed = padding = copy = None
+        if self._packs(weight):
+            packed, padding = ops.pack_for_device(weight, weight.device), ops.padding_columns(weight)
+            if ops.two_four_copy_pays(packed):
+                copy = ops.pack_for_device(ops.two_four_tensor(weight), weight.device)
+        for name in (*_CANONICAL, *_PACKED, *_COPY):
+            self._buffers[name] = None
+        self._weight, self._packed, self._copy = (weight, None, None) if packed is None else (None, packed, copy)
+        self.pattern = weight.pattern
+        if packed is None:
+            self.values, self.columns, self.positions = weight.values, weight.columns, weight.positions
+            return
+        self.packed_vals, self.packed_meta, self.packed_cols, self.padding = packed.a_vals, packed.a_meta, packed.cols, padding
+        if copy is not None:
+            self.copy_vals, self.copy_meta, self.copy_cols = copy.a_vals, copy.a_meta, copy.cols
+
+    @staticmethod
+    def _packs(weight: VNMTensor) -> bool:
+        """Whether a module holding `weight` keeps it packed: the CUDA kernels can run it where it is."""
+        return weight.device.type == "cuda" and ops.kernel_unavailable_reason(weight.device, weight.dtype, weight) is None
+
+    def _buffer_layout(self, prefix: str, source: ops.PackedVNM) -> ops.PackedVNM:
+        """`source` over this module's own buffers (what torch.compile must see, so that they stay static)."""
+        vals, meta, cols = (getattr(self, f"{prefix}_{part}") for part in ("vals", "meta", "cols"))
+        return ops.PackedVNM(vals, meta, cols, source.shape, source.V, source.M, source.window)
+
     @property
     def weight(self) -> VNMTensor:
-        """The compressed weight (shares storage with the buffers)."""
-        return self._weight
+        """The compressed weight: the buffers themselves, or on a GPU rebuilt from the packed layout (a copy)."""
+        if self._packed is None:
+            return self._weight
+        return ops.unpack_tensor(self._packed, self.padding)
+
+    def rebuild(self) -> None:
+        """Check and take up canonical buffers assigned directly (as transformers' loader does), packing them on a
+        GPU. Raises ValueError / TypeError naming what is wrong."""
+        if self._packed is not None:
+            raise ValueError("this VNMLinear holds its packed layout; load canonical tensors with load_state_dict")
+        self._hold(VNMTensor(self.values, self.columns, self.positions, self.pattern, (self.out_features, self.in_features)))
+
+    @property
+    def held_nbytes(self) -> int:
+        """Bytes of the weight as held now (packed layout and its copy, or the canonical tensors)."""
+        held = [t for name in (*_CANONICAL, *_PACKED, *_COPY) if (t := self._buffers[name]) is not None]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def to_linear(self) -> nn.Linear:
         """An ordinary nn.Linear with the decompressed weight (pruned entries zero), same dtype and device."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight = nn.Parameter(self._weight.to_dense())
+        linear.weight = nn.Parameter(self.weight.to_dense())
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self._weight, self.bias)
+        if self._packed is None:
+            return ops.linear(x, self._weight, self.bias)
+        if torch.compiler.is_compiling():  # read the buffers, which compile treats as static, not cached objects
+            copy = None if self._copy is None else self._buffer_layout("copy", self._copy)
+            return ops.linear_packed(x, self._buffer_layout("packed", self._packed), self.bias, copy)
+        return ops.linear_packed(x, self._packed, self.bias, self._copy)
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        """`.to()`, `.cuda()`, `.half()` replace the buffers; rebuild the `VNMTensor` over the new ones."""
-        super()._apply(fn, recurse)
-        self._weight = VNMTensor(self.values, self.columns, self.positions, self.pattern, (self.out_features, self.in_features))
+    # --- moves and conversions ----------------------------------------------------------------------------------
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):  # type: ignore[override]
+        """`.to()`, `.cuda()`, `.half()`, `.to_empty()`: the weight in canonical form through `fn`, then held anew
+        (packed if it lands on a GPU). A dtype a `VNMTensor` cannot hold is refused before anything changes;
+        `to_empty` from the meta device gives an all-zero weight in a valid layout, ready for `load_state_dict`."""
+        held = self._held()
+        probe = fn(torch.empty(0, dtype=held.dtype, device=held.device))  # where and in what fn puts values
+        if probe.dtype not in VALUE_DTYPES:
+            raise TypeError(f"VNMLinear values must be one of {VALUE_DTYPES}, not {probe.dtype}; the layer is unchanged "
+                            "(convert the rest of the model around it, or use to_linear())")
+        if self._packed is not None and (probe.device, probe.dtype) == (held.device, held.dtype):
+            kept = {name: self._buffers[name] for name in (*_PACKED, *_COPY)}  # already there: no unpack and repack
+            self._buffers.update(dict.fromkeys(kept))
+            super()._apply(fn, recurse)  # the bias
+            self._buffers.update(kept)
+            return self
+        weight = self.weight
+        shape = (self.out_features, self.in_features)
+        if weight.values.is_meta and not probe.is_meta:
+            moved = VNMTensor.zeros(shape, weight.pattern, probe.dtype, probe.device)
+        else:
+            moved = VNMTensor(fn(weight.values), fn(weight.columns), fn(weight.positions), weight.pattern, shape)
+        for name in (*_CANONICAL, *_PACKED, *_COPY):
+            self._buffers[name] = None
+        super()._apply(fn, recurse)  # the bias
+        self._hold(moved)
         return self
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"pattern": str(self.pattern), "shape": [self.out_features, self.in_features], "version": FORMAT_VERSION}
+    # --- state_dict -------------------------------------------------------------------------------------------------
+    extra_state_as_tensor = False  # True while transformers' loader fills this layer: it handles only tensors
+
+    def get_extra_state(self) -> dict[str, Any] | torch.Tensor:
+        """The record state_dict keeps beside the tensors: a dict (a uint8 JSON tensor if extra_state_as_tensor)."""
+        state = {"pattern": str(self.pattern), "shape": [self.out_features, self.in_features], "version": FORMAT_VERSION}
+        return extra_state_tensor(state) if self.extra_state_as_tensor else state
 
     def set_extra_state(self, state: Any) -> None:
-        """Called by `load_state_dict` after the buffers are loaded: check the record, then rebuild `weight`."""
-        if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
-            raise ValueError(f"VNMLinear extra state must be a dict with version {FORMAT_VERSION!r}, got {state!r}")
-        if list(state.get("shape", ())) != [self.out_features, self.in_features]:
-            raise ValueError(f"VNMLinear state has shape {state.get('shape')}; this layer is "
-                             f"{[self.out_features, self.in_features]}")
-        pattern = VNMPattern.parse(state.get("pattern"))
-        shape = (self.out_features, self.in_features)
-        self._weight = VNMTensor(self.values, self.columns, self.positions, pattern, shape)  # validates first
-        self.pattern = pattern
+        """Check a saved record (a dict, or a uint8 tensor of its JSON as `extra_state_tensor` writes for files that
+        hold only tensors) against this layer: transformers' loader calls this. Changes nothing."""
+        self._check_extra(_extra_from_tensor(state) if isinstance(state, torch.Tensor) else state)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        if self._packed is not None:  # the canonical buffers are None: the canonical form rebuilt from the pack
+            for name, tensor in self.weight.state_tensors().items():
+                destination[prefix + name] = tensor if keep_vars else tensor.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # canonical buffers if held, bias, extra state
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        """Build and check the whole weight from `state_dict` first; only then touch the module (a caller who
+        catches the error keeps the layer as it was)."""
+        keys = [prefix + name for name in (*_CANONICAL, _EXTRA_STATE)]
+        present = {key: state_dict.pop(key) for key in keys if key in state_dict}
+        weight = None
+        if len(present) == len(keys):
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            weight = self._weight_from_state(*present.values(), like=None if assign else self._held())
+        errors, missing = len(error_msgs), len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # the bias (the keys above were taken out: its misses are ours)
+        missing_keys[missing:] = [key for key in missing_keys[missing:] if key not in keys]
+        if strict:
+            missing_keys.extend(key for key in keys if key not in present)
+        if weight is not None and len(error_msgs) == errors:
+            self._hold(weight)
+
+    def _held(self) -> torch.Tensor:
+        """The tensor of values held now (canonical or packed): its device and dtype are the module's."""
+        return self.values if self._packed is None else self.packed_vals
+
+    def _weight_from_state(self, values: Any, columns: Any, positions: Any, extra: Any,
+                           like: torch.Tensor | None) -> VNMTensor:
+        """The checked `VNMTensor` a state dict holds for this layer (same shape and pattern), copied to the device
+        and dtype of `like` (None: the state's own tensors, as `load_state_dict(assign=True)` asks)."""
+        pattern = self._check_extra(extra)
+        shape = [self.out_features, self.in_features]
+        tensors = []
+        for name, tensor in zip(_CANONICAL, (values, columns, positions)):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"VNMLinear state {name!r} must be a tensor, got {type(tensor).__name__}")
+            if like is not None:  # copied, as load_state_dict copies into a module's own tensors
+                dtype = like.dtype if name == "values" and tensor.is_floating_point() else None
+                tensor = tensor.to(device=like.device, dtype=dtype, copy=True)
+            tensors.append(tensor)
+        return VNMTensor(*tensors, pattern, tuple(shape))  # checks every invariant
+
+    def _check_extra(self, extra: Any) -> VNMPattern:
+        """This layer's pattern, if `extra` is a record of this layer's version, shape and pattern; else ValueError."""
+        if not isinstance(extra, Mapping) or extra.get("version") != FORMAT_VERSION:
+            raise ValueError(f"VNMLinear extra state must be a dict with version {FORMAT_VERSION!r}, got {extra!r}")
+        shape = [self.out_features, self.in_features]
+        if list(extra.get("shape", ())) != shape:
+            raise ValueError(f"VNMLinear state has shape {extra.get('shape')}; this layer is {shape}")
+        pattern = VNMPattern.parse(extra.get("pattern"))
+        if pattern != self.pattern:
+            raise ValueError(f"VNMLinear state is {pattern}, whose buffers have other shapes than this {self.pattern} "
+                             "layer's; load it into a layer of its pattern")
+        return pattern
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}, "
                 f"bias={self.bias is not None}")
+
+
+def extra_state_tensor(state: Mapping[str, Any]) -> torch.Tensor:
+    """A VNMLinear extra-state record as a uint8 tensor of its JSON, for files that hold only tensors (safetensors)."""
+    return torch.frombuffer(bytearray(json.dumps(dict(state), sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def _extra_from_tensor(tensor: torch.Tensor) -> Any:
+    if tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        raise ValueError(f"VNMLinear extra state as a tensor must be 1-D uint8 JSON, got {tensor.dtype} {tuple(tensor.shape)}")
+    try:
+        return json.loads(bytes(tensor.cpu().tolist()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"VNMLinear extra state tensor is not a JSON record: {error}") from None

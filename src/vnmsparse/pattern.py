@@ -13,7 +13,9 @@ from dataclasses import dataclass
 KEPT_COLUMNS = 4  # columns kept per V x M block: the width of the inner 2:4 group
 KEPT_PER_ROW = 2  # nonzeros per row among the kept columns: N, fixed by the 2:4 hardware
 
+TWO_FOUR_V = 64  # the V that "2:4" stands for: any V gives the plain 2:4 mask at M = 4; the kernels take 64
 _PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*:\s*(\d+)\s*$")
+_TWO_FOUR_RE = re.compile(r"^\s*2\s*:\s*4\s*$")
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,20 @@ class VNMPattern:
 
     @classmethod
     def parse(cls, text: str | VNMPattern) -> VNMPattern:
-        """Parse "V:N:M" (e.g. "64:2:8"); a `VNMPattern` passes through unchanged."""
+        """Parse "V:N:M" (e.g. "64:2:8"), or "2:4"; a `VNMPattern` passes through unchanged.
+
+        "2:4" is `TWO_FOUR_V`:2:4. With M = 4 a block keeps all 4 of its columns, so the mask is plain 2:4 whatever
+        V is; V only sets how the weight is stored and which kernels run it, and every kernel takes V = 64.
+        """
         if isinstance(text, VNMPattern):
             return text
         if not isinstance(text, str):
             raise TypeError(f"pattern must be a 'V:N:M' string or VNMPattern, got {type(text).__name__}")
+        if _TWO_FOUR_RE.match(text):
+            return cls(V=TWO_FOUR_V, M=KEPT_COLUMNS)
         match = _PATTERN_RE.match(text)
         if match is None:
-            raise ValueError(f"pattern must look like 'V:N:M' with positive integers (e.g. '64:2:8'), got {text!r}")
+            raise ValueError(f"pattern must look like 'V:N:M' with positive integers (e.g. '64:2:8'), or '2:4'; got {text!r}")
         V, N, M = (int(g) for g in match.groups())
         return cls(V=V, M=M, N=N)
 

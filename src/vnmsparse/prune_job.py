@@ -12,6 +12,7 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,7 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("prune", help="prune a causal LM to V:N:M, report perplexity, size and speed",
                               description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (built in), an HF folder, or a .gguf file")
-    p.add_argument("--pattern", type=VNMPattern.parse, default=VNMPattern.parse("64:2:8"), help="V:N:M (default 64:2:8)")
+    p.add_argument("--pattern", type=_pattern, default=VNMPattern.parse("64:2:8"),
+                   help="V:N:M, or 2:4 (= 64:2:4: the plain 2:4 mask, run by the kernels) (default 64:2:8)")
     p.add_argument("--method", choices=[m.value for m in Method], default="ria", help="importance criterion (default ria)")
     p.add_argument("--a", type=float, default=0.5, help="RIA activation exponent (default 0.5)")
     p.add_argument("--sequential", action="store_true",
@@ -46,6 +48,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", help="save the pruned model (and tokenizer) to this folder")
     p.set_defaults(run=run)
     return p
+
+
+def _pattern(text: str) -> VNMPattern:
+    try:
+        return VNMPattern.parse(text)
+    except (TypeError, ValueError) as error:  # argparse would print only "invalid value"
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _positive(text: str) -> int:
@@ -188,13 +197,42 @@ def _table(columns: list[Column], linears: int, eval_name: str, total_seconds: f
     return "\n".join(lines)
 
 
+def _check_inputs(args: argparse.Namespace) -> torch.device:
+    """Every input the job reads (model, texts, device, output folder), checked before the model loads (which takes
+    a while): raises FileNotFoundError / ValueError naming the flag. Returns the device to run on."""
+    from .data import check_text
+    from .models import check_model
+
+    check_model(args.model)
+    for flag, text in (("--calib", args.calib), ("--eval", args.eval)):
+        try:
+            check_text(text)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{flag}: {error}") from None
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a file; give a folder to save the pruned model in")
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {args.device!r} is not a device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device!r}: no CUDA device is available here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {args.device!r}")
+    return device
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the job described by the parsed `vnm prune` arguments; prints the table, returns 0."""
     from .data import read_text, token_chunks
     from .models import load_causal_lm
 
     start = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    device = _check_inputs(args)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     dense, tokenizer = load_causal_lm(args.model, dtype=dtype, device=device)
     calib_ids = token_chunks(tokenizer, read_text(args.calib), args.seq_len, args.calib_chunks)
@@ -216,12 +254,13 @@ def run(args: argparse.Namespace) -> int:
         save_pretrained(pruned, args.out)
         tokenizer.save_pretrained(args.out)
     del pruned
-    if not args.no_reference and args.pattern != REFERENCE:
+    if not args.no_reference and args.pattern.M != REFERENCE.M:  # at M = 4 the mask is the reference's, for any V
         reference = copy.deepcopy(dense)
         ref_report = _prune(reference, REFERENCE, "ria", False, args, calib_ids)  # plain 2:4, as other tools do it
         columns.append(_measure("2:4 ria (reference)", reference, ref_report, eval_ids, args, device))
         del reference
     print(_table(columns, linears, args.eval, time.perf_counter() - start))
     if args.out:
-        print(f"saved to {args.out} (load with vnmsparse.load_pretrained)")
+        folder = str(Path(args.out).resolve())
+        print(f"saved to {folder}; to load it in Python:\n    import vnmsparse; model = vnmsparse.load_pretrained({folder!r})")
     return 0

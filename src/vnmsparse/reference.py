@@ -15,12 +15,23 @@ def vnm_linear(x: torch.Tensor, weight: VNMTensor, bias: torch.Tensor | None = N
     """
     if not isinstance(weight, VNMTensor):
         raise TypeError(f"weight must be a VNMTensor, got {type(weight).__name__}")
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise TypeError("x must be a torch.Tensor with at least one dimension")
-    R, C = weight.shape
-    if x.shape[-1] != C:
-        raise ValueError(f"x's last dim must be in_features={C}, got shape {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (R,):
-        raise ValueError(f"bias must have shape ({R},), got {tuple(bias.shape)}")
+    check_input(x, bias, *weight.shape)
     dense = weight.to_dense().to(device=x.device, dtype=x.dtype)
     return torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
+
+
+def check_input(x: torch.Tensor, bias: torch.Tensor | None, out_features: int, in_features: int) -> None:
+    """What nn.Linear refuses, refused with a message: x a floating-point tensor of at least one dim ending in
+    in_features (an integer x would otherwise be multiplied by a weight cast to integers: zeros), bias a tensor of
+    shape (out_features,) or None."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor (as for nn.Linear), got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have at least one dim and last dim in_features={in_features}, got shape {tuple(x.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import hf
 from .calibrate import BlockRunner, block_index, calibration_mode, collect_act_sq_mean, find_blocks, recording
 from .format import VALUE_DTYPES, compress
 from .nn import VNMLinear
@@ -317,21 +318,24 @@ def _prune_group(
 
 def sparsify(
     model: nn.Module,
-    config: SparsifyConfig | None = None,
+    config: SparsifyConfig | VNMPattern | str | None = None,
     calib: Calib | None = None,
     filter_fn: FilterFn | None = None,
     progress: bool = True,
 ) -> SparsifyReport:
     """Prune `model`'s nn.Linear layers in place to V:N:M, replacing them by VNMLinear; returns a report.
 
+    `config`: a `SparsifyConfig`, or a pattern ("64:2:8") as shorthand for `SparsifyConfig(pattern=...)`.
+
     `calib`: token ids (n, seq_len) or model inputs (split into `config.calib_batch_size` rows), a mapping of
     keyword inputs, or an iterable of either. The result is also recorded on `model.vnm_sparsity` for
     `save_pretrained`.
     """
     start = time.perf_counter()
-    config = SparsifyConfig() if config is None else config
+    if config is None or isinstance(config, (str, VNMPattern)):  # "64:2:8": SparsifyConfig(pattern="64:2:8")
+        config = SparsifyConfig() if config is None else SparsifyConfig(pattern=config)
     if not isinstance(config, SparsifyConfig):
-        raise TypeError(f"config must be a SparsifyConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a SparsifyConfig or a pattern such as '64:2:8', got {type(config).__name__}")
     plan = plan_layers(model, config, filter_fn)
     method = config.resolve_method(calib)
     model_params = sum(p.numel() for p in model.parameters())
@@ -354,6 +358,7 @@ def sparsify(
     report = SparsifyReport(layers, method.value, calibration, config.a if method is Method.RIA else None,
                             config.permute, len(batches), model_params, time.perf_counter() - start)
     model.vnm_sparsity = report.to_config()
+    hf.attach(model)  # a transformers model's own save_pretrained can write it now
     return report
 
 

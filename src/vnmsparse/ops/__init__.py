@@ -13,8 +13,8 @@ from .build import extension, unavailable_reason
 from .config import OpsConfig, config, configure, set_config
 from .dispatch import choose
 from .limits import check_packable
-from .op import kernel_unavailable_reason, linear
-from .pack import PackedVNM, pack_for_device, two_four_tensor, unpack_dense
+from .op import kernel_unavailable_reason, linear, linear_packed, two_four_copy_pays
+from .pack import PackedVNM, pack_for_device, padding_columns, two_four_tensor, unpack_dense, unpack_tensor
 from .variants import KERNELS
 
 __all__ = [
@@ -28,9 +28,12 @@ __all__ = [
     "extension",
     "kernel_unavailable_reason",
     "linear",
-    "set_config",
+    "linear_packed",
     "pack_for_device",
+    "padding_columns",
+    "two_four_copy_pays",
     "two_four_tensor",
     "unavailable_reason",
     "unpack_dense",
+    "unpack_tensor",
 ]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..format import VNMTensor
-from ..reference import vnm_linear
+from ..reference import check_input, vnm_linear
 from . import build, dispatch, tuned
 from .config import config
 from .limits import TORCH_DTYPES, check_packable
@@ -31,8 +31,8 @@ _logged: set = set()
 
 
 def log_once(level: int, message: str) -> None:
-    """Log `message` the first time it occurs in this process."""
-    if message not in _logged:
+    """Log `message` the first time it occurs in this process (not while torch.compile traces: it would break)."""
+    if message not in _logged and not torch.compiler.is_compiling():
         _logged.add(message)
         log.log(level, message)
 
@@ -112,15 +112,15 @@ torch.library.register_fake("vnmsparse::linear", _linear_fake, lib=_LIB)
 
 def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, tensor) -> Optional[str]:
     """None if the CUDA kernels can run `tensor` on `device` for activations of `dtype`, else why not."""
-    return _unavailable(device, dtype, tensor.pattern, tensor.dtype)
+    return _unavailable(device, dtype, tensor.pattern.V, tensor.pattern.M, tensor.dtype)
 
 
 @functools.lru_cache(maxsize=1024)
-def _unavailable(device: torch.device, dtype: torch.dtype, pattern, weight_dtype: torch.dtype) -> Optional[str]:
+def _unavailable(device: torch.device, dtype: torch.dtype, V: int, M: int, weight_dtype: torch.dtype) -> Optional[str]:
     if device.type != "cuda":
         return f"no kernel for device type {device.type!r}"
     try:
-        check_packable(pattern.V, pattern.M, weight_dtype)
+        check_packable(V, M, weight_dtype)
     except ValueError as error:
         return str(error)
     if dtype != weight_dtype:
@@ -128,31 +128,66 @@ def _unavailable(device: torch.device, dtype: torch.dtype, pattern, weight_dtype
     return _device_info(device.index if device.index is not None else torch.cuda.current_device())[1]
 
 
-def _wants_two_four_copy(x: torch.Tensor, packed: PackedVNM, tensor: VNMTensor) -> bool:
+def _wants_two_four_copy(x: torch.Tensor, R: int, C: int, V: int, M: int, window: int) -> bool:
     """Whether this CUDA call runs on the weight's 2:4 copy (`dispatch.uses_two_four_copy`); concrete N only."""
-    N = x.numel() // tensor.shape[1]
+    N = x.numel() // C
     if not isinstance(N, int):  # symbolic under torch.compile's dynamic shapes: keep the V:2:M layout
         return False
     _, _, sms, arch, _ = _device_info(x.get_device())
-    R, V, M = tensor.shape[0], tensor.pattern.V, tensor.pattern.M
-    return dispatch.uses_two_four_copy(N, R, V, M, packed.window, _DTYPE_TAGS[x.dtype], sms, arch)
+    return dispatch.uses_two_four_copy(N, R, V, M, window, _DTYPE_TAGS[x.dtype], sms, arch)
+
+
+def two_four_copy_pays(packed: PackedVNM) -> bool:
+    """Whether a 2:4 copy of this packed weight would ever run (`OpsConfig.two_four_copy` on, and a large call on its
+    device would take it): `VNMLinear` builds the copy when it packs, never inside a forward."""
+    if not config().two_four_copy or packed.device.type != "cuda" or packed.dtype not in _DTYPE_TAGS:
+        return False
+    _, _, sms, arch, _ = _device_info(packed.device.index if packed.device.index is not None else torch.cuda.current_device())
+    R, _ = packed.shape
+    return dispatch.uses_two_four_copy(1 << 16, R, packed.V, packed.M, packed.window, _DTYPE_TAGS[packed.dtype], sms, arch)
 
 
 def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for a `VNMTensor` W: the CUDA kernels where they can run, else `vnm_linear`."""
+    """y = x @ W^T (+ bias) for a `VNMTensor` W: the CUDA kernels where they can run, else `vnm_linear`.
+
+    The kernel layout is built on the first call on a device and cached on `tensor` (`VNMTensor.pack`), beside the
+    canonical tensors; `VNMLinear` instead keeps only its packed layout on a GPU and calls `linear_packed`.
+    """
     if not isinstance(tensor, VNMTensor):
         raise TypeError(f"tensor must be a VNMTensor, got {type(tensor).__name__}")
     R, C = tensor.shape
-    if x.shape[-1] != C:
-        raise ValueError(f"x's last dim must be in_features={C}, got shape {tuple(x.shape)}")
-    reason = _unavailable(x.device, x.dtype, tensor.pattern, tensor.dtype)
+    check_input(x, bias, R, C)
+    V, M = tensor.pattern.V, tensor.pattern.M
+    reason = _unavailable(x.device, x.dtype, V, M, tensor.dtype)
     if reason is not None:
         level = logging.INFO if x.device.type == "cpu" else logging.WARNING
         log_once(level, f"vnmsparse.ops.linear: {reason}; using the plain-torch reference vnm_linear")
         return vnm_linear(x, tensor, bias)
     packed = tensor.pack(x.device)
-    if config().two_four_copy and _wants_two_four_copy(x, packed, tensor):
+    if config().two_four_copy and _wants_two_four_copy(x, R, C, V, M, packed.window):
         packed = tensor.pack(x.device, two_four=True)  # V:2:4: same R, C, V; the op sees window = 32
+    return _run(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, V, packed.window)
+
+
+def linear_packed(x: torch.Tensor, packed: PackedVNM, bias: Optional[torch.Tensor] = None,
+                  two_four: Optional[PackedVNM] = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for a weight already in its kernel layout (`pack_for_device`), with its optional 2:4
+    copy: what `VNMLinear` calls on a GPU. x must be on the pack's device; the kernels run where they can (x in
+    the weight's dtype), else the reference computed from the packed parts."""
+    R, C = packed.shape
+    check_input(x, bias, R, C)
+    if x.device != packed.a_vals.device:
+        raise ValueError(f"x is on {x.device}, the packed weight on {packed.a_vals.device}: move one of them")
+    reason = _unavailable(x.device, x.dtype, packed.V, packed.M, packed.a_vals.dtype)
+    if reason is not None:
+        log_once(logging.WARNING, f"vnmsparse.ops.linear_packed: {reason}; using the plain-torch reference")
+        return _reference_from_packed(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, packed.V)
+    if two_four is not None and config().two_four_copy and _wants_two_four_copy(x, R, C, packed.V, packed.M, packed.window):
+        packed = two_four
+    return _run(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, packed.V, packed.window)
+
+
+def _run(x, a_vals, a_meta, cols, bias, R: int, C: int, V: int, window: int) -> torch.Tensor:
     if _runs_eagerly(x, bias):  # same kernels and result as the op below, without the dispatcher's cost
-        return _linear_cuda(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, tensor.pattern.V, packed.window)
-    return torch.ops.vnmsparse.linear.default(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, tensor.pattern.V, packed.window)
+        return _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V, window)
+    return torch.ops.vnmsparse.linear.default(x, a_vals, a_meta, cols, bias, R, C, V, window)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format import VNMTensor, compress
+from ..format import VNMTensor, compress, nibbles_from_slots
 from ..masks import check_vnm
 from ..pattern import VNMPattern
 from .limits import check_packable
@@ -132,20 +132,53 @@ def pack_for_device(tensor: VNMTensor, device: torch.device | str) -> PackedVNM:
     return PackedVNM(a_vals=a_vals, a_meta=a_meta, cols=cols, shape=(R, C), V=V, M=M, window=8 * M if local else 0)
 
 
+def padding_columns(tensor: VNMTensor) -> torch.Tensor:
+    """(K, 2) int64 rows [flat index into `tensor.columns`, column] of its padding slots (column >= C): the only
+    part of the canonical form a pack does not keep (it maps them to C-1), for `unpack_tensor`."""
+    flat = tensor.columns.reshape(-1)
+    where = (flat >= tensor.shape[1]).nonzero()[:, 0]
+    return torch.stack((where, flat[where].to(torch.int64)), dim=1)
+
+
+def _fragment_values(a_vals: torch.Tensor) -> torch.Tensor:
+    """(Rt, Kc, 32, 8) fragments -> (Rt*16, Gp, 2) values per row and group, the inverse of the pack's order."""
+    Rt, Kc = a_vals.shape[:2]
+    return a_vals.view(Rt, Kc, 8, 4, 2, 2, 2).permute(0, 5, 2, 1, 4, 3, 6).reshape(Rt * 16, 8 * Kc, 2)
+
+
+def _meta_nibbles(a_meta: torch.Tensor) -> torch.Tensor:
+    """(Rt, Kc, 16) metadata words -> (Rt*16, Gp) int64 nibbles p0 | p1 << 2 per row and group."""
+    Rt, Kc = a_meta.shape[:2]
+    words = a_meta.to(torch.int64) & 0xFFFFFFFF  # (Rt, Kc, 16), word 2*gid + h
+    w = words.view(Rt, Kc, 8, 2).permute(0, 2, 1, 3)  # (Rt, gid, Kc, h)
+    shifts = 16 * torch.arange(2, device=a_meta.device).view(2, 1) + 4 * torch.arange(4, device=a_meta.device)
+    nib = (w[..., None, None] >> shifts) & 0xF  # (Rt, gid, Kc, h, hi, j)
+    return nib.permute(0, 4, 1, 2, 3, 5).reshape(Rt * 16, 8 * Kc)  # row hi*8 + gid, group 4*h + j
+
+
+def unpack_tensor(packed: PackedVNM, padding: torch.Tensor) -> VNMTensor:
+    """The canonical `VNMTensor` a pack was built from, exactly, on the pack's device: `padding` is
+    `padding_columns` of that tensor. What `VNMLinear` saves and moves to the CPU while a GPU holds only the pack."""
+    R, C = packed.shape
+    pattern = VNMPattern(V=packed.V, M=packed.M)
+    _, G = pattern.blocks(R, C)
+    values = _fragment_values(packed.a_vals)[:R, :G].reshape(R, 2 * G)
+    nib = _meta_nibbles(packed.a_meta)[:R, :G]
+    positions = nibbles_from_slots(torch.stack((nib & 0x3, nib >> 2), dim=-1))
+    columns = packed.cols[:, :G].clone()
+    columns.view(-1)[padding[:, 0]] = padding[:, 1].to(torch.int32)
+    return VNMTensor(values.contiguous(), columns, positions.contiguous(), pattern, (R, C))
+
+
 def unpack_dense(a_vals: torch.Tensor, a_meta: torch.Tensor, cols: torch.Tensor, R: int, C: int, V: int) -> torch.Tensor:
     """The dense (R, C) weight a packed layout encodes, in a_vals' dtype: the inverse of `pack_for_device`.
 
     Reads only the packed tensors (not the canonical form), so it checks the layout independently and
     serves as the CPU implementation of the custom op.
     """
-    Rt, Kc = a_vals.shape[:2]
-    Gp = 8 * Kc
-    vals = a_vals.view(Rt, Kc, 8, 4, 2, 2, 2).permute(0, 5, 2, 1, 4, 3, 6).reshape(Rt * 16, Gp, 2)
-    words = a_meta.to(torch.int64) & 0xFFFFFFFF  # (Rt, Kc, 16), word 2*gid + h
-    w = words.view(Rt, Kc, 8, 2).permute(0, 2, 1, 3)  # (Rt, gid, Kc, h)
-    shifts = 16 * torch.arange(2, device=a_meta.device).view(2, 1) + 4 * torch.arange(4, device=a_meta.device)
-    nib = (w[..., None, None] >> shifts) & 0xF  # (Rt, gid, Kc, h, hi, j)
-    nib = nib.permute(0, 4, 1, 2, 3, 5).reshape(Rt * 16, Gp)  # row hi*8 + gid, group 4*h + j
+    Gp = 8 * a_vals.shape[1]
+    vals = _fragment_values(a_vals)
+    nib = _meta_nibbles(a_meta)
     slots = torch.stack((nib & 0x3, nib >> 2), dim=-1)[:R]  # (R, Gp, 2)
     block_cols = cols.to(torch.int64).repeat_interleave(V, dim=0)[:R]  # (R, Gp, 4)
     kept = block_cols.gather(2, slots).view(R, 2 * Gp)
