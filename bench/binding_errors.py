@@ -38,14 +38,14 @@ def run_isolated(case: str) -> tuple[int, str, str]:
 def run_case(case: str) -> None:
     import vnmsparse as vs
     from vnmsparse import ops
-    from vnmsparse.ops import instantiations
+    from vnmsparse.ops import instantiations, packed_layout
 
     ext = ops.extension("cuda")
     kind = "wgmma" if "wgmma" in case else "gemm" if "gemm" in case else "decode"
     kernel = next(k for k in instantiations.KERNELS if k.variant.kind == kind and k.dtype == "bf16" and k.V in (0, 64))
     v = 128 if case.endswith("wrong_v") else 64
     t = vs.compress((torch.randn(256, 256) + 0.1).to(torch.bfloat16), f"{v}:2:8")
-    p = t.pack(torch.device("cuda"))
+    p = packed_layout(t, torch.device("cuda"))
     x = torch.randn(4 if kind == "decode" else 300, 256, device="cuda").to(torch.bfloat16)
     if case == "x_on_cpu":
         x = x.cpu()

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 import vnmsparse as vs
+from vnmsparse.ops import packed_layout
 from vnmsparse import ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -103,7 +104,7 @@ def run(args) -> list[dict]:
         dense_read = best_read(W.numel() * 2, sms, args, dev)
         for pattern in args.patterns:
             t = vs.compress(W, pattern)
-            packed = t.pack(dev)
+            packed = packed_layout(t, dev)
             vnm_read = best_read(packed.nbytes, sms, args, dev)
             Wref = t.to_dense().to(torch.float64)
             ts = [t] + [vs.VNMTensor(t.values.clone(), t.columns.clone(), t.positions.clone(), t.pattern, t.shape)

@@ -23,14 +23,14 @@ from kernel import bench_ms, gpu_slug
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import dispatch, variants
+from vnmsparse.ops import dispatch, packed_layout, variants
 
 
 def sweep_case(ext, R: int, C: int, N: int, pattern: str, sms: int, arch, rep_ms: float, gather: bool) -> dict:
     """Time every (decode kernel, ksplit) for one case; the dispatcher's pick and the fastest."""
     gen = torch.Generator(device="cuda").manual_seed(R + C + N)
     t = vs.compress(torch.randn(R, C, device="cuda", generator=gen).to(torch.bfloat16), pattern)
-    p = t.pack(torch.device("cuda"))
+    p = packed_layout(t, torch.device("cuda"))
     x = torch.randn(N, C, device="cuda", generator=gen).to(torch.bfloat16)
     ref = x.double() @ t.to_dense().double().T
     kc = p.a_vals.shape[1]

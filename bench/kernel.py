@@ -37,7 +37,7 @@ import torch
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import dispatch, variants
+from vnmsparse.ops import dispatch, packed_layout, variants
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "8192x8192", "28672x8192", "768x768", "3072x768", "768x3072"]
 NS = [1, 16, 128, 1024, 2048, 4096, 8192]
@@ -161,7 +161,7 @@ def run(args) -> list[dict]:
             t = vs.compress(W, pattern)
             if args.permute:  # what V:N:M channel permutation leaves: kept columns anywhere, so kernels gather x
                 t = vs.fold_input_permutation(t, torch.randperm(C, generator=torch.Generator().manual_seed(R + C)))
-            packed = t.pack(dev)
+            packed = packed_layout(t, dev)
             Wref = t.to_dense().to(torch.float64)
             M = t.pattern.M
             ts = None

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import dispatch
+from vnmsparse.ops import dispatch, packed_layout
 
 
 def per_call_us(fn, calls: int = 200, blocks: int = 7) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
     x = torch.randn(args.n, C, device=dev).to(torch.bfloat16)
     t = vs.compress(W, args.pattern)
     module = vs.VNMLinear(t)
-    packed = t.pack(dev)
+    packed = packed_layout(t, dev)
     props = torch.cuda.get_device_properties(dev)
     kernel = dispatch.choose(args.n, R, t.pattern.V, "bf16", props.multi_processor_count, (props.major, props.minor))
     ksplit = dispatch.ksplit(kernel, args.n, R, packed.a_vals.shape[1], props.multi_processor_count)

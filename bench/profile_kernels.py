@@ -16,7 +16,7 @@ import torch
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import dispatch
+from vnmsparse.ops import dispatch, packed_layout
 
 CASES = [  # (R, C, N, pattern, kernel name or None for the dispatcher's choice)
     (4096, 4096, 1, "64:2:8", None),
@@ -57,8 +57,8 @@ def main() -> None:
             torch.cuda.synchronize()
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             props = torch.cuda.get_device_properties(dev)
-            chosen = dispatch.choose(N, R, t.pattern.V, "bf16", sms, (props.major, props.minor), t.pack(dev).window)
-            ks = dispatch.ksplit(chosen, N, R, t.pack(dev).a_vals.shape[1], sms)
+            chosen = dispatch.choose(N, R, t.pattern.V, "bf16", sms, (props.major, props.minor), packed_layout(t, dev).window)
+            ks = dispatch.ksplit(chosen, N, R, packed_layout(t, dev).a_vals.shape[1], sms)
             print(f"case {i}: R={R} C={C} N={N} {pattern} kernel={chosen.name} ksplit={ks}: {cpu_us:.1f} us CPU per call", flush=True)
             cudart.cudaProfilerStart()
             ops.linear(x, t)

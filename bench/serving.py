@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import dispatch, variants, tuned
+from vnmsparse.ops import dispatch, packed_layout, tuned, variants
 
 LLAMA_SHAPES = ["4096x4096", "11008x4096", "4096x11008", "6144x4096", "14336x4096", "4096x14336", "8192x8192",
                 "10240x8192", "28672x8192", "8192x28672"]
@@ -91,7 +91,7 @@ class Case:
         W = (torch.randn(R, C, device="cuda", generator=gen) + 0.1).to(torch.bfloat16)
         self.tensor = vs.compress(W, pattern)
         self.pattern = self.tensor.pattern
-        self.packed = self.tensor.pack(torch.device("cuda"))
+        self.packed = packed_layout(self.tensor, torch.device("cuda"))
         self.copies = [self.packed] + [
             type(self.packed)(self.packed.a_vals.clone(), self.packed.a_meta.clone(), self.packed.cols.clone(),
                               self.packed.shape, self.packed.V, self.packed.M, self.packed.window)

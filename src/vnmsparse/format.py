@@ -64,7 +64,8 @@ class VNMTensor:
     positions: torch.Tensor
     pattern: VNMPattern
     shape: tuple[int, int]
-    _packed: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    layouts: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)  # kernel layouts by device:
+    # a cache that `vnmsparse.ops.pack.packed_layout` fills; nothing in this module reads it
 
     def __post_init__(self) -> None:
         self.pattern = VNMPattern.parse(self.pattern)
@@ -159,21 +160,6 @@ class VNMTensor:
             pattern=self.pattern,
             shape=self.shape,
         )
-
-    def pack(self, device: torch.device | str, two_four: bool = False) -> Any:
-        """The layout a GPU kernel reads, built once per device from this canonical form and cached. two_four: the
-        layout of the same weight as V:2:4 (`ops.pack.two_four_tensor`: M/4 times the values), a separate entry."""
-        key = (device, "2:4") if two_four else device
-        packed = self._packed.get(key)  # called per matmul: the common case is one dict lookup
-        if packed is None:
-            device = torch.device(device)
-            key = (device, "2:4") if two_four else device
-            if key not in self._packed:
-                from .ops import pack_for_device, two_four_tensor  # deferred: ops may build CUDA code
-
-                self._packed[key] = pack_for_device(two_four_tensor(self) if two_four else self, device)
-            packed = self._packed[key]
-        return packed
 
     # --- files ----------------------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:

@@ -16,8 +16,13 @@ def vnm_linear(x: torch.Tensor, weight: VNMTensor, bias: torch.Tensor | None = N
     if not isinstance(weight, VNMTensor):
         raise TypeError(f"weight must be a VNMTensor, got {type(weight).__name__}")
     check_input(x, bias, *weight.shape)
-    dense = weight.to_dense().to(device=x.device, dtype=x.dtype)
-    return torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
+    return dense_linear(x, weight.to_dense(), bias)
+
+
+def dense_linear(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference matmul itself, on the decompressed weight (pruned entries zero) in x's dtype and device: what
+    `vnm_linear` runs, and the op's CPU implementation on a weight unpacked from its kernel layout."""
+    return torch.nn.functional.linear(x, dense.to(device=x.device, dtype=x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def check_input(x: torch.Tensor, bias: torch.Tensor | None, out_features: int, in_features: int) -> None:

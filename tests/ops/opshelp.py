@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 import vnmsparse as vs
+from vnmsparse.ops import packed_layout
 from vnmsparse import ops
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -37,7 +38,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_kernel(ext, kernel, t, x: torch.Tensor, bias=None, ksplit: int = 1, window: int | None = None) -> torch.Tensor:
     """Run one table entry with a NaN-poisoned output; return it. `window`: the pack's (default) or 0 (decode gathers)."""
-    p = t.pack(x.device)
+    p = packed_layout(t, x.device)
     R, C = t.shape
     out = torch.full((x.shape[0], R), float("nan"), dtype=x.dtype, device=x.device)
     window = p.window if window is None else window

@@ -20,7 +20,7 @@ from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vn
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import variants, op
+from vnmsparse.ops import op, packed_layout, variants
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -117,7 +117,7 @@ def test_cuda_graph_replay(N):
 
 def test_torch_compile_on_cuda():
     t = random_vnm(256, 200, "128:2:8", device="cuda", seed=6)
-    p = t.pack("cuda")
+    p = packed_layout(t, "cuda")
     f = torch.compile(lambda x: torch.ops.vnmsparse.linear(x, p.a_vals, p.a_meta, p.cols, None, 256, 200, 128), fullgraph=True)
     for N in (2, 64):
         x = torch.randn(N, 200, device="cuda").to(torch.bfloat16)
@@ -127,7 +127,7 @@ def test_torch_compile_on_cuda():
 def test_eager_fast_path_matches_the_op_and_steps_aside_for_tracing(monkeypatch):
     t = random_vnm(300, 256, "64:2:8", device="cuda", seed=9)
     bias = torch.randn(300, device="cuda").to(torch.bfloat16)
-    p = t.pack("cuda")
+    p = packed_layout(t, "cuda")
     direct = []
     real = op._linear_cuda
     monkeypatch.setattr(op, "_linear_cuda", lambda *a: direct.append(1) or real(*a))  # the dispatcher keeps `real`
@@ -161,7 +161,7 @@ def test_decode_window_and_gather_give_the_same_bits(ext, kernel):
     V = max(64, 16 * kernel.variant.rows)
     for C, M, N in ((4096, 8, kernel.variant.max_n), (1000, 5, 1), (808, 4, 3)):  # 808: last window past C
         t = random_vnm(3 * V + 5, C, f"{V}:2:{M}", dtype=dtype, device="cuda", seed=C + N)
-        assert t.pack("cuda").window == 8 * M
+        assert packed_layout(t, "cuda").window == 8 * M
         x = torch.randn(N, C, device="cuda").to(dtype)
         for ksplit in (1, 3):
             windowed = run_kernel(ext, kernel, t, x, ksplit=ksplit)
@@ -185,7 +185,7 @@ def test_split_k_decode_on_concurrent_streams():
     for _ in range(50):
         for i, (t, x, stream) in enumerate(zip(weights, xs, streams)):
             with torch.cuda.stream(stream):
-                p = t.pack(x.device)
+                p = packed_layout(t, x.device)
                 outs[i].append(ext.run(x, p.a_vals, p.a_meta, p.cols, None, 512, 4096, 64, kernel.index, 8))
     torch.cuda.synchronize()
     for i in range(2):

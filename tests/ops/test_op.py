@@ -14,7 +14,7 @@ from opshelp import fp64_reference, random_vnm, rel_err
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import codegen, configure, dispatch, limits, op, variants
+from vnmsparse.ops import codegen, configure, dispatch, limits, op, packed_layout, variants
 
 
 def test_importing_needs_no_compiler_or_gpu():
@@ -56,7 +56,7 @@ def test_cpu_fallback_is_logged_once(caplog):
 @pytest.mark.parametrize("pattern,permute", [("16:2:5", False), ("32:2:8", True), ("128:2:4", False)])
 def test_op_on_cpu_computes_from_packed_parts(pattern, permute):
     t = random_vnm(150, 83, pattern, permute=permute, seed=5)
-    p = t.pack("cpu")
+    p = packed_layout(t, "cpu")
     x = torch.randn(4, 83).to(torch.bfloat16)
     b = torch.randn(150).to(torch.bfloat16)
     y = torch.ops.vnmsparse.linear(x, p.a_vals, p.a_meta, p.cols, b, 150, 83, t.pattern.V)
@@ -68,7 +68,7 @@ def test_fake_impl_and_opcheck():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     t = random_vnm(40, 50, "16:2:5")
-    p = t.pack("cpu")
+    p = packed_layout(t, "cpu")
     x = torch.randn(2, 3, 50).to(torch.bfloat16)
     mode = FakeTensorMode()
     fakes = [mode.from_tensor(a) for a in (x, p.a_vals, p.a_meta, p.cols)]
@@ -80,7 +80,7 @@ def test_fake_impl_and_opcheck():
 
 def test_torch_compile_fullgraph():
     t = random_vnm(40, 50, "16:2:5")
-    p = t.pack("cpu")
+    p = packed_layout(t, "cpu")
     x = torch.randn(6, 50).to(torch.bfloat16)
     f = torch.compile(lambda x: torch.ops.vnmsparse.linear(x, p.a_vals, p.a_meta, p.cols, None, 40, 50, 16), fullgraph=True)
     assert torch.equal(f(x), vs.vnm_linear(x, t))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from opshelp import fp64_reference, random_vnm, rel_err
 
 import vnmsparse as vs
-from vnmsparse.ops import check_packable, pack_for_device, two_four_tensor, unpack_dense
+from vnmsparse.ops import check_packable, pack_for_device, packed_layout, two_four_tensor, unpack_dense
 from vnmsparse.ops.limits import SUPPORTED_V
 
 SHAPES_PATTERNS = [
@@ -51,7 +51,7 @@ def test_packed_indices_are_in_bounds_and_metadata_valid(R, C, pattern):
 
 def test_pack_is_cached_per_device():
     t = random_vnm(50, 60, "16:2:6")
-    assert t.pack("cpu") is t.pack(torch.device("cpu"))
+    assert packed_layout(t, "cpu") is packed_layout(t, torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -175,6 +175,6 @@ def test_two_four_copy_refuses_weights_that_are_not_2_4():
 
 def test_two_four_copy_is_cached_beside_the_pack():
     t = random_vnm(70, 90, "32:2:8", seed=1)
-    p, q = t.pack("cpu"), t.pack("cpu", two_four=True)
-    assert t.pack("cpu") is p and t.pack(torch.device("cpu"), two_four=True) is q and p is not q
+    p, q = packed_layout(t, "cpu"), packed_layout(t, "cpu", two_four=True)
+    assert packed_layout(t, "cpu") is p and packed_layout(t, torch.device("cpu"), two_four=True) is q and p is not q
     assert (p.window, q.window) == (64, 32)

@@ -17,7 +17,7 @@ import torch
 from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, run_kernel
 
 from vnmsparse import ops
-from vnmsparse.ops import configure, dispatch, variants
+from vnmsparse.ops import configure, dispatch, packed_layout, variants
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 (Hopper) GPU")]
@@ -43,7 +43,7 @@ def test_window_kernel(ext, kernel):
     for s, (R, C, V, ns) in enumerate(_shapes()):
         for i, N in enumerate(ns):
             t = random_vnm(R, C, f"{V}:2:{M}", dtype=dtype, device="cuda", seed=R + C + N)
-            assert t.pack("cuda").window == 8 * M
+            assert packed_layout(t, "cuda").window == 8 * M
             if (s + i) % 2:  # a view TMA cannot read in place: 2-byte offset, odd row stride
                 x = torch.randn(N, C + 1, device="cuda").to(dtype)[:, 1:]
             else:
@@ -84,7 +84,7 @@ def test_public_linear_takes_the_window_kernel_when_unpermuted(wgmma_on_small, l
     bias = torch.randn(1000, device="cuda").to(torch.bfloat16)
     N, sms = x.numel() // 700, torch.cuda.get_device_properties(0).multi_processor_count
     for t, kind in ((plain, "wgmma_window"), (permuted, "wgmma"), (wider, "wgmma")):
-        assert dispatch.choose(N, 1000, 64, "bf16", sms, (9, 0), t.pack("cuda").window).variant.kind == kind
+        assert dispatch.choose(N, 1000, 64, "bf16", sms, (9, 0), packed_layout(t, "cuda").window).variant.kind == kind
         y = ops.linear(x, t, bias)
         assert y.shape == (*lead, 1000)
         check(y.reshape(-1, 1000), fp64_reference(x.reshape(-1, 700), t, bias), torch.bfloat16, f"linear {kind} {lead}")

@@ -6,7 +6,7 @@
         y = linear(x, vnm_tensor, bias)      # VNMSPARSE_* variables read once at import
 
 Importing this needs no compiler and no GPU: kernels are built just in time (`build.extension`) on the
-first CUDA call. `pack_for_device` is what `VNMTensor.pack(device)` calls (and caches).
+first CUDA call. `packed_layout(tensor, device)` builds a weight's kernel layout once and caches it.
 """
 
 from .build import extension, unavailable_reason
@@ -14,7 +14,8 @@ from .config import OpsConfig, config, configure, set_config
 from .dispatch import choose
 from .limits import check_packable
 from .op import kernel_unavailable_reason, linear, linear_packed, two_four_copy_pays
-from .pack import PackedVNM, pack_for_device, padding_columns, two_four_tensor, unpack_dense, unpack_tensor
+from .pack import (PackedVNM, pack_for_device, packed_layout, padding_columns, two_four_tensor, unpack_dense,
+                   unpack_tensor)
 from .variants import KERNELS
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "linear",
     "linear_packed",
     "pack_for_device",
+    "packed_layout",
     "padding_columns",
     "two_four_copy_pays",
     "two_four_tensor",

@@ -17,14 +17,13 @@ import logging
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..format import VNMTensor
-from ..reference import check_input, vnm_linear
+from ..reference import check_input, dense_linear, vnm_linear
 from . import build, dispatch, tuned
 from .config import config
 from .limits import TORCH_DTYPES, check_packable
-from .pack import PackedVNM, unpack_dense
+from .pack import PackedVNM, packed_layout, unpack_dense
 
 log = logging.getLogger("vnmsparse.ops")
 _logged: set = set()
@@ -38,8 +37,7 @@ def log_once(level: int, message: str) -> None:
 
 
 def _reference_from_packed(x, a_vals, a_meta, cols, bias, R: int, C: int, V: int) -> torch.Tensor:
-    weight = unpack_dense(a_vals, a_meta, cols, R, C, V).to(device=x.device, dtype=x.dtype)
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    return dense_linear(x, unpack_dense(a_vals, a_meta, cols, R, C, V), bias)
 
 
 # Registered once, at import, with the dispatcher directly (torch.library.Library): a call costs about half of what
@@ -150,7 +148,7 @@ def two_four_copy_pays(packed: PackedVNM) -> bool:
 def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for a `VNMTensor` W: the CUDA kernels where they can run, else `vnm_linear`.
 
-    The kernel layout is built on the first call on a device and cached on `tensor` (`VNMTensor.pack`), beside the
+    The kernel layout is built on the first call on a device and cached on `tensor` (`pack.packed_layout`), beside the
     canonical tensors; `VNMLinear` instead keeps only its packed layout on a GPU and calls `linear_packed`.
     """
     if not isinstance(tensor, VNMTensor):
@@ -163,9 +161,9 @@ def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None) -> torc
         level = logging.INFO if x.device.type == "cpu" else logging.WARNING
         log_once(level, f"vnmsparse.ops.linear: {reason}; using the plain-torch reference vnm_linear")
         return vnm_linear(x, tensor, bias)
-    packed = tensor.pack(x.device)
+    packed = packed_layout(tensor, x.device)
     if config().two_four_copy and _wants_two_four_copy(x, R, C, V, M, packed.window):
-        packed = tensor.pack(x.device, two_four=True)  # V:2:4: same R, C, V; the op sees window = 32
+        packed = packed_layout(tensor, x.device, two_four=True)  # V:2:4: same R, C, V; the op sees window = 32
     return _run(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, V, packed.window)
 
 

@@ -87,8 +87,23 @@ def two_four_tensor(tensor: VNMTensor) -> VNMTensor:
     return compress(tensor.to_dense(), pattern, mask=stored)
 
 
+def packed_layout(tensor: VNMTensor, device: torch.device | str, two_four: bool = False) -> PackedVNM:
+    """The kernel layout of `tensor` on `device`, built once (`pack_for_device`) and cached on the tensor
+    (`VNMTensor.layouts`). two_four: the layout of the same weight as V:2:4 (`two_four_tensor`: M/4 times the
+    values), a separate entry. Called per matmul by `ops.linear`: the common case is one dict lookup."""
+    key = (device, "2:4") if two_four else device
+    packed = tensor.layouts.get(key)
+    if packed is None:
+        device = torch.device(device)
+        key = (device, "2:4") if two_four else device
+        if key not in tensor.layouts:
+            tensor.layouts[key] = pack_for_device(two_four_tensor(tensor) if two_four else tensor, device)
+        packed = tensor.layouts[key]
+    return packed
+
+
 def pack_for_device(tensor: VNMTensor, device: torch.device | str) -> PackedVNM:
-    """Build the kernel layout of a `VNMTensor` on `device` (called and cached by `VNMTensor.pack`)."""
+    """Build the kernel layout of a `VNMTensor` on `device` (`packed_layout` caches it on the tensor)."""
     V, M = tensor.pattern.V, tensor.pattern.M
     check_packable(V, M, tensor.values.dtype)
     device = torch.device(device)
