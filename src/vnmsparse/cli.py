@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import prune_job
+from .ops.limits import M_RANGE, SUPPORTED_V
 from .pattern import VNMPattern
 from .select import SpeedTable, candidate_patterns, mask_diversity, pareto_patterns, select_pattern
 
@@ -132,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--model", help="take the layer shapes from this model ('smollm2-135m', HF folder, .gguf)")
     prof.add_argument("--shapes", help="layer shapes as RxC,RxC (e.g. 4096x4096,11008x4096)")
     prof.add_argument("--tokens", type=int, default=16, help="tokens per matmul (N); 16 = decode (default)")
-    prof.add_argument("--vs", default="16,32,64,128", help="V values to sweep")
-    prof.add_argument("--ms", default="4-32", help="M range to sweep, e.g. 4-32")
+    prof.add_argument("--vs", default=",".join(map(str, SUPPORTED_V)), help="V values to sweep")
+    prof.add_argument("--ms", default=f"{M_RANGE[0]}-{M_RANGE[1]}", help="M range to sweep, e.g. 4-32")
     prof.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     prof.add_argument("--repeats", type=int, default=30, help="timed calls per case (median)")
     prof.add_argument("--out", help="folder for the table (default ~/.cache/vnmsparse/tables)")

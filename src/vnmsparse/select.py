@@ -20,10 +20,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .ops.limits import M_RANGE, SUPPORTED_V
 from .pattern import KEPT_COLUMNS, KEPT_PER_ROW, VNMPattern
 
-KERNEL_VS = (16, 32, 64, 128)
-KERNEL_MS = tuple(range(4, 33))
+KERNEL_VS = SUPPORTED_V
+KERNEL_MS = tuple(range(M_RANGE[0], M_RANGE[1] + 1))
 ANALYTIC_SOURCE = "analytic estimate (weight-bytes ratio, the memory-bound ceiling; not a measurement)"
 
 
