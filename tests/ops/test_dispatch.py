@@ -1,9 +1,9 @@
-"""The dispatch rules (CPU): sparse wgmma on sm_90 only, V in {64, 128}, large N only; the window kernel; the 2:4 copy."""
+"""The dispatch rules (CPU): decode and gemm tiles by N and rank, the k-split, the pinned kernel; sparse wgmma on sm_90 only (V in {64, 128}, large N); the window kernel; the 2:4 copy."""
 
 from __future__ import annotations
 
 import pytest
-from vnmsparse.ops import configure, dispatch, limits
+from vnmsparse.ops import configure, dispatch, limits, variants
 
 H100 = (9, 0)
 
@@ -83,3 +83,57 @@ def test_two_four_copy_only_where_it_pays(wgmma_on):
         assert not use(2048, 4096, 64, 5, 40, "bf16", 132, H100)  # M = 5: not 2:4
         assert not use(2048, 4096, 64, 8, 64, "bf16", 108, (8, 0))  # no window kernel before sm_90
         assert not use(256, 64, 64, 8, 64, "bf16", 132, H100)  # below half a wave of window tiles
+
+
+# ---- the rules on any GPU ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("N,expect", [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (32, 4)])
+@pytest.mark.parametrize("V", limits.SUPPORTED_V)
+def test_decode_for_small_n(N, expect, V):
+    k = dispatch.choose(N, 4096, V, "bf16", 132)
+    assert k.variant.kind == "decode" and k.variant.n_tiles == expect and k.dtype == "bf16"
+    rows = {v.rows for v in variants.VARIANTS if v.kind == "decode" and v.n_tiles == expect and 16 * v.rows <= V}
+    assert k.variant.rows == max(rows)  # one gather serves all the rows it can
+
+
+def test_decode_ksplit_fills_the_gpu_and_keeps_warps_busy():
+    k = dispatch.choose(16, 4096, 64, "bf16", 132)
+    ks = dispatch.decode_ksplit(k, 4096, 64, 132)  # 64 row groups of 64 rows, 64 chunks
+    assert 64 * ks >= 132 and 64 // ks >= 2 * k.variant.warps // 2
+    assert dispatch.decode_ksplit(k, 28672, 205, 132) == 1  # 448 row groups: enough CTAs already
+    gemm = dispatch.choose(4096, 4096, 64, "bf16", 132)
+    assert dispatch.decode_ksplit(gemm, 4096, 64, 132) == 1
+
+
+@pytest.mark.parametrize("V", limits.SUPPORTED_V)
+@pytest.mark.parametrize("dtype", limits.DTYPES)
+def test_gemm_for_large_n_matches_v(V, dtype):
+    for N in (variants.DECODE_MAX_N + 1, 128, 1024, 8192):
+        k = dispatch.choose(N, 4096, V, dtype, 132)
+        assert k.variant.kind == "gemm" and k.variant.V == V and k.dtype == dtype
+
+
+def test_large_problems_get_the_large_tile_and_small_ones_the_small():
+    big = dispatch.choose(8192, 8192, 64, "bf16", 132)
+    small = dispatch.choose(128, 768, 64, "bf16", 132)
+    assert big.variant.BM * big.variant.BN > small.variant.BM * small.variant.BN
+
+
+def test_config_kernel_pins_a_kernel():
+    name = next(k.name for k in variants.KERNELS if k.variant.kind == "gemm" and k.V == 64 and k.dtype == "bf16")
+    with configure(kernel=name):
+        assert dispatch.choose(4096, 4096, 64, "bf16", 132).name == name
+        assert dispatch.choose(4096, 4096, 32, "bf16", 132).V == 32  # does not apply: normal choice
+        assert variants.KERNELS[dispatch.plan(4096, 4096, 64, 64, "bf16", 132, (9, 0), 0, "h200")[0]].name == name
+    with pytest.raises(ValueError, match="compiled kernel name"):
+        with configure(kernel="nope"):
+            pass
+
+
+@pytest.mark.parametrize("V", limits.SUPPORTED_V)
+@pytest.mark.parametrize("N", [1, 9, 16, 17, 300, 4096])
+def test_plan_is_the_chosen_kernel_and_its_ksplit(N, V):
+    for wgmma in (True, False):
+        with configure(wgmma=wgmma):
+            index, ksplit = dispatch.plan(N, 4096, V, 64, "bf16", 132, (9, 0))
+            kernel = dispatch.choose(N, 4096, V, "bf16", 132, (9, 0))
+        assert variants.KERNELS[index] == kernel and ksplit == dispatch.ksplit(kernel, N, 4096, 64, 132)

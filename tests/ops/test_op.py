@@ -14,7 +14,7 @@ from opshelp import fp64_reference, random_vnm, rel_err
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import codegen, configure, dispatch, limits, op, packed_layout, variants
+from vnmsparse.ops import op, packed_layout
 
 
 def test_importing_needs_no_compiler_or_gpu():
@@ -101,74 +101,6 @@ def test_unsupported_pattern_falls_back_on_cuda_reason():
     assert "cpu" in op.kernel_unavailable_reason(torch.device("cpu"), torch.float32, t)
 
 
-# ---- dispatch and the generated list ------------------------------------------------------------------------
-@pytest.mark.parametrize("N,expect", [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (32, 4)])
-@pytest.mark.parametrize("V", limits.SUPPORTED_V)
-def test_decode_for_small_n(N, expect, V):
-    k = dispatch.choose(N, 4096, V, "bf16", 132)
-    assert k.variant.kind == "decode" and k.variant.n_tiles == expect and k.dtype == "bf16"
-    rows = {v.rows for v in variants.VARIANTS if v.kind == "decode" and v.n_tiles == expect and 16 * v.rows <= V}
-    assert k.variant.rows == max(rows)  # one gather serves all the rows it can
-
-
-def test_decode_ksplit_fills_the_gpu_and_keeps_warps_busy():
-    k = dispatch.choose(16, 4096, 64, "bf16", 132)
-    ks = dispatch.decode_ksplit(k, 4096, 64, 132)  # 64 row groups of 64 rows, 64 chunks
-    assert 64 * ks >= 132 and 64 // ks >= 2 * k.variant.warps // 2
-    assert dispatch.decode_ksplit(k, 28672, 205, 132) == 1  # 448 row groups: enough CTAs already
-    gemm = dispatch.choose(4096, 4096, 64, "bf16", 132)
-    assert dispatch.decode_ksplit(gemm, 4096, 64, 132) == 1
-
-
-@pytest.mark.parametrize("V", limits.SUPPORTED_V)
-@pytest.mark.parametrize("dtype", limits.DTYPES)
-def test_gemm_for_large_n_matches_v(V, dtype):
-    for N in (variants.DECODE_MAX_N + 1, 128, 1024, 8192):
-        k = dispatch.choose(N, 4096, V, dtype, 132)
-        assert k.variant.kind == "gemm" and k.variant.V == V and k.dtype == dtype
-
-
-def test_large_problems_get_the_large_tile_and_small_ones_the_small():
-    big = dispatch.choose(8192, 8192, 64, "bf16", 132)
-    small = dispatch.choose(128, 768, 64, "bf16", 132)
-    assert big.variant.BM * big.variant.BN > small.variant.BM * small.variant.BN
-
-
-def test_config_kernel_pins_a_kernel():
-    name = next(k.name for k in variants.KERNELS if k.variant.kind == "gemm" and k.V == 64 and k.dtype == "bf16")
-    with configure(kernel=name):
-        assert dispatch.choose(4096, 4096, 64, "bf16", 132).name == name
-        assert dispatch.choose(4096, 4096, 32, "bf16", 132).V == 32  # does not apply: normal choice
-        assert variants.KERNELS[dispatch.plan(4096, 4096, 64, 64, "bf16", 132, (9, 0), 0, "h200")[0]].name == name
-    with pytest.raises(ValueError, match="compiled kernel name"):
-        with configure(kernel="nope"):
-            pass
-
-
-def test_generated_sources_follow_the_list(tmp_path):
-    names = [k.name for k in variants.KERNELS]
-    assert len(set(names)) == len(names)
-    files = codegen.write(tmp_path)
-    assert files[-1].name == "vnm_table.cu"
-    table = (tmp_path / "vnm_table.cu").read_text()
-    positions = [table.index(f'"{n}"') for n in names]
-    assert positions == sorted(positions)  # table order is list order: Python indexes it
-    traits = (tmp_path / "vnm_tiles.h").read_text()
-    for v in variants.VARIANTS:
-        assert f"_{v.tag} {{" in traits
-    assert {f.name for f in files} == {f"gen_{n}.cu" for n in names} | {"vnm_table.cu"}
-    # Writing again changes nothing on disk (incremental builds stay incremental).
-    before = {f: f.stat().st_mtime_ns for f in files}
-    codegen.write(tmp_path)
-    assert before == {f: f.stat().st_mtime_ns for f in files}
-
-
-def test_every_supported_v_has_a_gemm_for_each_dtype():
-    for V in limits.SUPPORTED_V:
-        for dtype in limits.DTYPES:
-            assert any(k.variant.kind == "gemm" and k.V == V and k.dtype == dtype for k in variants.KERNELS)
-
-
 def test_module_reload_free_registration():
     # The op is registered at import; importing again must not re-register (it would raise).
     importlib.import_module("vnmsparse.ops.op")
@@ -207,13 +139,3 @@ def test_runs_eagerly_only_when_nothing_traces_or_intercepts():
     assert not op._runs_eagerly(x.as_subclass(type("Subclass", (torch.Tensor,), {})), None)  # may override anything
     compiled = torch.compile(lambda x: x + 1 if op._runs_eagerly(x, None) else x - 1, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), x - 1)  # traced: the custom op, not the direct call
-
-
-@pytest.mark.parametrize("V", limits.SUPPORTED_V)
-@pytest.mark.parametrize("N", [1, 9, 16, 17, 300, 4096])
-def test_plan_is_the_chosen_kernel_and_its_ksplit(N, V):
-    for wgmma in (True, False):
-        with configure(wgmma=wgmma):
-            index, ksplit = dispatch.plan(N, 4096, V, 64, "bf16", 132, (9, 0))
-            kernel = dispatch.choose(N, 4096, V, "bf16", 132, (9, 0))
-        assert variants.KERNELS[index] == kernel and ksplit == dispatch.ksplit(kernel, N, 4096, 64, 132)
