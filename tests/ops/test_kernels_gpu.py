@@ -3,7 +3,7 @@
 Every compiled kernel variant is run directly (by its table index) over odd shapes: R not a multiple of
 any tile, C not a multiple of M (padding slots), N = 1, 3, 9, 16, 17, 100, 4095, folded input permutations.
 Then the public path: `vnmsparse.ops.linear` with leading dims and bias, CUDA graphs, torch.compile, and
-the logged fallbacks. Skipped without CUDA; bench/run_gpu.sh runs them (and once under compute-sanitizer).
+the logged fallbacks. Skipped without CUDA; tools/gpu_check.sh runs them (and once under compute-sanitizer).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ several token tiles), K from one k-step to many (pipeline wrap-around, phase fli
 slices), folded input permutations,
 bias or not, both dtypes. Then CUDA-graph replay and determinism; the public path with leading dims and bias,
 for the gathering and the window kernels alike, is in tests/ops/test_wgmma_window_gpu.py, the wrong-V refusal
-in tests/ops/test_binding_gpu.py (one process per case). Skipped unless the GPU is sm_90 (bench/run_gpu.sh runs
+in tests/ops/test_binding_gpu.py (one process per case). Skipped unless the GPU is sm_90 (tools/gpu_check.sh runs
 them, once under compute-sanitizer).
 """
 

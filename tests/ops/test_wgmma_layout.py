@@ -14,7 +14,7 @@ y with a float64 reference. What the hardware does is written here from the PTX 
 - stmatrix .trans: matrix q's fragment element (r, c) sits in lane 4r + c/2; stored row i (address of lane 8q + i)
   receives column i.
 
-What this cannot check (the device run does, see bench/NOTES-wgmma.md): that the hardware matches those documents,
+What this cannot check (the device run does, see docs/kernels.md): that the hardware matches those documents,
 and everything about timing (barriers, proxy fences, races).
 """
 

@@ -7,7 +7,7 @@ the zero-filled TMA tail, a last stage with one chunk), N = 1, 3, 17, 100, 257, 
 wrap-around), bias or not, both dtypes, x as it comes and x that TMA cannot read in place (a column-offset view:
 the binding copies it). Then the public path: unpermuted M = 4 weights take the window kernel, permuted ones and
 M = 8 the gathering kernel (or, enabled, their 2:4 copy); leading dims, CUDA-graph replay, bitwise repeatability,
-and the refusal of a pack without the window. Skipped unless the GPU is sm_90 (bench/run_gpu.sh runs them, once under compute-sanitizer).
+and the refusal of a pack without the window. Skipped unless the GPU is sm_90 (tools/gpu_check.sh runs them, once under compute-sanitizer).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@
 
 namespace vnm {
 
-// Checks and derived constants for a decode tile traits struct (generated; see instantiations.py):
+// Checks and derived constants for a decode tile traits struct (generated from ops/variants.py by ops/codegen.py):
 //   N_TILES: 8-token MMA tiles (1: N <= 8, 2: N <= 16)
 //   ROWS:    16-row tiles per warp (all in one V-row block: the host only picks ROWS <= V/16)
 //   WARPS:   warps per CTA, splitting the CTA's k chunks

@@ -18,7 +18,7 @@
 
 namespace vnm {
 
-// Checks and derived constants for a tensor-core tile traits struct (generated; see instantiations.py):
+// Checks and derived constants for a tensor-core tile traits struct (generated from ops/variants.py by ops/codegen.py):
 //   V:        rows per V:N:M block the kernel is built for
 //   BM, BN:   rows of W and tokens per CTA
 //   WARPS_M, WARPS_N: warp grid; each warp owns a (BM/WARPS_M) x (BN/WARPS_N) sub-tile

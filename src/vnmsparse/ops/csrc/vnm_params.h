@@ -50,7 +50,7 @@ enum class ElemType : int { kBf16 = 0, kFp16 = 1 };
 
 using LaunchFn = cudaError_t (*)(const VnmParams&, cudaStream_t);
 
-// One instantiated kernel. The table is generated (vnmsparse/ops/instantiations.py) in the same order
+// One instantiated kernel. The table is generated (vnmsparse/ops/codegen.py) in the same order
 // as the Python list, so Python picks an entry by index and the binding checks that it fits.
 struct KernelEntry {
   const char* name;  // e.g. "gemm_bf16_v64_m128n128s4"

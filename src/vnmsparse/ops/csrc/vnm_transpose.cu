@@ -28,7 +28,7 @@ static __global__ void vnm_transpose_kernel(const VnmParams p) {
 
 // The same with 16-byte global accesses (x 16-byte aligned, ldx and C multiples of 8): 64 x 64 tiles, each thread
 // loads two 8-column pieces of x rows and stores two 8-token pieces of x^T rows. The 2-byte version moves x at
-// ~1.9 TB/s, 7-13% of a tensor-core call (bench/NOTES-wgmma.md). Tile rows are 66 elements apart: 4-byte aligned
+// ~1.9 TB/s, 7-13% of a tensor-core call (docs/kernels.md). Tile rows are 66 elements apart: 4-byte aligned
 // for the stores, and the 8 token pieces a warp reads per element hit at most 2 rows per bank.
 static __global__ void vnm_transpose_vec_kernel(const VnmParams p) {
   constexpr int kPitch = 66;

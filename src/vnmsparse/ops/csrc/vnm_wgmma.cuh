@@ -207,7 +207,7 @@ __device__ __forceinline__ bool split_k_finish(float (&acc)[kWgM][kAcc], const V
 }
 #endif  // VNM_SM90A_ENABLED
 
-// Checks and derived constants for a sparse-wgmma tile traits struct (generated; see instantiations.py):
+// Checks and derived constants for a sparse-wgmma tile traits struct (generated from ops/variants.py by ops/codegen.py):
 //   V:         rows per V:N:M block (64 or 128: one m64 wgmma tile never straddles two blocks' columns)
 //   CONSUMERS: consumer warpgroups (each 128 threads); the producer warpgroup comes on top
 //   WG_M:      m64 tiles per consumer warpgroup (BM = 64 * WG_M * CONSUMERS rows of W per CTA)

@@ -23,7 +23,7 @@
 
 namespace vnm {
 
-// Checks and derived constants for a window-kernel traits struct (generated; see instantiations.py):
+// Checks and derived constants for a window-kernel traits struct (generated from ops/variants.py by ops/codegen.py):
 //   M: group width the weights were pruned with (4); CONSUMERS, WG_M, BN as for WgmmaShape;
 //   STAGES: depth of the ring of stages (an x tile of BN x 64 columns and the CTA's A records for it).
 template <typename Tile> struct WgmmaWindowShape {

@@ -8,7 +8,7 @@
 //   D: register i of lane 4*gid + t in warp w is row 16w + gid + 8((i/2)%2), token 2t + i%2 + 8(i/4).
 // One warpgroup, random 2:4 A (lanes t = 2, 3 carry other, valid metadata: a misread shows as a mismatch).
 //   nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc/vnmsparse/ops/csrc -o /tmp/wgmma_probe \
-//        bench/wgmma_sp_probe.cu && /tmp/wgmma_probe
+//        tools/wgmma_sp_probe.cu && /tmp/wgmma_probe
 // Exit status 0 only if every output matches the float64 reference (to bf16 input rounding, fp32 accumulation).
 #include <cmath>
 #include <cstdint>

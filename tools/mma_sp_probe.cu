@@ -1,6 +1,6 @@
 // Checks, on the GPU at hand, the mma.sp.m16n8k32 (bf16, ordered metadata) register layout the kernels in
 // src/vnmsparse/ops/csrc assume, against an alternative reading of the PTX figure. One warp, random 2:4 A.
-//   nvcc -O2 -gencode=arch=compute_90a,code=sm_90a -o /tmp/probe bench/mma_sp_probe.cu && /tmp/probe
+//   nvcc -O2 -gencode=arch=compute_90a,code=sm_90a -o /tmp/probe tools/mma_sp_probe.cu && /tmp/probe
 // Prints one line per hypothesis; exit status 0 only if the assumed layout ("kernels") matches.
 #include <cstdio>
 #include <cstdlib>

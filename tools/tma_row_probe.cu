@@ -2,7 +2,7 @@
 //
 // The wgmma kernel (src/vnmsparse/ops/csrc/vnm_wgmma.cuh) gathers, per k-step and V-row block, 32 rows of x^T
 // (the block's kept columns) x BN tokens into a 128-byte-swizzled shared-memory tile, with 16-byte cp.async; every
-// measured speed fits ~20 B/clk/SM of that gather (bench/NOTES-wgmma.md). This probe answers the two questions
+// measured speed fits ~20 B/clk/SM of that gather (docs/kernels.md). This probe answers the two questions
 // that decide whether one TMA box per gathered row (64 tokens = one 128-byte swizzle line) could replace it:
 //
 //   swizzle   Does TMA swizzle by the absolute shared-memory address (a 1-row box written at line r of a
@@ -15,7 +15,7 @@
 //             bytes per clock per SM for each, from the median of several timed launches.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc/vnmsparse/ops/csrc -o /tmp/tma_row_probe \
-//        bench/tma_row_probe.cu && /tmp/tma_row_probe swizzle && /tmp/tma_row_probe rate
+//        tools/tma_row_probe.cu && /tmp/tma_row_probe swizzle && /tmp/tma_row_probe rate
 #include <cuda.h>
 #include <cuda_runtime.h>
 
