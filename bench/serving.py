@@ -113,17 +113,20 @@ class Case:
 
 
 def ksplits(kernel: variants.Kernel, N: int, R: int, Kc: int, sms: int) -> list[int]:
-    """The k-splits worth timing for a kernel: its dispatch default and powers of two around what fills the GPU."""
+    """The k-splits worth timing for a kernel: 1, its dispatch default, and powers of two while the previous split
+    left fewer than two waves of CTAs (beyond that a split only adds partial sums)."""
     if not kernel.splits_k:
         return [1]
     stages = getattr(kernel.variant, "stages", 1)
     most = max(1, Kc // (2 * (kernel.variant.warps if kernel.variant.kind == "decode" else stages)))
-    found = {dispatch.ksplit(kernel, N, R, Kc, sms), 1}
+    tile_m, tile_n = kernel.tile
+    tiles = -(-R // tile_m) * -(-N // tile_n)
+    found = {1, min(dispatch.ksplit(kernel, N, R, Kc, sms), most)}
     ks = 2
-    while ks <= min(most, 32):
+    while ks <= min(most, 32) and tiles * ks // 2 < 2 * sms:
         found.add(ks)
         ks *= 2
-    return sorted(k for k in found if k <= most or k == 1)
+    return sorted(found)
 
 
 def tune(args) -> dict:
@@ -324,6 +327,7 @@ def main(argv=None) -> None:
                         help=f"token counts (default: tune {TUNE_NS[0]}..{TUNE_NS[-1]}, sweep {SERVING_NS[0]}..{SERVING_NS[-1]})")
     parser.add_argument("--out", type=Path, default=None, help="output folder (tune: the tables folder; sweep: bench/results)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="tune: stop (and write what was measured) after this long")
+    parser.add_argument("--merge", action="store_true", help="tune: keep the table's entries for cases not measured now")
     args = parser.parse_args(argv)
     if args.mode == "plot":
         if args.json is None:
@@ -336,6 +340,11 @@ def main(argv=None) -> None:
         table = tune(args)
         out = (args.out or TABLES) / tuned.table_name(name)
         out.parent.mkdir(parents=True, exist_ok=True)
+        if args.merge and out.exists():  # keep the cases this run did not measure
+            key = lambda e: (e["V"], e["M"], e["R"], e["C"], e["window"], e["N"])  # noqa: E731
+            fresh = {key(e) for e in table["entries"]}
+            kept = [e for e in json.loads(out.read_text())["entries"] if key(e) not in fresh]
+            table["entries"] = sorted(kept + table["entries"], key=key)
         out.write_text(json.dumps(table, indent=1) + "\n")
         print(f"wrote {out} ({len(table['entries'])} cases)")
     else:
