@@ -105,8 +105,8 @@ def test_public_linear_on_the_two_four_copy(wgmma_on_small, pattern):
     for N in (1, 300):
         x = torch.randn(N, 1001, device="cuda").to(torch.bfloat16)
         check(ops.linear(x, t, bias), fp64_reference(x, t, bias), torch.bfloat16, f"{pattern} two-four copy N={N}")
-        assert ((x.device, "2:4") in t._packed) == (N > 16)
+        assert ((x.device, "2:4") in t.layouts) == (N > 16)
     permuted = random_vnm(1000, 1001, pattern, device="cuda", permute=True, seed=4)
     x = torch.randn(300, 1001, device="cuda").to(torch.bfloat16)
     check(ops.linear(x, permuted), fp64_reference(x, permuted), torch.bfloat16, f"{pattern} permuted")
-    assert (x.device, "2:4") not in permuted._packed  # kept columns anywhere: no 2:4 copy, the gather
+    assert (x.device, "2:4") not in permuted.layouts  # kept columns anywhere: no 2:4 copy, the gather
