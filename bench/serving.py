@@ -3,10 +3,13 @@
     python bench/serving.py tune  [--shapes ...] [--patterns ...] [--n ...]   # -> src/vnmsparse/tables/dispatch-<gpu>.json
     python bench/serving.py sweep [--shapes ...] [--patterns ...] [--n ...]   # -> bench/results/serving-<gpu>.{json,md,png}
     python bench/serving.py plot  bench/results/serving-<gpu>.json            # the picture again, from the JSON
+    python bench/serving.py tables bench/results/serving-<gpu>.json           # -> src/vnmsparse/tables/speed-<gpu>-n*.json
 
 `tune` times every compiled kernel that can run a case, at every k-split worth trying, calling the extension
 directly, and writes the fastest per case as the GPU's measured dispatch table (`vnmsparse.ops.tuned`).
-`sweep` times the public path (`vnmsparse.ops.linear`: the op, dispatch, kernel) beside cuBLAS dense
+`tables` turns a sweep into the speed tables `vnm select` reads for that GPU, at the token counts of decode, serving
+and prefill: per pattern, the sum of cuBLAS times over the sweep's shapes divided by the sum of ours (so the larger
+layers weigh more, as in a model). `sweep` times the public path (`vnmsparse.ops.linear`: the op, dispatch, kernel) beside cuBLAS dense
 (`F.linear`) and PyTorch 2:4 (`F.linear` on `to_sparse_semi_structured`, cuSPARSELt) and writes JSON, a markdown
 table and one speedup-against-N plot per shape.
 
@@ -317,10 +320,35 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def speed_tables(result: dict, tokens: list[int], out_dir: Path) -> list[Path]:
+    """`vnm select` tables (`select.SpeedTable` JSON) from a sweep, one per token count that the sweep measured."""
+    from vnmsparse.select import gpu_slug as table_slug
+
+    written = []
+    for n in tokens:
+        recs = [r for r in result["records"] if r["N"] == n]
+        if not recs:
+            raise SystemExit(f"--tokens: the sweep has no N = {n}")
+        patterns = sorted({r["pattern"] for r in recs})
+        speedups = {p: sum(r["dense_us"] for r in recs if r["pattern"] == p) / sum(r["vnm_us"] for r in recs if r["pattern"] == p)
+                    for p in patterns}
+        shapes = sorted({f"{r['R']}x{r['C']}" for r in recs})
+        table = {"gpu": result["gpu"], "n_tokens": n, "dtype": "bfloat16", "shapes": shapes, "torch": result["torch"],
+                 "source": f"measured on {result['gpu']}, N={n}, {len(shapes)} LLaMA shapes, {len(patterns)} patterns "
+                           f"(bench/serving.py sweep, {result['date']})",
+                 "speedups": {p: round(v, 4) for p, v in speedups.items()}}
+        path = out_dir / f"speed-{table_slug(result['gpu'])}-n{n}.json"
+        path.write_text(json.dumps(table, indent=1) + "\n")
+        written.append(path)
+    return written
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("tune", "sweep", "plot"))
-    parser.add_argument("json", nargs="?", type=Path, help="plot: the sweep JSON to draw")
+    parser.add_argument("mode", choices=("tune", "sweep", "plot", "tables"))
+    parser.add_argument("json", nargs="?", type=Path, help="plot, tables: the sweep JSON to read")
+    parser.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")], default=[16, 256, 2048],
+                        help="tables: token counts (decode, serving, prefill) to write tables for")
     parser.add_argument("--shapes", type=lambda s: s.split(","), default=LLAMA_SHAPES, help="RxC list, comma-separated")
     parser.add_argument("--patterns", type=lambda s: s.split(","), default=PATTERNS)
     parser.add_argument("--n", type=lambda s: [int(v) for v in s.split(",")], default=None,
@@ -329,10 +357,15 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-s", type=float, default=1e9, help="tune: stop (and write what was measured) after this long")
     parser.add_argument("--merge", action="store_true", help="tune: keep the table's entries for cases not measured now")
     args = parser.parse_args(argv)
-    if args.mode == "plot":
-        if args.json is None:
-            parser.error("plot needs the sweep JSON")
-        plot(json.loads(args.json.read_text()), args.json.with_suffix(".png"))
+    if args.mode in ("plot", "tables"):
+        if args.json is None or not args.json.is_file():
+            parser.error(f"{args.mode} needs the sweep JSON (an existing file), got {args.json}")
+        result = json.loads(args.json.read_text())
+        if args.mode == "plot":
+            plot(result, args.json.with_suffix(".png"))
+        else:
+            for path in speed_tables(result, args.tokens, args.out or TABLES):
+                print(f"wrote {path}")
         return
     args.n = args.n or (TUNE_NS if args.mode == "tune" else SERVING_NS)
     name = tuned.gpu_slug(torch.cuda.get_device_name(0))
