@@ -58,14 +58,11 @@ def bench_ms(fn, warmup_ms: float, rep_ms: float) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-L2_BYTES = 50 * 2**20  # H100 L2 (KINDS.md); rotation covers twice this
-
-
 def graph_ms(fns, reps: int = 20) -> float:
-    """Per-call time of fns[0], fns[1], ... captured back to back in one CUDA graph and replayed.
+    """Per-call time of fns[0], fns[1], ... captured back to back in one CUDA graph and replayed (median of 3 x reps).
 
-    Each fn works on its own copy of the weights, so consecutive calls stream from DRAM (the copies together
-    exceed L2) and no CPU launch overhead is timed: the steady state of a decode step.
+    Each fn works on its own copy of the weights (`copies_for`), so consecutive calls stream from DRAM and no CPU
+    launch overhead is timed: the steady state of a server's step.
     """
     for f in fns:
         f()
@@ -89,7 +86,9 @@ def graph_ms(fns, reps: int = 20) -> float:
 
 
 def copies_for(nbytes: int) -> int:
-    return max(2, min(32, -(-2 * L2_BYTES // max(nbytes, 1))))
+    """Weight copies whose bytes together exceed twice this GPU's L2 (at least 2, at most 64)."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(2, min(64, -(-2 * l2 // max(nbytes, 1)) + 1))
 
 
 def prune_24(W: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The serving sweep: every N a server sees, every LLaMA linear shape, V:N:M beside cuBLAS and PyTorch's 2:4.
 
-    python bench/serving.py tune  [--shapes ...] [--patterns ...] [--n ...]   # -> src/vnmsparse/tables/dispatch-<gpu>.json
+    python bench/serving.py tune  [--shapes ...] [--patterns ...] [--n ...]   # -> src/vnmsparse/tables/dispatch-<gpu_slug>.json
     python bench/serving.py sweep [--shapes ...] [--patterns ...] [--n ...]   # -> bench/results/serving-<gpu>.{json,md,png}
     python bench/serving.py plot  bench/results/serving-<gpu>.json            # the picture again, from the JSON
     python bench/serving.py tables bench/results/serving-<gpu>.json           # -> src/vnmsparse/tables/speed-<gpu>-n*.json
@@ -37,42 +37,22 @@ import vnmsparse as vs
 from vnmsparse import ops
 from vnmsparse.ops import dispatch, packed_layout, tuned, variants
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel import copies_for, gpu_slug, graph_ms  # noqa: E402
+
 LLAMA_SHAPES = ["4096x4096", "11008x4096", "4096x11008", "6144x4096", "14336x4096", "4096x14336", "8192x8192",
                 "10240x8192", "28672x8192", "8192x28672"]
 SERVING_NS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096, 8192]
 TUNE_NS = [n for n in SERVING_NS if n <= 1024]
 PATTERNS = ["64:2:5", "64:2:8", "128:2:8", "64:2:16"]
-L2_BYTES = 60 * 2**20  # H200 (and H100: 50 MB); copies cover twice this
 TOL = 1e-2  # bf16 operands, fp32 accumulation
 RESULTS = Path(__file__).resolve().parent / "results"
 TABLES = Path(__file__).resolve().parents[1] / "src" / "vnmsparse" / "tables"
 
 
-def copies_for(nbytes: int) -> int:
-    """Weight copies whose bytes together exceed 2x the L2."""
-    return max(2, math.ceil(2 * L2_BYTES / max(nbytes, 1)) + 1)
-
-
 def graph_us(calls) -> float:
-    """Per-call microseconds of `calls` captured back to back in one CUDA graph (median of 5 replays)."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del graph
-    return sorted(times)[2]
+    """Per-call microseconds of `calls` in one CUDA graph (`kernel.graph_ms`)."""
+    return 1e3 * graph_ms(calls, reps=5)
 
 
 def ceilings() -> dict:
@@ -322,8 +302,6 @@ def plot(result: dict, path: Path) -> None:
 
 def speed_tables(result: dict, tokens: list[int], out_dir: Path) -> list[Path]:
     """`vnm select` tables (`select.SpeedTable` JSON) from a sweep, one per token count that the sweep measured."""
-    from vnmsparse.select import gpu_slug as table_slug
-
     written = []
     for n in tokens:
         recs = [r for r in result["records"] if r["N"] == n]
@@ -333,11 +311,14 @@ def speed_tables(result: dict, tokens: list[int], out_dir: Path) -> list[Path]:
         speedups = {p: sum(r["dense_us"] for r in recs if r["pattern"] == p) / sum(r["vnm_us"] for r in recs if r["pattern"] == p)
                     for p in patterns}
         shapes = sorted({f"{r['R']}x{r['C']}" for r in recs})
+        per_shape = {shape: {r["pattern"]: {"dense_ms": r["dense_us"] / 1e3, "vnm_ms": r["vnm_us"] / 1e3,
+                                            "speedup": r["dense_us"] / r["vnm_us"], "rel_err": r["rel_err"]}
+                             for r in recs if f"{r['R']}x{r['C']}" == shape} for shape in shapes}
         table = {"gpu": result["gpu"], "n_tokens": n, "dtype": "bfloat16", "shapes": shapes, "torch": result["torch"],
                  "source": f"measured on {result['gpu']}, N={n}, {len(shapes)} LLaMA shapes, {len(patterns)} patterns "
                            f"(bench/serving.py sweep, {result['date']})",
-                 "speedups": {p: round(v, 4) for p, v in speedups.items()}}
-        path = out_dir / f"speed-{table_slug(result['gpu'])}-n{n}.json"
+                 "speedups": speedups, "layers_per_shape": {shape: 1 for shape in shapes}, "per_shape": per_shape}
+        path = out_dir / f"speed-{tuned.gpu_slug(result['gpu'])}-n{n}.json"
         path.write_text(json.dumps(table, indent=1) + "\n")
         written.append(path)
     return written
@@ -368,10 +349,10 @@ def main(argv=None) -> None:
                 print(f"wrote {path}")
         return
     args.n = args.n or (TUNE_NS if args.mode == "tune" else SERVING_NS)
-    name = tuned.gpu_slug(torch.cuda.get_device_name(0))
+    gpu = torch.cuda.get_device_name(0)
     if args.mode == "tune":
         table = tune(args)
-        out = (args.out or TABLES) / tuned.table_name(name)
+        out = (args.out or TABLES) / tuned.table_name(tuned.gpu_slug(gpu))
         out.parent.mkdir(parents=True, exist_ok=True)
         if args.merge and out.exists():  # keep the cases this run did not measure
             key = lambda e: (e["V"], e["M"], e["R"], e["C"], e["window"], e["N"])  # noqa: E731
@@ -382,7 +363,7 @@ def main(argv=None) -> None:
         print(f"wrote {out} ({len(table['entries'])} cases)")
     else:
         result = sweep(args)
-        out = (args.out or RESULTS) / f"serving-{name}.json"
+        out = (args.out or RESULTS) / f"serving-{gpu_slug(gpu)}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         out.with_suffix(".md").write_text(markdown(result))

@@ -15,22 +15,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .ops.limits import M_RANGE, SUPPORTED_V
+from .ops.tuned import gpu_slug
 from .pattern import KEPT_COLUMNS, KEPT_PER_ROW, VNMPattern
 
 KERNEL_VS = SUPPORTED_V
 KERNEL_MS = tuple(range(M_RANGE[0], M_RANGE[1] + 1))
 ANALYTIC_SOURCE = "analytic estimate (weight-bytes ratio, the memory-bound ceiling; not a measurement)"
-
-
-def gpu_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3', for speed-table file names."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def candidate_patterns(vs: Iterable[int] = KERNEL_VS, ms: Iterable[int] = KERNEL_MS) -> list[VNMPattern]:

@@ -63,18 +63,6 @@ def test_wgmma_matches_mma_sp_and_is_deterministic(ext):
     assert rel_err(y1, ref) <= 1.5 * rel_err(run_kernel(ext, gemm, t, x), ref) + 1e-4  # as accurate as the mma.sp path
 
 
-@pytest.mark.parametrize("N", [64, 300])
-def test_wgmma_split_k_is_deterministic(ext, N):
-    # Slices meet in slice order, whichever CTA finishes last: repeated split launches are bit-identical.
-    kernel = next(k for k in WGMMA_KERNELS if k.dtype == "bf16" and k.V == 64 and k.variant.BN == 64)
-    t = random_vnm(1000, 4096, "64:2:8", device="cuda", seed=N)
-    x = torch.randn(N, 4096, device="cuda").to(torch.bfloat16)
-    ys = [run_kernel(ext, kernel, t, x, None, ks) for ks in (4, 4, 2, 4)]
-    for y in ys:
-        check(y, fp64_reference(x, t), torch.bfloat16, f"wgmma split-k repeat N={N}")
-    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[3])
-
-
 def test_cuda_graph_replay_with_wgmma(wgmma_on_small):
     t = random_vnm(512, 384, "128:2:5", device="cuda", seed=2)
     check_graph_replay(t, 512, "graph replay")

@@ -1,6 +1,6 @@
 """Measured dispatch tables: for one GPU model, the fastest (kernel, k-split) of every case a tuning sweep timed.
 
-A table (`vnmsparse/tables/dispatch-<gpu>.json`, written by `bench/tune_dispatch.py` on that GPU) lists, per
+A table (`vnmsparse/tables/dispatch-<gpu_slug>.json`, written by `bench/serving.py tune` on that GPU) lists, per
 measured case (V, M, R, C, N, pack window), the kernel and k-split that ran fastest in CUDA graphs with the
 weights rotated beyond L2. A call is matched to the nearest measured shape of the same V and pack kind (log
 distance over rows R and k chunks Kc) and to the smallest measured N at or above its own; calls beyond the
@@ -18,9 +18,8 @@ from importlib import resources
 
 
 def gpu_slug(name: str) -> str:
-    """Short lower-case id of a GPU model from its device name: "NVIDIA H200" -> "h200"."""
-    m = re.search(r"(GH200|H100|H200|H20|A100|A10G?|L40S?|L4|RTX\s*\d+|B200)", name, re.I)
-    return re.sub(r"\W+", "", m.group(1)).lower() if m else re.sub(r"\W+", "-", name).strip("-").lower()
+    """A GPU model's device name as a file-name stem: "NVIDIA H200" -> "nvidia-h200" (measured tables are named so)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 @dataclass(frozen=True)
