@@ -1,9 +1,14 @@
-"""Real data for calibration, training and evaluation, read from Debian packages' files.
+"""Real data for calibration, training and evaluation, read from Debian packages' files, and its held-out split.
 
 `scripts/fetch_data.sh` unpacks them (without installing R) into ./data, or $VNMSPARSE_DATA:
 Jane Austen's novels (r-cran-janeaustenr), Moby Dick (r-cran-tokenizers), Fashion-MNIST
 (dataset-fashion-mnist). R's lazy-load databases (.rdx index + .rdb records, each record a zlib-compressed
 serialized R object) are read with the `rdata` package.
+
+The texts are split so that evaluation is never on text that was trained or calibrated on: `austen-train` is
+five of Austen's six novels (calibration and training), `persuasion` the sixth (held out: same author, unseen
+text) and `mobydick` another author. `check_disjoint` refuses a training text that shares a source with an
+evaluation text.
 """
 
 from __future__ import annotations
@@ -17,6 +22,17 @@ from pathlib import Path
 import torch
 
 AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
+HELD_OUT_NOVEL = "persuasion"
+TRAIN_NOVELS = tuple(n for n in AUSTEN_NOVELS if n != HELD_OUT_NOVEL)
+# Named texts and the sources each is made of (a source is an Austen novel or "mobydick").
+TEXTS: dict[str, tuple[str, ...]] = {
+    "austen": AUSTEN_NOVELS,
+    "austen-train": TRAIN_NOVELS,
+    HELD_OUT_NOVEL: (HELD_OUT_NOVEL,),
+    "mobydick": ("mobydick",),
+}
+TRAIN_TEXT = "austen-train"
+HELD_OUT_TEXTS = (HELD_OUT_NOVEL, "mobydick")  # evaluation: same author unseen, another author
 FETCH_HINT = "run `bash scripts/fetch_data.sh` (or set VNMSPARSE_DATA to where it put the files)"
 
 
@@ -64,15 +80,39 @@ def moby_dick_text() -> str:
 
 
 def read_text(name_or_path: str) -> str:
-    """'austen', 'mobydick', or a path to a UTF-8 text file."""
-    if name_or_path == "austen":
-        return austen_text()
+    """A named text (see `TEXTS`: 'austen-train', 'persuasion', 'mobydick', 'austen') or a UTF-8 text file."""
     if name_or_path == "mobydick":
         return moby_dick_text()
+    if name_or_path in TEXTS:
+        return austen_text(TEXTS[name_or_path])
+    return _text_file(name_or_path).read_text(encoding="utf-8")
+
+
+def _text_file(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"text file {name_or_path!r} not found (or use 'austen' / 'mobydick')")
-    return path.read_text(encoding="utf-8")
+        raise FileNotFoundError(f"text file {name_or_path!r} not found (or use one of {sorted(TEXTS)})")
+    return path
+
+
+def text_sources(name_or_path: str) -> frozenset[str]:
+    """What a text is made of: its novels (or 'mobydick') for a named text, the resolved path for a file."""
+    if name_or_path in TEXTS:
+        return frozenset(TEXTS[name_or_path])
+    return frozenset({str(_text_file(name_or_path).resolve())})
+
+
+def check_disjoint(train: list[str], evaluate: list[str]) -> None:
+    """Raise ValueError when a training or calibration text shares a source with an evaluation text.
+
+    Checked before anything is loaded, so that no perplexity is ever reported on text the model saw.
+    """
+    for t in train:
+        for e in evaluate:
+            shared = text_sources(t) & text_sources(e)
+            if shared:
+                raise ValueError(f"training text {t!r} and evaluation text {e!r} share {sorted(shared)}: "
+                                 f"train on {TRAIN_TEXT!r} and evaluate on {' / '.join(HELD_OUT_TEXTS)}")
 
 
 def token_chunks(tokenizer, text: str, seq_len: int, max_chunks: int | None = None) -> torch.Tensor:
