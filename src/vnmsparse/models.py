@@ -28,16 +28,26 @@ def builtin_gguf() -> Path:
     return path
 
 
+def model_path(model: str) -> Path:
+    """The file or folder `model` names ('smollm2-135m', an HF folder, a .gguf file); checked, nothing loaded."""
+    if model == BUILTIN:
+        return builtin_gguf()
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model {model!r} is neither {BUILTIN!r}, an HF folder, nor a .gguf file")
+    return path
+
+
+def model_reference(model: str) -> str:
+    """How a checkpoint records the model it was pruned from: the built-in name, or the absolute path."""
+    return model if model == BUILTIN else str(model_path(model).resolve())
+
+
 def load_causal_lm(model: str = BUILTIN, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """(model, tokenizer) from 'smollm2-135m', an HF folder, or a .gguf file; model in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model == BUILTIN:
-        path = builtin_gguf()
-    else:
-        path = Path(model)
-        if not path.exists():
-            raise FileNotFoundError(f"model {model!r} is neither {BUILTIN!r}, an HF folder, nor a .gguf file")
+    path = model_path(model)
     if path.suffix == ".gguf":
         kwargs = {"gguf_file": path.name}
         folder = str(path.parent)

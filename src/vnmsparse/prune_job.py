@@ -1,14 +1,17 @@
 """The main job, `vnm prune`: prune a causal LM to V:N:M with calibration text, measure it, optionally save it.
 
-Loads the model (default: the built-in SmolLM2-135M), measures the dense perplexity on the evaluation text,
-prunes a copy with `sparsify` (and, for reference, another copy to 2:4 with RIA), measures again and prints
-one table: layers, sparsity, parameters and bytes, perplexity, time, and on a GPU tokens/s.
+Loads the model (default: the built-in SmolLM2-135M), measures the dense perplexity on the held-out evaluation
+texts, prunes a copy with `sparsify` (and, for reference, another copy to 2:4 with RIA), measures again and
+prints one table: layers, sparsity, parameters and bytes, perplexity per text, time, and on a GPU tokens/s.
+Calibration text and evaluation texts never share a source (`data.check_disjoint`). When the pruned perplexity
+is far above dense, it prints the `vnm recover` command that trains the model back.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from .sparsify import Method, SparsifyConfig, SparsifyReport, sparsify
 
 REFERENCE = VNMPattern(V=1, M=4)  # 2:4, the pattern every other tool offers
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NEEDS_RECOVERY = 1.5  # pruned perplexity above this many times dense, on any text: say that training is needed
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -34,8 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--sequential", action="store_true",
                    help="calibrate block by block on the already-pruned model (default: one pass of the dense model)")
     p.add_argument("--permute", action="store_true", help="reorder channels before pruning (free at inference)")
-    p.add_argument("--calib", default="austen", help="calibration text: 'austen', 'mobydick' or a UTF-8 file (default austen)")
-    p.add_argument("--eval", default="mobydick", help="evaluation text, as --calib (default mobydick)")
+    add_text_arguments(p, "calib", "calibration")
     p.add_argument("--calib-chunks", type=_positive, default=8, help="calibration chunks of --seq-len tokens (default 8)")
     p.add_argument("--eval-chunks", type=_positive, default=16, help="evaluation chunks of --seq-len tokens (default 16)")
     p.add_argument("--seq-len", type=_positive, default=256, help="tokens per chunk (default 256)")
@@ -46,6 +49,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", help="save the pruned model (and tokenizer) to this folder")
     p.set_defaults(run=run)
     return p
+
+
+def add_text_arguments(p: argparse.ArgumentParser, train_flag: str, what: str) -> None:
+    """--calib / --train and --eval: the text a job learns from and the held-out texts it is measured on."""
+    from .data import HELD_OUT_TEXTS, TEXTS, TRAIN_TEXT
+
+    p.add_argument(f"--{train_flag}", default=TRAIN_TEXT,
+                   help=f"{what} text: one of {', '.join(sorted(TEXTS))}, or a UTF-8 file (default {TRAIN_TEXT}: "
+                   "five of Austen's six novels)")
+    p.add_argument("--eval", type=_text_list, default=list(HELD_OUT_TEXTS),
+                   help=f"comma-separated evaluation texts, never sharing a source with --{train_flag} (default "
+                   f"{','.join(HELD_OUT_TEXTS)}: the held-out novel, and another author)")
+
+
+def _text_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one evaluation text")
+    return names
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...; checked before any model is loaded."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: no CUDA GPU is available here (use --device cpu)")
+    return device
+
+
+def read_texts(train: str, evals: list[str]) -> tuple[str, dict[str, str]]:
+    """The training (or calibration) text and the evaluation texts, checked to share no source."""
+    from .data import check_disjoint, read_text
+
+    check_disjoint([train], evals)
+    return read_text(train), {name: read_text(name) for name in evals}
 
 
 def _positive(text: str) -> int:
@@ -61,7 +104,7 @@ class Column:
 
     title: str
     report: SparsifyReport | None
-    perplexity: float
+    perplexity: dict[str, float]  # per evaluation text
     eval_seconds: float
     bytes: int  # weights of the whole model, in its dtype (compressed layers at their compressed size)
     layer_bytes: int | None = None  # the pruned layers, compressed
@@ -126,21 +169,21 @@ def throughput(model: nn.Module, ids: torch.Tensor, new_tokens: int = 64, repeat
     return {"prefill": prefill, "decode": decode}
 
 
-def _measure(
-    title: str, model: nn.Module, report: SparsifyReport | None, eval_ids: torch.Tensor, args: argparse.Namespace,
-    device: torch.device,
+def measure(
+    title: str, model: nn.Module, report: SparsifyReport | None, eval_ids: dict[str, torch.Tensor],
+    args: argparse.Namespace, device: torch.device,
 ) -> Column:
-    """Perplexity (and on a GPU, tokens/s) of one model."""
+    """Perplexity on each evaluation text (and on a GPU, tokens/s) of one model."""
     from .evaluate import perplexity
 
     start = time.perf_counter()
-    ppl = perplexity(model, eval_ids, batch_size=args.batch_size)
+    ppl = {name: perplexity(model, ids, batch_size=args.batch_size) for name, ids in eval_ids.items()}
     column = Column(title, report, ppl, time.perf_counter() - start, _model_bytes(model))
     if report is not None:
         column.layer_bytes = two_four_bytes(report) if _is_two_four(report) else report.compressed_bytes
         column.bytes += column.layer_bytes - report.compressed_bytes
     if device.type == "cuda":
-        column.throughput = throughput(model, eval_ids[: args.batch_size])
+        column.throughput = throughput(model, next(iter(eval_ids.values()))[: args.batch_size])
     return column
 
 
@@ -153,7 +196,7 @@ def _prune(
     return sparsify(model, config, calib=calib_ids if method == "ria" else None)
 
 
-def _table(columns: list[Column], linears: int, eval_name: str, total_seconds: float) -> str:
+def table(columns: list[Column], linears: int, total_seconds: float) -> str:
     """The job's result table, one column per model."""
     def mb(n: int) -> str:
         return f"{n / 1e6:,.1f} MB"
@@ -167,7 +210,7 @@ def _table(columns: list[Column], linears: int, eval_name: str, total_seconds: f
         ("bytes, pruned layers", [f"{mb(c.layer_bytes)} of {mb(c.report.dense_bytes)}" if c.report else "-"
                                   for c in columns]),
         ("bytes, whole model", [mb(c.bytes) for c in columns]),
-        (f"perplexity ({eval_name})", [f"{c.perplexity:,.2f}" for c in columns]),
+        *((f"perplexity ({name})", [f"{c.perplexity[name]:,.2f}" for c in columns]) for name in columns[0].perplexity),
         ("time: prune, eval", [f"{c.report.seconds:.1f} s, {c.eval_seconds:.1f} s" if c.report else f"-, {c.eval_seconds:.1f} s"
                                for c in columns]),
     ]
@@ -188,40 +231,60 @@ def _table(columns: list[Column], linears: int, eval_name: str, total_seconds: f
     return "\n".join(lines)
 
 
+def recovery_hint(columns: list[Column], command: list[str]) -> str | None:
+    """When the last model's perplexity is above NEEDS_RECOVERY x dense on some text: what that means, and the
+    `vnm recover` command to run (None when it is close enough to dense)."""
+    dense, pruned = columns[0].perplexity, columns[-1].perplexity
+    ratios = {name: pruned[name] / dense[name] for name in dense}
+    if max(ratios.values()) <= NEEDS_RECOVERY:
+        return None
+    worst = max(ratios, key=ratios.get)
+    return (f"The pruned model's perplexity is {ratios[worst]:,.1f}x dense on {worst}: one-shot pruning alone breaks it, "
+            f"and it needs recovery (training with the dense model as teacher). Run:\n  {shlex.join(command)}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the job described by the parsed `vnm prune` arguments; prints the table, returns 0."""
-    from .data import read_text, token_chunks
-    from .models import load_causal_lm
+    from .data import token_chunks
+    from .models import load_causal_lm, model_path, model_reference
 
     start = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    device = resolve_device(args.device)
+    model_path(args.model)
+    calib_text, eval_texts = read_texts(args.calib, args.eval)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     dense, tokenizer = load_causal_lm(args.model, dtype=dtype, device=device)
-    calib_ids = token_chunks(tokenizer, read_text(args.calib), args.seq_len, args.calib_chunks)
-    eval_ids = token_chunks(tokenizer, read_text(args.eval), args.seq_len, args.eval_chunks)
+    calib_ids = token_chunks(tokenizer, calib_text, args.seq_len, args.calib_chunks)
+    eval_ids = {name: token_chunks(tokenizer, text, args.seq_len, args.eval_chunks) for name, text in eval_texts.items()}
     linears = sum(1 for m in dense.modules() if type(m) is nn.Linear)
     mode = "sequential" if args.sequential else "one-shot"
+    evaluation = ", ".join(f"{name} {len(ids)}x{args.seq_len}" for name, ids in eval_ids.items())
     print(f"vnm prune: {args.model} ({dtype}, {device}) -> {args.pattern} {args.method}"
           f"{f' ({mode})' if args.method == 'ria' else ''}; calibration {args.calib} {len(calib_ids)}x{args.seq_len} "
-          f"tokens, evaluation {args.eval} {len(eval_ids)}x{args.seq_len} tokens", flush=True)
+          f"tokens, evaluation {evaluation} tokens", flush=True)
 
-    columns = [_measure("dense", dense, None, eval_ids, args, device)]
+    columns = [measure("dense", dense, None, eval_ids, args, device)]
     pruned = copy.deepcopy(dense)
     report = _prune(pruned, args.pattern, args.method, args.permute, args, calib_ids)
     title = f"{args.pattern} {args.method}{' permuted' if args.permute else ''}"
-    columns.append(_measure(title, pruned, report, eval_ids, args, device))
+    columns.append(measure(title, pruned, report, eval_ids, args, device))
+    source = [args.out] if args.out else ["--model", args.model, "--pattern", str(args.pattern)]
+    hint = recovery_hint(columns, ["vnm", "recover", *source, "--out", f"{(args.out or 'pruned').rstrip('/')}-recovered"])
     if args.out:
         from .checkpoint import save_pretrained
 
+        pruned.vnm_sparsity["base_model"] = model_reference(args.model)  # the teacher and dense weights of `vnm recover`
         save_pretrained(pruned, args.out)
         tokenizer.save_pretrained(args.out)
     del pruned
     if not args.no_reference and args.pattern != REFERENCE:
         reference = copy.deepcopy(dense)
         ref_report = _prune(reference, REFERENCE, "ria", False, args, calib_ids)  # plain 2:4, as other tools do it
-        columns.append(_measure("2:4 ria (reference)", reference, ref_report, eval_ids, args, device))
+        columns.append(measure("2:4 ria (reference)", reference, ref_report, eval_ids, args, device))
         del reference
-    print(_table(columns, linears, args.eval, time.perf_counter() - start))
+    print(table(columns, linears, time.perf_counter() - start))
     if args.out:
         print(f"saved to {args.out} (load with vnmsparse.load_pretrained)")
+    if hint:
+        print(hint)
     return 0
