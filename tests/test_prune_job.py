@@ -1,39 +1,13 @@
 """`vnm prune`: flags, the table, and a saved model that reloads; one slow run on the real SmolLM2 and texts."""
 
-from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from tiny_models import tiny_llama
 from vnmsparse.checkpoint import load_pretrained, read_sparsity_config
 from vnmsparse.cli import build_parser, main
 from vnmsparse.nn import VNMLinear
 from vnmsparse.pattern import VNMPattern
 from vnmsparse.prune_job import Column, recovery_hint
-
-
-class WordTokenizer:
-    """Enough of an HF tokenizer for the job: words to ids below 512, and a save_pretrained that writes a file."""
-
-    def __call__(self, text, return_tensors="pt", add_special_tokens=False):
-        ids = [sum(word.encode()) % 512 for word in text.split()]
-        return SimpleNamespace(input_ids=torch.tensor([ids]))
-
-    def save_pretrained(self, folder):
-        Path(folder, "tokenizer.txt").write_text("words")
-
-
-@pytest.fixture
-def tiny_job(monkeypatch):
-    """The job on a 2-layer LLaMA and a made-up text, so it runs in seconds."""
-    import vnmsparse.data
-    import vnmsparse.models
-
-    text = " ".join(f"w{i % 97} v{(i * 7) % 31}" for i in range(2000))
-    monkeypatch.setattr(vnmsparse.models, "load_causal_lm", lambda *a, **k: (tiny_llama(), WordTokenizer()))
-    monkeypatch.setattr(vnmsparse.data, "read_text", lambda name: text)
 
 
 def test_defaults():

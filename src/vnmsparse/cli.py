@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import prune_job
+from . import prune_job, recover_job
 from .pattern import VNMPattern
 from .select import SpeedTable, candidate_patterns, mask_diversity, pareto_patterns, select_pattern
 
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.set_defaults(run=_profile)
 
     prune_job.add_parser(sub)
+    recover_job.add_parser(sub)
     return parser
 
 

@@ -39,10 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="calibrate block by block on the already-pruned model (default: one pass of the dense model)")
     p.add_argument("--permute", action="store_true", help="reorder channels before pruning (free at inference)")
     add_text_arguments(p, "calib", "calibration")
-    p.add_argument("--calib-chunks", type=_positive, default=8, help="calibration chunks of --seq-len tokens (default 8)")
-    p.add_argument("--eval-chunks", type=_positive, default=16, help="evaluation chunks of --seq-len tokens (default 16)")
-    p.add_argument("--seq-len", type=_positive, default=256, help="tokens per chunk (default 256)")
-    p.add_argument("--batch-size", type=_positive, default=8, help="chunks per forward (default 8)")
+    p.add_argument("--calib-chunks", type=positive_int, default=8, help="calibration chunks of --seq-len tokens (default 8)")
+    p.add_argument("--eval-chunks", type=positive_int, default=16, help="evaluation chunks of --seq-len tokens (default 16)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per chunk (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="chunks per forward (default 8)")
     p.add_argument("--no-reference", action="store_true", help="skip the 2:4 RIA reference column")
     p.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on a GPU, float32 on CPU")
@@ -91,7 +91,7 @@ def read_texts(train: str, evals: list[str]) -> tuple[str, dict[str, str]]:
     return read_text(train), {name: read_text(name) for name in evals}
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -211,7 +211,7 @@ def table(columns: list[Column], linears: int, total_seconds: float) -> str:
                                   for c in columns]),
         ("bytes, whole model", [mb(c.bytes) for c in columns]),
         *((f"perplexity ({name})", [f"{c.perplexity[name]:,.2f}" for c in columns]) for name in columns[0].perplexity),
-        ("time: prune, eval", [f"{c.report.seconds:.1f} s, {c.eval_seconds:.1f} s" if c.report else f"-, {c.eval_seconds:.1f} s"
+        ("time: prune or train, eval", [f"{c.report.seconds:.1f} s, {c.eval_seconds:.1f} s" if c.report else f"-, {c.eval_seconds:.1f} s"
                                for c in columns]),
     ]
     if any(c.report and c.report.kept_score for c in columns):
