@@ -103,9 +103,7 @@ class Distiller:
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         if not isinstance(config, DistillConfig):
             raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
-        self.teacher, self.config = teacher.eval(), config
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher, self.config = teacher.eval(), config  # it runs under no_grad: its flags are left as they are
         self._armed = False
         self._student_logits: list[torch.Tensor] = []
         self._teacher_logits: list[torch.Tensor] = []
