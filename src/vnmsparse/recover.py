@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -29,7 +30,7 @@ from .train.scoring import magnitude_scorer
 METHODS = ("lora3", "srste")
 SCORES = ("ria", "magnitude")
 DEFAULT_LR = {"lora3": 1e-3, "srste": 1e-4}
-PROBE_STEPS = 4  # timed steps on a throwaway copy, when only a time budget is given
+PROBE_STEPS = 8  # steps run on a throwaway copy when only a time budget is given; the first two are warm-up
 BUDGET_MARGIN = 0.95  # plan steps for this share of the budget (remasks and the clock stop the rest)
 
 
@@ -89,11 +90,12 @@ class RecoverConfig:
 
 @dataclass
 class RecoverResult:
-    """What ran: the method (its layers now converted), the steps planned and how, and the loop's result."""
+    """What ran: the method (its layers now converted), the steps planned and how, the loop's config and result."""
 
     method: SparseMethod
     planned_steps: int
     planned_from: str  # "steps" or "minutes (probe: X s/step)"
+    config: TrainConfig
     train: TrainResult
 
 
@@ -134,15 +136,16 @@ def _train_config(config: RecoverConfig, steps: int, progress: bool) -> TrainCon
 
 def seconds_per_step(student: nn.Module, teacher: nn.Module | None, train_chunks: torch.Tensor, config: RecoverConfig,
                      scorer, layers: Sequence[str] | None) -> float:
-    """Time `PROBE_STEPS` steps (the first, with its warm-up, not counted) on a throwaway copy of the student."""
+    """The median time of a step on a throwaway copy of the student, over `PROBE_STEPS` steps after two of warm-up
+    (first calls, optimizer state creation), so that one slow step does not shrink the plan."""
     probe = copy.deepcopy(student)
     times: list[float] = []
     batches = chunk_batches(train_chunks, config.batch_size, config.seed + 1, next(student.parameters()).device)
     train(probe, make_method(config, scorer, layers), batches, lm_loss,
-          replace(_train_config(config, PROBE_STEPS, progress=False), max_seconds=None), finish=False,
+          replace(_train_config(config, PROBE_STEPS + 2, progress=False), max_seconds=None), finish=False,
           teacher=teacher if config.distill else None, on_step=lambda _step, seconds: times.append(seconds))
     del probe
-    return (times[-1] - times[0]) / (len(times) - 1)
+    return statistics.median(b - a for a, b in zip(times[1:], times[2:]))
 
 
 def recover(student: nn.Module, teacher: nn.Module | None, train_chunks: torch.Tensor, calib_chunks: torch.Tensor | None,
@@ -173,7 +176,8 @@ def recover(student: nn.Module, teacher: nn.Module | None, train_chunks: torch.T
         planned_from = f"minutes (probe: {per_step:.3f} s/step)"
     method = make_method(config, scorer, layers)
     batches = chunk_batches(train_chunks, config.batch_size, config.seed, device)
-    result = train(student, method, batches, lm_loss, _train_config(config, steps, config.progress),
-                   teacher=teacher if config.distill else None, on_step=on_step)
+    train_config = _train_config(config, steps, config.progress)
+    result = train(student, method, batches, lm_loss, train_config, teacher=teacher if config.distill else None,
+                   on_step=on_step)
     method.convert(student)
-    return RecoverResult(method, steps, planned_from, result)
+    return RecoverResult(method, steps, planned_from, train_config, result)
