@@ -3,7 +3,8 @@
 Input: a folder written by `vnm prune --out` (its pattern, pruned layers and base model are read from it), or
 `--model` and `--pattern` (pruned first, by one-shot RIA on the training text). The dense base model is the
 distillation teacher and the start of training: three-staged LoRA re-scores the dense weights while masks are
-dynamic, so the pruned checkpoint contributes its pattern and its layers, and is measured as the "before" column.
+dynamic, so the pruned checkpoint contributes its pattern and its layers, and is measured as the "before" column
+(a checkpoint pruned with `--permute` is recovered in the model's own channel order).
 The default method, three-staged LoRA with distillation, is the one that recovered most per GPU-minute in the
 accuracy benchmark (bench/accuracy.py); `--method srste` and `--no-kd` choose the others. Every input is checked
 before a model is loaded. On a GPU the model trains in float32 with bf16 autocast and is measured and saved in
