@@ -27,6 +27,7 @@ import platform
 import shlex
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -144,7 +145,7 @@ def render_markdown(data: dict) -> str:
                   "the statistics the trained arms score with too).", "",
                   "| arm | sparsity | Moby Dick ppl | steps done / planned | train s | stopped | Δ ln ppl vs one-shot | per GPU-min |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        arms = llm["arms"]
+        arms = _succeeded(llm["arms"])
         for name, r in arms.items():
             t = r.get("train") or {}
             gain = per_min = None
@@ -155,7 +156,7 @@ def render_markdown(data: dict) -> str:
             steps = f"{t['steps']} / {r['planned_steps']}" if t else "-"
             lines.append(f"| {name} | {_fmt(r.get('sparsity'), '.1%')} | {r['ppl']:.2f} | {steps} | "
                          f"{_fmt(t.get('seconds'), '.0f')} | {t.get('stopped', '-')} | {_fmt(gain, '.3f')} | {_fmt(per_min, '.3f')} |")
-        lines += ["", *llm_claims(arms), ""]
+        lines += ["", *llm_claims(arms), *_failures(llm["arms"]), ""]
     if "vit" in data["experiments"]:
         lines += render_vit(data["experiments"]["vit"], "ViT from scratch on Fashion-MNIST")
     return "\n".join(lines)
@@ -167,17 +168,17 @@ def render_vit(vit: dict, title: str) -> list[str]:
              f"Device {s['device']}; ViT dim {s['dim']}, depth {s['depth']}, patch {s['patch']}; batch {s['batch_size']}; "
              f"each training at most {s['max_seconds']:g} s.", "",
              "| arm | sparsity | top-1 % | epochs | steps done / planned | train s | stopped |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, r in vit["arms"].items():
+    for name, r in _succeeded(vit["arms"]).items():
         t = r.get("train") or {}
         steps = f"{t['steps']} / {r['planned_steps']}" if t else "-"
         lines.append(f"| {name} | {_fmt(r.get('sparsity'), '.1%')} | {100 * r['top1']:.2f} | {_fmt(r.get('epochs'), 'g')} | "
                      f"{steps} | {_fmt(t.get('seconds'), '.0f')} | {t.get('stopped', '-')} |")
-    return [*lines, "", *vit_claims(vit["arms"]), ""]
+    return [*lines, "", *vit_claims(_succeeded(vit["arms"])), *_failures(vit["arms"]), ""]
 
 
 def render_recover(exp: dict) -> list[str]:
     """The held-out recovery run: final perplexities against dense, the curves, and issue 19's targets."""
-    s, arms = exp["setup"], exp["arms"]
+    s, arms = exp["setup"], _succeeded(exp["arms"])
     texts = s["eval_texts"]
     dense = arms.get("dense")
     lines = ["## SmolLM2-135M recovery: train on five Austen novels, perplexity on Persuasion (held out) and Moby Dick", "",
@@ -206,7 +207,16 @@ def render_recover(exp: dict) -> list[str]:
             points = [f"{p['minutes']:.2f} min, {p['steps']} steps: " + " / ".join(f"{p['ppl'][t]:,.1f}" for t in texts)
                       for p in curve]
             lines.append(f"| {name} | " + " | ".join(points) + " |")
-    return [*lines, "", *recover_claims(arms, texts), ""]
+    return [*lines, "", *recover_claims(arms, texts), *_failures(exp["arms"]), ""]
+
+
+def _succeeded(arms: dict) -> dict:
+    return {name: r for name, r in arms.items() if "error" not in r}
+
+
+def _failures(arms: dict) -> list[str]:
+    failed = [f"- {name} failed: {r['error']}" for name, r in arms.items() if "error" in r]
+    return ["", "### Failed arms", *failed] if failed else []
 
 
 def recover_claims(arms: dict, texts: list[str]) -> list[str]:
@@ -304,6 +314,7 @@ def run_arms(args: argparse.Namespace, experiment: str, setup: dict, s: LLMSetti
     """Run each arm on its own copy of `base`, timed, and save its record as soon as it ends.
 
     run_arm prunes / trains / evaluates the copy, adds its results to the record and returns the metric to log.
+    An arm that raises (out of GPU memory, say) is recorded with its error, and the next arm runs.
     """
     for arm in arms:
         start = time.perf_counter()
@@ -311,7 +322,12 @@ def run_arms(args: argparse.Namespace, experiment: str, setup: dict, s: LLMSetti
         sparsity = None if not arm.pattern else 1 - 2 / int(arm.pattern.split(":")[2])
         record: dict = {"kind": arm.kind, "pattern": arm.pattern or None, "command": args.command,
                         "settings": asdict(s), "sparsity": sparsity}
-        metric = run_arm(model, arm, record)
+        try:
+            metric = run_arm(model, arm, record)
+        except Exception as error:  # noqa: BLE001 - one failed arm must not cost the device call the others
+            traceback.print_exc()
+            record = {**{k: record[k] for k in ("kind", "pattern", "command", "settings")}, "error": f"{type(error).__name__}: {error}"}
+            metric = f"FAILED: {record['error']}"
         record["seconds_total"] = time.perf_counter() - start
         log(f"{arm.name}: {metric} ({record['seconds_total']:.0f} s)")
         save_arm(args, experiment, setup, arm.name, record)
@@ -480,9 +496,11 @@ def run_recover(args: argparse.Namespace) -> None:
 
     run_arms(args, "recover", setup, s, base, map(recover_arm, arms), run_arm)
     del base
-    if args.vit_minutes > 0:
-        budget = {"max_seconds": 60 * args.vit_minutes, **({} if args.smoke else {"dense_epochs": 8.0, "ft_epochs": 4.0})}
+    if args.vit_minutes > 0:  # epochs that fit the minutes at the H100's ~4 s per epoch, the clock stopping the rest
+        epochs = {} if args.smoke else {"dense_epochs": 12.0 * args.vit_minutes, "ft_epochs": 8.0 * args.vit_minutes}
+        budget = {"max_seconds": 60 * args.vit_minutes, **epochs}
         run_vit(argparse.Namespace(**{**vars(args), "arms": "recover", "overrides": budget}), name="vit-recover")
+
 
 # --- ViT on Fashion-MNIST -------------------------------------------------------------------------------------
 @dataclass(frozen=True)

@@ -70,3 +70,21 @@ def test_recover_experiment_refuses_unknown_arms(accuracy, tmp_path):
         accuracy.main(["recover", "--smoke", "--arms", "lora4-64:2:8", "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="--minutes"):
         accuracy.main(["llm", "--minutes", "1", "--out", str(tmp_path / "a")])
+
+
+def test_a_failed_arm_is_recorded_and_the_next_one_runs(accuracy, tmp_path, monkeypatch):
+    model = tmp_path / "tiny"
+    tiny_llama().save_pretrained(model)
+    byte_tokenizer().save_pretrained(model)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(accuracy, "recover", out_of_memory)
+    out = tmp_path / "accuracy"
+    accuracy.main(["recover", "--smoke", "--model", str(model), "--vit-minutes", "0", "--arms",
+                   "lora3kd-64:2:8,dense", "--out", str(out), "--no-progress"])
+    arms = json.loads(out.with_suffix(".json").read_text())["experiments"]["recover"]["arms"]
+    assert arms["lora3kd-64:2:8"]["error"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert "ppl" in arms["dense"]
+    assert "- lora3kd-64:2:8 failed: RuntimeError: CUDA out of memory" in out.with_suffix(".md").read_text()

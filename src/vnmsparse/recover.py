@@ -25,12 +25,13 @@ from .pattern import VNMPattern
 from .train import SRSTE, DistillConfig, MaskSchedule, RIAScorer, StagedLoRA, TrainConfig, TrainResult, default_filter, train
 from .train.loop import StepCallback
 from .train.methods import SparseMethod
-from .train.scoring import magnitude_scorer
+from .train.scoring import Scorer, magnitude_scorer
 
 METHODS = ("lora3", "srste")
 SCORES = ("ria", "magnitude")
 DEFAULT_LR = {"lora3": 1e-3, "srste": 1e-4}
-PROBE_STEPS = 8  # steps run on a throwaway copy when only a time budget is given; the first two are warm-up
+PROBE_STEPS = 8  # steps timed on a throwaway copy when only a time budget is given, after two of warm-up
+PROBE_SHARE = 0.1  # ... but the probe stops after this share of the budget (one step at least)
 BUDGET_MARGIN = 0.95  # plan steps for this share of the budget (remasks and the clock stop the rest)
 
 
@@ -115,7 +116,7 @@ def chunk_batches(chunks: torch.Tensor, batch_size: int, seed: int, device: torc
                 yield chunks[idx].to(device, non_blocking=True)
 
 
-def make_method(config: RecoverConfig, scorer, layers: Sequence[str] | None = None) -> SparseMethod:
+def make_method(config: RecoverConfig, scorer: Scorer, layers: Sequence[str] | None = None) -> SparseMethod:
     """The sparse method `config` asks for, wrapping the named layers (None: every layer `sparsify` prunes)."""
     selected = None if layers is None else frozenset(layers)
 
@@ -135,17 +136,21 @@ def _train_config(config: RecoverConfig, steps: int, progress: bool) -> TrainCon
 
 
 def seconds_per_step(student: nn.Module, teacher: nn.Module | None, train_chunks: torch.Tensor, config: RecoverConfig,
-                     scorer, layers: Sequence[str] | None) -> float:
+                     scorer: Scorer, layers: Sequence[str] | None) -> float:
     """The median time of a step on a throwaway copy of the student, over `PROBE_STEPS` steps after two of warm-up
-    (first calls, optimizer state creation), so that one slow step does not shrink the plan."""
+    (first calls, optimizer state creation), so that one slow step does not shrink the plan. The probe stops
+    after `PROBE_SHARE` of the budget (slow CPU steps), and then uses the steps it has. It holds a second copy
+    of the student while it runs."""
     probe = copy.deepcopy(student)
     times: list[float] = []
     batches = chunk_batches(train_chunks, config.batch_size, config.seed + 1, next(student.parameters()).device)
+    limit = PROBE_SHARE * 60.0 * config.minutes
     train(probe, make_method(config, scorer, layers), batches, lm_loss,
-          replace(_train_config(config, PROBE_STEPS + 2, progress=False), max_seconds=None), finish=False,
+          replace(_train_config(config, PROBE_STEPS + 2, progress=False), max_seconds=limit), finish=False,
           teacher=teacher if config.distill else None, on_step=lambda _step, seconds: times.append(seconds))
     del probe
-    return statistics.median(b - a for a, b in zip(times[1:], times[2:]))
+    steps = [b - a for a, b in zip([0.0, *times], times)]  # each step's own time
+    return statistics.median(steps[2:] or steps[1:] or steps)
 
 
 def recover(student: nn.Module, teacher: nn.Module | None, train_chunks: torch.Tensor, calib_chunks: torch.Tensor | None,
