@@ -1,7 +1,6 @@
 """`vnm prune`: flags, the table, and a saved model that reloads; one slow run on the real SmolLM2 and texts."""
 
 import pytest
-import torch
 
 from vnmsparse.checkpoint import load_pretrained, read_sparsity_config
 from vnmsparse.cli import build_parser, main
@@ -48,7 +47,7 @@ def test_job_one_shot_magnitude_without_reference(tiny_job, capsys):
 def test_training_on_evaluation_text_is_refused_before_loading(tiny_job, capsys):
     assert main(["prune", "--calib", "austen", "--eval", "persuasion"]) == 2
     assert "share ['persuasion']" in capsys.readouterr().err
-    assert main(["prune", "--device", "cuda:0" if not torch.cuda.is_available() else "nonsense"]) == 2
+    assert main(["prune", "--device", "cuda:99"]) == 2
     assert "--device" in capsys.readouterr().err
 
 

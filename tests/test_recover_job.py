@@ -70,7 +70,7 @@ def test_prunes_first_and_plans_steps_from_minutes(tiny_job, capsys):
     (["--pattern", "16:2:8", "--train", "austen", "--eval", "persuasion"], "share ['persuasion']"),
     (["--pattern", "16:2:8", "--kd-weight", "2"], "DistillConfig.weight"),
     (["--pattern", "16:2:8", "--teacher", "/no/such/model"], "pass --teacher"),
-    (["--pattern", "16:2:8", "--device", "cuda:7"], "--device"),
+    (["--pattern", "16:2:8", "--device", "cuda:99"], "--device"),
     (["/no/such/checkpoint"], "no config.json"),
 ])
 def test_bad_inputs_are_refused_before_loading(no_loading, argv, message, capsys):

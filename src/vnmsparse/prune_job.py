@@ -80,6 +80,8 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"--device {name!r}: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r}: no CUDA GPU is available here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device
 
 
