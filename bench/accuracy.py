@@ -182,8 +182,10 @@ def render_recover(exp: dict) -> list[str]:
     texts = s["eval_texts"]
     dense = arms.get("dense")
     lines = ["## SmolLM2-135M recovery: train on five Austen novels, perplexity on Persuasion (held out) and Moby Dick", "",
-             f"Device {s['device']}; {s['minutes']:g} min of training per arm (steps planned by timing a throwaway copy, "
-             f"then the clock); seq {s['seq_len']}, batch {s['batch_size']}, {s['eval_chunks_used']} evaluation chunks per "
+             f"Device {s['device']}; "
+             + (f"{s['steps']} steps per arm (at most {s['minutes']:g} min)" if s.get("steps") else
+                f"{s['minutes']:g} min of training per arm (steps planned by timing a throwaway copy, then the clock)")
+             + f"; seq {s['seq_len']}, batch {s['batch_size']}, {s['eval_chunks_used']} evaluation chunks per "
              f"text; LoRA rank {s['lora_rank']}, lr {s['lora_lr']:g}; distillation {s['distill']}. Code: `vnmsparse.recover` "
              "(what `vnm recover` runs).", "",
              "| arm | sparsity | " + " | ".join(f"{t} ppl | x dense" for t in texts) + " | steps done / planned | train s | s/step |",
@@ -207,7 +209,8 @@ def render_recover(exp: dict) -> list[str]:
             points = [f"{p['minutes']:.2f} min, {p['steps']} steps: " + " / ".join(f"{p['ppl'][t]:,.1f}" for t in texts)
                       for p in curve]
             lines.append(f"| {name} | " + " | ".join(points) + " |")
-    return [*lines, "", *recover_claims(arms, texts), *_failures(exp["arms"]), ""]
+    equal = "steps" if s.get("steps") else "time"
+    return [*lines, "", *recover_claims(arms, texts, equal), *_failures(exp["arms"]), ""]
 
 
 def _succeeded(arms: dict) -> dict:
@@ -219,7 +222,7 @@ def _failures(arms: dict) -> list[str]:
     return ["", "### Failed arms", *failed] if failed else []
 
 
-def recover_claims(arms: dict, texts: list[str]) -> list[str]:
+def recover_claims(arms: dict, texts: list[str], equal: str = "time") -> list[str]:
     """Issue 19's targets, each checked on both held-out texts."""
     out = ["### Targets (issue 19)"]
     dense = arms.get("dense")
@@ -241,7 +244,7 @@ def recover_claims(arms: dict, texts: list[str]) -> list[str]:
         if kd and plain:
             wins = [t for t in texts if kd["ppl"][t] < plain["ppl"][t]]
             verdict = "yes" if len(wins) == len(texts) else ("on " + ", ".join(wins) if wins else "no")
-            out.append(f"- {pattern}: distillation beats no distillation at equal time on both texts: **{verdict}** ("
+            out.append(f"- {pattern}: distillation beats no distillation at equal {equal} on both texts: **{verdict}** ("
                        + ", ".join(f"{t} {kd['ppl'][t]:,.2f} vs {plain['ppl'][t]:,.2f}" for t in texts)
                        + f"; {kd['train']['steps']} vs {plain['train']['steps']} steps).")
     return out
@@ -426,6 +429,7 @@ def run_llm(args: argparse.Namespace) -> None:
 @dataclass(frozen=True)
 class RecoverSettings:
     minutes: float = 1.0  # of training per trained arm (--minutes)
+    steps: int | None = None  # None: planned to fill the minutes; a number: equal steps for every arm, minutes a cap
     curve_points: int = 4  # perplexity evaluations during each trained arm, evenly in time
     seq_len: int = 512
     batch_size: int = 16
@@ -476,7 +480,7 @@ def run_recover(args: argparse.Namespace) -> None:
             record.update(sparsity=report.sparsity, prune_seconds=report.seconds)
         elif arm.kind in RECOVER_KINDS:
             method, kd = RECOVER_KINDS[arm.kind]
-            config = RecoverConfig(arm.pattern, method=method, distill=distill if kd else None, minutes=s.minutes,
+            config = RecoverConfig(arm.pattern, method=method, distill=distill if kd else None, minutes=s.minutes, steps=s.steps,
                                    lr=s.lora_lr if method == "lora3" else None, rank=s.lora_rank, alpha=float(s.lora_rank),
                                    batch_size=s.batch_size, autocast=s.autocast, seed=s.seed, progress=not args.no_progress)
             curve, marks = [], [s.minutes * 60 * (i + 1) / s.curve_points for i in range(s.curve_points - 1)]
