@@ -71,3 +71,42 @@ def test_data_is_found_from_any_directory(monkeypatch, tmp_path):
         data.check_text("austen")
     monkeypatch.setenv("VNMSPARSE_DATA", str(tmp_path / "mine"))
     assert data.data_dir() == tmp_path / "mine"
+
+
+def _paragraphs(text: str, min_words: int = 8) -> set[str]:
+    """Blank-line-separated paragraphs of at least `min_words` words, whitespace normalised (headings drop out)."""
+    paragraphs = (" ".join(p.split()) for p in text.split("\n\n"))
+    return {p for p in paragraphs if len(p.split()) >= min_words}
+
+
+def _windows(text: str, width: int = 64) -> set[tuple[str, ...]]:
+    words = text.split()
+    return {tuple(words[i : i + width]) for i in range(0, len(words) - width + 1)}
+
+
+def test_held_out_splits_share_no_text():
+    train = data.read_text(data.TRAIN_TEXT)
+    held_out = {name: data.read_text(name) for name in data.HELD_OUT_TEXTS}
+    assert data.HELD_OUT_NOVEL not in data.TRAIN_NOVELS and len(data.TRAIN_NOVELS) == 5
+    assert "Anne Elliot" in held_out["persuasion"] and "Anne Elliot" not in train
+    train_paragraphs, train_windows = _paragraphs(train), _windows(train)
+    assert len(train_paragraphs) > 5_000
+    for name, text in held_out.items():
+        assert len(text) > 400_000, name
+        assert not _paragraphs(text) & train_paragraphs, name
+        assert not _windows(text) & train_windows, name
+
+
+def test_check_disjoint_refuses_training_on_evaluation_text(tmp_path):
+    data.check_disjoint([data.TRAIN_TEXT], list(data.HELD_OUT_TEXTS))
+    with pytest.raises(ValueError, match="share \\['persuasion'\\]"):
+        data.check_disjoint(["austen"], ["persuasion"])
+    with pytest.raises(ValueError, match="share \\['mobydick'\\]"):
+        data.check_disjoint([data.TRAIN_TEXT, "mobydick"], ["mobydick"])
+    path = tmp_path / "notes.txt"
+    path.write_text("some words")
+    data.check_disjoint([str(path)], ["mobydick"])
+    with pytest.raises(ValueError, match="share"):
+        data.check_disjoint([str(path)], [str(tmp_path / "." / "notes.txt")])
+    with pytest.raises(FileNotFoundError, match="persuasion"):
+        data.check_disjoint(["/no/such/file.txt"], ["mobydick"])

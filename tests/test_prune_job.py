@@ -1,44 +1,18 @@
 """`vnm prune`: flags, the table, and a saved model that reloads; one slow run on the real SmolLM2 and texts."""
 
-from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
-import torch
 
-from tiny_models import tiny_llama
-from vnmsparse.checkpoint import load_pretrained
+from vnmsparse.checkpoint import load_pretrained, read_sparsity_config
 from vnmsparse.cli import build_parser, main
 from vnmsparse.nn import VNMLinear
 from vnmsparse.pattern import VNMPattern
-
-
-class WordTokenizer:
-    """Enough of an HF tokenizer for the job: words to ids below 512, and a save_pretrained that writes a file."""
-
-    def __call__(self, text, return_tensors="pt", add_special_tokens=False):
-        ids = [sum(word.encode()) % 512 for word in text.split()]
-        return SimpleNamespace(input_ids=torch.tensor([ids]))
-
-    def save_pretrained(self, folder):
-        Path(folder, "tokenizer.txt").write_text("words")
-
-
-@pytest.fixture
-def tiny_job(monkeypatch):
-    """The job on a 2-layer LLaMA and a made-up text, so it runs in seconds."""
-    import vnmsparse.data
-    import vnmsparse.models
-
-    text = " ".join(f"w{i % 97} v{(i * 7) % 31}" for i in range(2000))
-    monkeypatch.setattr(vnmsparse.models, "load_causal_lm", lambda *a, **k: (tiny_llama(), WordTokenizer()))
-    monkeypatch.setattr(vnmsparse.data, "read_text", lambda name: text)
+from vnmsparse.prune_job import Column, recovery_hint
 
 
 def test_defaults():
     args = build_parser().parse_args(["prune"])
     assert args.model == "smollm2-135m" and args.pattern == VNMPattern.parse("64:2:8") and args.method == "ria"
-    assert (args.calib, args.eval, args.out) == ("austen", "mobydick", None)
+    assert (args.calib, args.eval, args.out) == ("austen-train", ["persuasion", "mobydick"], None)
     assert not args.sequential
 
 
@@ -53,12 +27,14 @@ def test_job_prints_the_table_and_saves(tiny_job, tmp_path, capsys):
     assert main(["prune", "--pattern", "16:2:8", "--sequential", "--permute", "--calib-chunks", "2", "--eval-chunks", "2",
                  "--seq-len", "32", "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    for row in ("(sequential)", "16:2:8 ria permuted", "score kept by masks, permuted", "layers pruned", "14 / 15", "75.00%", "50.00%", "perplexity (mobydick)", "bytes, whole model",
+    for row in ("(sequential)", "16:2:8 ria permuted", "score kept by masks, permuted", "layers pruned", "14 / 15", "75.00%",
+                "50.00%", "perplexity (persuasion)", "perplexity (mobydick)", "bytes, whole model",
                 "2:4 ria (reference)"):
         assert row in table
     loaded = load_pretrained(out)
     assert sum(isinstance(m, VNMLinear) for m in loaded.modules()) == 14
     assert (out / "tokenizer.txt").exists()
+    assert read_sparsity_config(out)[1]["base_model"] == "smollm2-135m"  # where `vnm recover` finds the teacher
 
 
 def test_job_one_shot_magnitude_without_reference(tiny_job, capsys):
@@ -66,6 +42,33 @@ def test_job_one_shot_magnitude_without_reference(tiny_job, capsys):
                  "--eval-chunks", "1", "--seq-len", "32"]) == 0
     table = capsys.readouterr().out
     assert "32:2:8 magnitude" in table and "reference" not in table and "75.00%" in table
+
+
+def test_training_on_evaluation_text_is_refused_before_loading(tiny_job, capsys):
+    assert main(["prune", "--calib", "austen", "--eval", "persuasion"]) == 2
+    assert "share ['persuasion']" in capsys.readouterr().err
+    assert main(["prune", "--device", "cuda:99"]) == 2
+    assert "--device" in capsys.readouterr().err
+
+
+def test_recovery_hint_names_the_command_when_perplexity_is_far_above_dense():
+    dense = Column("dense", None, {"persuasion": 20.0, "mobydick": 50.0}, 1.0, 0)
+    close = Column("p", None, {"persuasion": 25.0, "mobydick": 60.0}, 1.0, 0)
+    broken = Column("p", None, {"persuasion": 25.0, "mobydick": 4000.0}, 1.0, 0)
+    command = ["vnm", "recover", "out dir", "--out", "out dir-recovered"]
+    assert recovery_hint([dense, close], command) is None
+    hint = recovery_hint([dense, broken], command)
+    assert "80.0x dense on mobydick" in hint and "needs recovery" in hint
+    assert hint.endswith("vnm recover 'out dir' --out 'out dir-recovered'")
+
+
+def test_job_prints_the_recover_command(tiny_job, tmp_path, capsys, monkeypatch):
+    import vnmsparse.prune_job
+
+    monkeypatch.setattr(vnmsparse.prune_job, "NEEDS_RECOVERY", 0.0)  # a random tiny model is not broken enough
+    assert main(["prune", "--pattern", "32:2:8", "--no-reference", "--calib-chunks", "1", "--eval-chunks", "1",
+                 "--seq-len", "32"]) == 0
+    assert "vnm recover --model smollm2-135m --pattern 32:2:8 --out pruned-recovered" in capsys.readouterr().out
 
 
 @pytest.mark.slow

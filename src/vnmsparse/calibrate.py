@@ -144,7 +144,7 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, key: hidden}
 
 
-def _output_hidden(output: Any) -> torch.Tensor:
+def output_hidden(output: Any) -> torch.Tensor:
     """The hidden state a block returns: the output itself, or the first element of a tuple."""
     if isinstance(output, torch.Tensor):
         return output
@@ -180,7 +180,7 @@ class BlockRunner:
             return hook
 
         def after(_module: nn.Module, _args: tuple, output: Any) -> None:
-            previous[0] = _output_hidden(output)
+            previous[0] = output_hidden(output)
 
         hooks = [self.blocks[0].register_forward_pre_hook(capture, with_kwargs=True)]
         hooks += [b.register_forward_pre_hook(before(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
@@ -211,5 +211,5 @@ class BlockRunner:
     def advance(self, index: int) -> None:
         """Replace the captured inputs by block `index`'s outputs: the inputs of block index + 1."""
         self.inputs = [
-            _with_hidden(args, kwargs, _output_hidden(self.blocks[index](*args, **kwargs))) for args, kwargs in self.inputs
+            _with_hidden(args, kwargs, output_hidden(self.blocks[index](*args, **kwargs))) for args, kwargs in self.inputs
         ]

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import prune_job
+from . import prune_job, recover_job
 from .ops.limits import M_RANGE, SUPPORTED_V
 from .pattern import VNMPattern
 from .select import SpeedTable, candidate_patterns, mask_diversity, pareto_patterns, select_pattern
@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(run=_export)
 
     prune_job.add_parser(sub)
+    recover_job.add_parser(sub)
     return parser
 
 

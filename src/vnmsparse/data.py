@@ -1,10 +1,14 @@
-"""Real data for calibration, training and evaluation, read from Debian packages' files.
+"""Real data for calibration, training and evaluation, read from Debian packages' files, and its held-out split.
 
-`scripts/fetch_data.sh` unpacks them (without installing R) into the per-user data folder
-(`user_data_dir()`, where `scripts/setup.sh` puts them), or $VNMSPARSE_DATA: Jane Austen's novels
-(r-cran-janeaustenr), Moby Dick (r-cran-tokenizers), Fashion-MNIST (dataset-fashion-mnist). R's lazy-load
-databases (.rdx index + .rdb records, each record a zlib-compressed serialized R object) are read with the
-`rdata` package.
+`scripts/fetch_data.sh` unpacks them (without installing R) into the per-user data folder (`user_data_dir()`,
+where `scripts/setup.sh` puts them), or $VNMSPARSE_DATA: Jane Austen's novels (r-cran-janeaustenr), Moby Dick
+(r-cran-tokenizers), Fashion-MNIST (dataset-fashion-mnist). R's lazy-load databases (.rdx index + .rdb records,
+each record a zlib-compressed serialized R object) are read with the `rdata` package.
+
+The texts are split so that evaluation is never on text that was trained or calibrated on: `austen-train` is
+five of Austen's six novels (calibration and training), `persuasion` the sixth (held out: same author, unseen
+text) and `mobydick` another author. `check_disjoint` refuses a training text that shares a source with an
+evaluation text.
 """
 
 from __future__ import annotations
@@ -18,7 +22,18 @@ from pathlib import Path
 import torch
 
 AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
-TEXTS = {"austen": Path("janeaustenr") / "Rdata", "mobydick": Path("tokenizers") / "Rdata"}  # name -> R database
+HELD_OUT_NOVEL = "persuasion"
+TRAIN_NOVELS = tuple(n for n in AUSTEN_NOVELS if n != HELD_OUT_NOVEL)
+# Named texts and the sources each is made of (a source is an Austen novel or "mobydick").
+TEXTS: dict[str, tuple[str, ...]] = {
+    "austen": AUSTEN_NOVELS,
+    "austen-train": TRAIN_NOVELS,
+    HELD_OUT_NOVEL: (HELD_OUT_NOVEL,),
+    "mobydick": ("mobydick",),
+}
+TRAIN_TEXT = "austen-train"
+HELD_OUT_TEXTS = (HELD_OUT_NOVEL, "mobydick")  # evaluation: same author unseen, another author
+DATABASES = {"austen": Path("janeaustenr") / "Rdata", "mobydick": Path("tokenizers") / "Rdata"}  # author -> R database
 FETCH_HINT = "run `bash scripts/setup.sh` (or `bash scripts/fetch_data.sh DIR` and set VNMSPARSE_DATA=DIR)"
 
 
@@ -45,11 +60,11 @@ def _require(path: Path) -> Path:
 def check_text(name_or_path: str) -> None:
     """Raise FileNotFoundError now, before any model is loaded, if `read_text(name_or_path)` could not read it."""
     if name_or_path in TEXTS:
-        base = data_dir() / TEXTS[name_or_path]
+        base = data_dir() / DATABASES["mobydick" if name_or_path == "mobydick" else "austen"]
         _require(base.with_suffix(".rdx"))
         _require(base.with_suffix(".rdb"))
-    elif not Path(name_or_path).is_file():
-        raise FileNotFoundError(f"text file {name_or_path!r} not found (or use {' / '.join(map(repr, TEXTS))})")
+    else:
+        _text_file(name_or_path)
 
 
 def read_r_lazyload(base: Path) -> dict[str, object]:
@@ -69,7 +84,7 @@ def read_r_lazyload(base: Path) -> dict[str, object]:
 
 def austen_text(novels: tuple[str, ...] = AUSTEN_NOVELS) -> str:
     """Jane Austen's novels as one text (the calibration and training default)."""
-    books = read_r_lazyload(data_dir() / TEXTS["austen"])
+    books = read_r_lazyload(data_dir() / DATABASES["austen"])
     unknown = [n for n in novels if n not in books]
     if unknown:
         raise ValueError(f"unknown novels {unknown}; choose from {sorted(books)}")
@@ -78,20 +93,47 @@ def austen_text(novels: tuple[str, ...] = AUSTEN_NOVELS) -> str:
 
 def moby_dick_text() -> str:
     """Herman Melville's Moby Dick (the evaluation default), Project Gutenberg header and licence removed."""
-    text = str(read_r_lazyload(data_dir() / TEXTS["mobydick"])["mobydick"][0]).replace("\r\n", "\n")
+    text = str(read_r_lazyload(data_dir() / DATABASES["mobydick"])["mobydick"][0]).replace("\r\n", "\n")
     start = text.find("CHAPTER 1. Loomings.")
     end = text.find("End of Project Gutenberg")
     return text[start if start >= 0 else 0 : end if end > 0 else len(text)].strip()
 
 
 def read_text(name_or_path: str) -> str:
-    """'austen', 'mobydick', or a path to a UTF-8 text file."""
+    """A named text (see `TEXTS`: 'austen-train', 'persuasion', 'mobydick', 'austen') or a UTF-8 text file."""
     check_text(name_or_path)
-    if name_or_path == "austen":
-        return austen_text()
     if name_or_path == "mobydick":
         return moby_dick_text()
-    return Path(name_or_path).read_text(encoding="utf-8")
+    if name_or_path in TEXTS:
+        return austen_text(TEXTS[name_or_path])
+    return _text_file(name_or_path).read_text(encoding="utf-8")
+
+
+def _text_file(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {name_or_path!r} not found (or use one of {sorted(TEXTS)})")
+    return path
+
+
+def text_sources(name_or_path: str) -> frozenset[str]:
+    """What a text is made of: its novels (or 'mobydick') for a named text, the resolved path for a file."""
+    if name_or_path in TEXTS:
+        return frozenset(TEXTS[name_or_path])
+    return frozenset({str(_text_file(name_or_path).resolve())})
+
+
+def check_disjoint(train: list[str], evaluate: list[str]) -> None:
+    """Raise ValueError when a training or calibration text shares a source with an evaluation text.
+
+    Checked before anything is loaded, so that no perplexity is ever reported on text the model saw.
+    """
+    for t in train:
+        for e in evaluate:
+            shared = text_sources(t) & text_sources(e)
+            if shared:
+                raise ValueError(f"training text {t!r} and evaluation text {e!r} share {sorted(shared)}: "
+                                 f"train on {TRAIN_TEXT!r} and evaluate on {' / '.join(HELD_OUT_TEXTS)}")
 
 
 def token_chunks(tokenizer, text: str, seq_len: int, max_chunks: int | None = None) -> torch.Tensor:

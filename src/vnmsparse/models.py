@@ -28,9 +28,9 @@ def builtin_gguf() -> Path:
     return path
 
 
-def check_model(model: str) -> Path:
-    """The file or folder `load_causal_lm(model)` would read; FileNotFoundError if there is none (checked before
-    anything slow happens)."""
+def model_path(model: str) -> Path:
+    """The file or folder `load_causal_lm(model)` would read ('smollm2-135m', an HF folder, a .gguf file);
+    FileNotFoundError if there is none. Checked before anything slow happens; nothing is loaded."""
     if model == BUILTIN:
         return builtin_gguf()
     path = Path(model)
@@ -39,11 +39,16 @@ def check_model(model: str) -> Path:
     return path
 
 
+def model_reference(model: str) -> str:
+    """How a checkpoint records the model it was pruned from: the built-in name, or the absolute path."""
+    return model if model == BUILTIN else str(model_path(model).resolve())
+
+
 def load_causal_lm(model: str = BUILTIN, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """(model, tokenizer) from 'smollm2-135m', an HF folder, or a .gguf file; model in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = check_model(model)
+    path = model_path(model)
     if path.suffix == ".gguf":
         kwargs = {"gguf_file": path.name}
         folder = str(path.parent)

@@ -1,14 +1,17 @@
 """The main job, `vnm prune`: prune a causal LM to V:N:M with calibration text, measure it, optionally save it.
 
-Loads the model (default: the built-in SmolLM2-135M), measures the dense perplexity on the evaluation text,
-prunes a copy with `sparsify` (and, for reference, another copy to 2:4 with RIA), measures again and prints
-one table: layers, sparsity, parameters and bytes, perplexity, time, and on a GPU tokens/s.
+Loads the model (default: the built-in SmolLM2-135M), measures the dense perplexity on the held-out evaluation
+texts, prunes a copy with `sparsify` (and, for reference, another copy to 2:4 with RIA), measures again and
+prints one table: layers, sparsity, parameters and bytes, perplexity per text, time, and on a GPU tokens/s.
+Calibration text and evaluation texts never share a source (`data.check_disjoint`). When the pruned perplexity
+is far above dense, it prints the `vnm recover` command that trains the model back.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from .sparsify import Method, SparsifyConfig, SparsifyReport, sparsify
 
 REFERENCE = VNMPattern(V=1, M=4)  # 2:4, the pattern every other tool offers
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NEEDS_RECOVERY = 1.5  # pruned perplexity above this many times dense, on any text: say that training is needed
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,19 +33,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("prune", help="prune a causal LM to V:N:M, report perplexity, size and speed",
                               description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (built in), an HF folder, or a .gguf file")
-    p.add_argument("--pattern", type=_pattern, default=VNMPattern.parse("64:2:8"),
+    p.add_argument("--pattern", type=pattern_arg, default=VNMPattern.parse("64:2:8"),
                    help="V:N:M, or 2:4 (= 64:2:4: the plain 2:4 mask, run by the kernels) (default 64:2:8)")
     p.add_argument("--method", choices=[m.value for m in Method], default="ria", help="importance criterion (default ria)")
     p.add_argument("--a", type=float, default=0.5, help="RIA activation exponent (default 0.5)")
     p.add_argument("--sequential", action="store_true",
                    help="calibrate block by block on the already-pruned model (default: one pass of the dense model)")
     p.add_argument("--permute", action="store_true", help="reorder channels before pruning (free at inference)")
-    p.add_argument("--calib", default="austen", help="calibration text: 'austen', 'mobydick' or a UTF-8 file (default austen)")
-    p.add_argument("--eval", default="mobydick", help="evaluation text, as --calib (default mobydick)")
-    p.add_argument("--calib-chunks", type=_positive, default=8, help="calibration chunks of --seq-len tokens (default 8)")
-    p.add_argument("--eval-chunks", type=_positive, default=16, help="evaluation chunks of --seq-len tokens (default 16)")
-    p.add_argument("--seq-len", type=_positive, default=256, help="tokens per chunk (default 256)")
-    p.add_argument("--batch-size", type=_positive, default=8, help="chunks per forward (default 8)")
+    add_text_arguments(p, "calib", "calibration")
+    p.add_argument("--calib-chunks", type=positive_int, default=8, help="calibration chunks of --seq-len tokens (default 8)")
+    p.add_argument("--eval-chunks", type=positive_int, default=16, help="evaluation chunks of --seq-len tokens (default 16)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per chunk (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="chunks per forward (default 8)")
     p.add_argument("--no-reference", action="store_true", help="skip the 2:4 RIA reference column")
     p.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on a GPU, float32 on CPU")
@@ -50,14 +53,57 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _pattern(text: str) -> VNMPattern:
+def pattern_arg(text: str) -> VNMPattern:
+    """--pattern's type: `VNMPattern.parse`, with its reason kept (argparse would print only "invalid value")."""
     try:
         return VNMPattern.parse(text)
-    except (TypeError, ValueError) as error:  # argparse would print only "invalid value"
+    except (TypeError, ValueError) as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _positive(text: str) -> int:
+def add_text_arguments(p: argparse.ArgumentParser, train_flag: str, what: str) -> None:
+    """--calib / --train and --eval: the text a job learns from and the held-out texts it is measured on."""
+    from .data import HELD_OUT_TEXTS, TEXTS, TRAIN_TEXT
+
+    p.add_argument(f"--{train_flag}", default=TRAIN_TEXT,
+                   help=f"{what} text: one of {', '.join(sorted(TEXTS))}, or a UTF-8 file (default {TRAIN_TEXT}: "
+                   "five of Austen's six novels)")
+    p.add_argument("--eval", type=_text_list, default=list(HELD_OUT_TEXTS),
+                   help=f"comma-separated evaluation texts, never sharing a source with --{train_flag} (default "
+                   f"{','.join(HELD_OUT_TEXTS)}: the held-out novel, and another author)")
+
+
+def _text_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one evaluation text")
+    return names
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...; checked before any model is loaded."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: no CUDA GPU is available here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
+def read_texts(train: str, evals: list[str]) -> tuple[str, dict[str, str]]:
+    """The training (or calibration) text and the evaluation texts, checked to share no source."""
+    from .data import check_disjoint, read_text
+
+    check_disjoint([train], evals)
+    return read_text(train), {name: read_text(name) for name in evals}
+
+
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -70,7 +116,7 @@ class Column:
 
     title: str
     report: SparsifyReport | None
-    perplexity: float
+    perplexity: dict[str, float]  # per evaluation text
     eval_seconds: float
     bytes: int  # weights of the whole model, in its dtype (compressed layers at their compressed size)
     layer_bytes: int | None = None  # the pruned layers, compressed
@@ -135,21 +181,21 @@ def throughput(model: nn.Module, ids: torch.Tensor, new_tokens: int = 64, repeat
     return {"prefill": prefill, "decode": decode}
 
 
-def _measure(
-    title: str, model: nn.Module, report: SparsifyReport | None, eval_ids: torch.Tensor, args: argparse.Namespace,
-    device: torch.device,
+def measure(
+    title: str, model: nn.Module, report: SparsifyReport | None, eval_ids: dict[str, torch.Tensor],
+    args: argparse.Namespace, device: torch.device,
 ) -> Column:
-    """Perplexity (and on a GPU, tokens/s) of one model."""
+    """Perplexity on each evaluation text (and on a GPU, tokens/s) of one model."""
     from .evaluate import perplexity
 
     start = time.perf_counter()
-    ppl = perplexity(model, eval_ids, batch_size=args.batch_size)
+    ppl = {name: perplexity(model, ids, batch_size=args.batch_size) for name, ids in eval_ids.items()}
     column = Column(title, report, ppl, time.perf_counter() - start, _model_bytes(model))
     if report is not None:
         column.layer_bytes = two_four_bytes(report) if _is_two_four(report) else report.compressed_bytes
         column.bytes += column.layer_bytes - report.compressed_bytes
     if device.type == "cuda":
-        column.throughput = throughput(model, eval_ids[: args.batch_size])
+        column.throughput = throughput(model, next(iter(eval_ids.values()))[: args.batch_size])
     return column
 
 
@@ -162,7 +208,7 @@ def _prune(
     return sparsify(model, config, calib=calib_ids if method == "ria" else None)
 
 
-def _table(columns: list[Column], linears: int, eval_name: str, total_seconds: float) -> str:
+def table(columns: list[Column], linears: int, total_seconds: float) -> str:
     """The job's result table, one column per model."""
     def mb(n: int) -> str:
         return f"{n / 1e6:,.1f} MB"
@@ -176,8 +222,8 @@ def _table(columns: list[Column], linears: int, eval_name: str, total_seconds: f
         ("bytes, pruned layers", [f"{mb(c.layer_bytes)} of {mb(c.report.dense_bytes)}" if c.report else "-"
                                   for c in columns]),
         ("bytes, whole model", [mb(c.bytes) for c in columns]),
-        (f"perplexity ({eval_name})", [f"{c.perplexity:,.2f}" for c in columns]),
-        ("time: prune, eval", [f"{c.report.seconds:.1f} s, {c.eval_seconds:.1f} s" if c.report else f"-, {c.eval_seconds:.1f} s"
+        *((f"perplexity ({name})", [f"{c.perplexity[name]:,.2f}" for c in columns]) for name in columns[0].perplexity),
+        ("time: prune or train, eval", [f"{c.report.seconds:.1f} s, {c.eval_seconds:.1f} s" if c.report else f"-, {c.eval_seconds:.1f} s"
                                for c in columns]),
     ]
     if any(c.report and c.report.kept_score for c in columns):
@@ -197,70 +243,68 @@ def _table(columns: list[Column], linears: int, eval_name: str, total_seconds: f
     return "\n".join(lines)
 
 
-def _check_inputs(args: argparse.Namespace) -> torch.device:
-    """Every input the job reads (model, texts, device, output folder), checked before the model loads (which takes
-    a while): raises FileNotFoundError / ValueError naming the flag. Returns the device to run on."""
-    from .data import check_text
-    from .models import check_model
+def check_out(out: str | None) -> None:
+    """--out must be a folder (new or existing), not a file: checked before the model loads."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out!r} is a file; give a folder to save the model in")
 
-    check_model(args.model)
-    for flag, text in (("--calib", args.calib), ("--eval", args.eval)):
-        try:
-            check_text(text)
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"{flag}: {error}") from None
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out!r} is a file; give a folder to save the pruned model in")
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        raise ValueError(f"--device {args.device!r} is not a device: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device!r}: no CUDA device is available here (use --device cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {args.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {args.device!r}")
-    return device
+
+def recovery_hint(columns: list[Column], command: list[str]) -> str | None:
+    """When the last model's perplexity is above NEEDS_RECOVERY x dense on some text: what that means, and the
+    `vnm recover` command to run (None when it is close enough to dense)."""
+    dense, pruned = columns[0].perplexity, columns[-1].perplexity
+    ratios = {name: pruned[name] / dense[name] for name in dense}
+    if max(ratios.values()) <= NEEDS_RECOVERY:
+        return None
+    worst = max(ratios, key=ratios.get)
+    return (f"The pruned model's perplexity is {ratios[worst]:,.1f}x dense on {worst}: one-shot pruning alone breaks it, "
+            f"and it needs recovery (training with the dense model as teacher). Run:\n  {shlex.join(command)}")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the job described by the parsed `vnm prune` arguments; prints the table, returns 0."""
-    from .data import read_text, token_chunks
-    from .models import load_causal_lm
+    from .data import token_chunks
+    from .models import load_causal_lm, model_path, model_reference
 
     start = time.perf_counter()
-    device = _check_inputs(args)
+    device = resolve_device(args.device)
+    model_path(args.model)
+    check_out(args.out)
+    calib_text, eval_texts = read_texts(args.calib, args.eval)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     dense, tokenizer = load_causal_lm(args.model, dtype=dtype, device=device)
-    calib_ids = token_chunks(tokenizer, read_text(args.calib), args.seq_len, args.calib_chunks)
-    eval_ids = token_chunks(tokenizer, read_text(args.eval), args.seq_len, args.eval_chunks)
+    calib_ids = token_chunks(tokenizer, calib_text, args.seq_len, args.calib_chunks)
+    eval_ids = {name: token_chunks(tokenizer, text, args.seq_len, args.eval_chunks) for name, text in eval_texts.items()}
     linears = sum(1 for m in dense.modules() if type(m) is nn.Linear)
     mode = "sequential" if args.sequential else "one-shot"
+    evaluation = ", ".join(f"{name} {len(ids)}x{args.seq_len}" for name, ids in eval_ids.items())
     print(f"vnm prune: {args.model} ({dtype}, {device}) -> {args.pattern} {args.method}"
           f"{f' ({mode})' if args.method == 'ria' else ''}; calibration {args.calib} {len(calib_ids)}x{args.seq_len} "
-          f"tokens, evaluation {args.eval} {len(eval_ids)}x{args.seq_len} tokens", flush=True)
+          f"tokens, evaluation {evaluation} tokens", flush=True)
 
-    columns = [_measure("dense", dense, None, eval_ids, args, device)]
+    columns = [measure("dense", dense, None, eval_ids, args, device)]
     pruned = copy.deepcopy(dense)
     report = _prune(pruned, args.pattern, args.method, args.permute, args, calib_ids)
     title = f"{args.pattern} {args.method}{' permuted' if args.permute else ''}"
-    columns.append(_measure(title, pruned, report, eval_ids, args, device))
+    columns.append(measure(title, pruned, report, eval_ids, args, device))
+    source = [args.out] if args.out else ["--model", args.model, "--pattern", str(args.pattern)]
+    hint = recovery_hint(columns, ["vnm", "recover", *source, "--out", f"{(args.out or 'pruned').rstrip('/')}-recovered"])
     if args.out:
         from .checkpoint import save_pretrained
 
+        pruned.vnm_sparsity["base_model"] = model_reference(args.model)  # the teacher and dense weights of `vnm recover`
         save_pretrained(pruned, args.out)
         tokenizer.save_pretrained(args.out)
     del pruned
     if not args.no_reference and args.pattern.M != REFERENCE.M:  # at M = 4 the mask is the reference's, for any V
         reference = copy.deepcopy(dense)
         ref_report = _prune(reference, REFERENCE, "ria", False, args, calib_ids)  # plain 2:4, as other tools do it
-        columns.append(_measure("2:4 ria (reference)", reference, ref_report, eval_ids, args, device))
+        columns.append(measure("2:4 ria (reference)", reference, ref_report, eval_ids, args, device))
         del reference
-    print(_table(columns, linears, args.eval, time.perf_counter() - start))
+    print(table(columns, linears, time.perf_counter() - start))
     if args.out:
         folder = str(Path(args.out).resolve())
         print(f"saved to {folder}; to load it in Python:\n    import vnmsparse; model = vnmsparse.load_pretrained({folder!r})")
+    if hint:
+        print(hint)
     return 0

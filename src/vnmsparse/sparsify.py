@@ -265,6 +265,19 @@ class SparsifyReport:
     def compressed_bytes(self) -> int:
         return sum(layer.compressed_bytes for layer in self.layers)
 
+    @classmethod
+    def of_model(cls, model: nn.Module, seconds: float = 0.0) -> SparsifyReport:
+        """The report of a model that already holds VNMLinear layers (a loaded checkpoint, a trained model),
+        with how it was pruned read from its `vnm_sparsity` record where there is one."""
+        layers = [LayerReport(name, str(m.pattern), m.weight.shape, int(m.weight.mask().sum()), m.weight.dense_nbytes,
+                              m.weight.nbytes) for name, m in model.named_modules() if isinstance(m, VNMLinear)]
+        if not layers:
+            raise ValueError("the model has no VNMLinear layer to report on")
+        record = getattr(model, "vnm_sparsity", {})
+        model_params = sum(p.numel() for p in model.parameters()) + sum(layer.params for layer in layers)
+        return cls(layers, record.get("method", "-"), record.get("calibration"), record.get("a"),
+                   bool(record.get("permute", False)), record.get("calib_batches", 0), model_params, seconds)
+
     def to_config(self) -> dict[str, Any]:
         """How the model was pruned, for a checkpoint's `sparsity_config` (which adds the layers and its version)."""
         return {"method": self.method, "calibration": self.calibration, "a": self.a, "permute": self.permute,

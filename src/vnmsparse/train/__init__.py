@@ -3,10 +3,12 @@
     method = StagedLoRA("64:2:5", rank=32)
     method.scorer = RIAScorer.calibrate(model, calib_batches, method.selected(model))
     result = train(model, method, batches, loss_fn, TrainConfig(steps=1000, lr=1e-3, autocast="bf16"))
+    # or distilling the dense model:   TrainConfig(..., distill=DistillConfig()), teacher=dense_copy
     method.convert(model)            # the trained layers become compressed VNMLinear layers
 """
 
 from .dist import digest, gather_digests
+from .distill import DistillConfig, Distiller, kd_loss
 from .lora import LoRALinear, from_peft
 from .loop import TrainConfig, TrainResult, parallelize, train
 from .masked import MaskedLinear, srste
@@ -16,6 +18,8 @@ from .scoring import RIAScorer, Scorer, magnitude_scorer, make_scorer
 from .staged import StagedLoRA
 
 __all__ = [
+    "DistillConfig",
+    "Distiller",
     "LoRALinear",
     "MaskSchedule",
     "MaskedLinear",
@@ -30,6 +34,7 @@ __all__ = [
     "digest",
     "from_peft",
     "gather_digests",
+    "kd_loss",
     "magnitude_scorer",
     "make_scorer",
     "parallelize",

@@ -3,7 +3,9 @@
 The method swaps layers before the model is wrapped for data parallelism, re-prunes between steps (outside
 autocast), and finishes after the last step. With no method it is plain training of every trainable parameter
 (dense baselines use the same loop). Every rank must be fed the same number of batches. A time budget stops
-all ranks together, at the same step.
+all ranks together, at the same step. With `TrainConfig.distill` and a `teacher`, each step's loss also
+distills the dense teacher into the model (distill.py). An `on_step` callback (a perplexity curve, say) runs
+after each step, and its time is not counted against the budget.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,16 +23,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .dist import any_rank, is_distributed, rank, world_size
+from .distill import DistillConfig, Distiller
 from .methods import SparseMethod
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+StepCallback = Callable[[int, float], None]  # (steps done, training seconds so far)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimizer (AdamW, warm-up then cosine to min_lr_frac * lr), precision, budget and data parallelism."""
+    """Optimizer (AdamW, warm-up then cosine to min_lr_frac * lr), precision, budget, data parallelism, distillation.
+
+    distill: None trains on the loss function alone; a `DistillConfig` adds distillation from the `teacher`
+    given to `train` (it costs a second copy of the dense model: see distill.py).
+    """
 
     steps: int
     lr: float = 1e-4
@@ -42,6 +51,7 @@ class TrainConfig:
     strategy: str = "auto"
     log_every: int = 10
     progress: bool = True
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -61,6 +71,8 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every!r}")
+        if self.distill is not None and not isinstance(self.distill, DistillConfig):
+            raise TypeError(f"distill must be a DistillConfig or None, got {type(self.distill).__name__}")
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of lr at `step`: linear warm-up, then cosine decay to min_lr_frac."""
@@ -124,52 +136,71 @@ def parallelize(model: nn.Module, method: SparseMethod | None, strategy: str = "
 
 
 def train(model: nn.Module, method: SparseMethod | None, batches: Iterable[Any], loss_fn: LossFn,
-          config: TrainConfig, finish: bool = True) -> TrainResult:
+          config: TrainConfig, finish: bool = True, teacher: nn.Module | None = None,
+          on_step: StepCallback | None = None) -> TrainResult:
     """Train `model` in place with `method` for `config.steps` steps (or until the time budget).
 
     `finish=False` leaves the layers as trained (a dense LoRA reference run keeps no mask); None as the method
-    trains every parameter that requires grad, densely. Under torch.distributed, let the model go and run
+    trains every parameter that requires grad, densely. `teacher` (the dense model, on the same device and in
+    the same dtype) is required by `config.distill` and refused without it. `on_step(steps_done, seconds)` runs
+    after every step; the seconds count training only. Under torch.distributed, let the model go and run
     `gc.collect()` before `destroy_process_group()`: DDP/FSDP wrappers freed after it can abort a gloo rank.
     """
     if method is not None and not isinstance(method, SparseMethod):
         raise TypeError(f"method must be a SparseMethod (SRSTE, StagedLoRA) or None, got {type(method).__name__}")
+    if (config.distill is None) != (teacher is None):
+        raise ValueError("give both config.distill and teacher= (the dense model) to distill, or neither")
+    if teacher is model:
+        raise ValueError("teacher must be a separate copy of the dense model, not the model being trained")
+    if on_step is not None and not callable(on_step):
+        raise TypeError(f"on_step must be callable (steps_done, seconds) or None, got {type(on_step).__name__}")
+    distiller = None if teacher is None else Distiller(teacher, config.distill)
+    if distiller is not None:
+        distiller.check_student(model)
     if method is not None:
         method.prepare(model, config.steps)
     runner = parallelize(model, method, config.strategy)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP2 replaces parameters
     if not params:
         raise ValueError("the method left no trainable parameter")
-    device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
-    dtype = AUTOCAST[config.autocast]
     result = TrainResult(steps=0, seconds=0.0, stopped="steps", world_size=world_size())
     data = iter(batches)
     model.train()
+    device = params[0].device
+    dtype = AUTOCAST[config.autocast]
+    desc = (type(method).__name__ if method else "dense") + (" + KD" if distiller else "")
+    bar = tqdm(range(config.steps), desc=desc, disable=not config.progress or rank() != 0)
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=type(method).__name__ if method else "dense", disable=not config.progress or rank() != 0)
-    for step in bar:
-        if config.max_seconds is not None and any_rank(time.perf_counter() - start > config.max_seconds, device):
-            result.stopped = "time"
-            break
-        if method is not None and method.before_step(step, optimizer):
-            result.remask_steps.append(step)
-        batch = next(data, None)
-        if batch is None:
-            result.stopped = "data"
-            break
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(runner, batch)
-        loss.backward()
-        if config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.steps = step + 1
-        if step % config.log_every == 0 or step == config.steps - 1:
-            result.losses.append((step, loss.item()))
-            bar.set_postfix(loss=f"{result.losses[-1][1]:.4f}")
+    with distiller.attach(model) if distiller else nullcontext():
+        for step in bar:
+            if config.max_seconds is not None and any_rank(time.perf_counter() - start > config.max_seconds, device):
+                result.stopped = "time"
+                break
+            if method is not None and method.before_step(step, optimizer):
+                result.remask_steps.append(step)
+            batch = next(data, None)
+            if batch is None:
+                result.stopped = "data"
+                break
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = loss_fn(runner, batch) if distiller is None else distiller.step_loss(loss_fn, runner, batch)
+            loss.backward()
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.steps = step + 1
+            if step % config.log_every == 0 or step == config.steps - 1:
+                result.losses.append((step, loss.item()))
+                terms = {k: f"{v.item():.4f}" for k, v in distiller.last.items()} if distiller else {}
+                bar.set_postfix(loss=f"{result.losses[-1][1]:.4f}", **terms)
+            if on_step is not None:
+                paused = time.perf_counter()
+                on_step(result.steps, paused - start)
+                start += time.perf_counter() - paused  # the callback's time is not training time
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     result.seconds = time.perf_counter() - start
