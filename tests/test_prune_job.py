@@ -1,6 +1,7 @@
 """`vnm prune`: flags, the table, and a saved model that reloads; one slow run on the real SmolLM2 and texts."""
 
 import pytest
+import torch
 
 from vnmsparse.checkpoint import load_pretrained, read_sparsity_config
 from vnmsparse.cli import build_parser, main

@@ -95,10 +95,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def read_texts(train: str, evals: list[str]) -> tuple[str, dict[str, str]]:
-    """The training (or calibration) text and the evaluation texts, checked to share no source."""
-    from .data import check_disjoint, read_text
+def read_texts(train: str, evals: list[str], train_flag: str = "--calib") -> tuple[str, dict[str, str]]:
+    """The training (or calibration) text and the evaluation texts: each checked to exist (FileNotFoundError naming
+    its flag) and to share no source with the others, before anything slow happens."""
+    from .data import check_disjoint, check_text, read_text
 
+    for flag, names in ((train_flag, [train]), ("--eval", evals)):
+        for name in names:
+            try:
+                check_text(name)
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"{flag}: {error}") from None
     check_disjoint([train], evals)
     return read_text(train), {name: read_text(name) for name in evals}
 
@@ -302,9 +309,9 @@ def run(args: argparse.Namespace) -> int:
         columns.append(measure("2:4 ria (reference)", reference, ref_report, eval_ids, args, device))
         del reference
     print(table(columns, linears, time.perf_counter() - start))
-    if args.out:
-        folder = str(Path(args.out).resolve())
-        print(f"saved to {folder}; to load it in Python:\n    import vnmsparse; model = vnmsparse.load_pretrained({folder!r})")
     if hint:
         print(hint)
+    if args.out:  # last: the line a user pastes
+        folder = str(Path(args.out).resolve())
+        print(f"saved to {folder}; to load it in Python:\n    import vnmsparse; model = vnmsparse.load_pretrained({folder!r})")
     return 0

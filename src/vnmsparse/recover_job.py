@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     todo = plan(args)
     config = recover_config(args, todo.pattern, device)
     check_out(args.out)
-    train_text, eval_texts = read_texts(args.train, args.eval)
+    train_text, eval_texts = read_texts(args.train, args.eval, train_flag="--train")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what is measured and saved
 
     teacher, tokenizer = load_causal_lm(todo.teacher, dtype=torch.float32, device=device)
