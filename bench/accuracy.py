@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vnmsparse.data import HELD_OUT_TEXTS, TRAIN_TEXT, austen_text, fashion_mnist, moby_dick_text, read_text, token_chunks
-from vnmsparse.evaluate import perplexity
-from vnmsparse.models import load_causal_lm
+from vnmsparse.app.data import HELD_OUT_TEXTS, TRAIN_TEXT, austen_text, fashion_mnist, moby_dick_text, read_text, token_chunks
+from vnmsparse.app.evaluate import perplexity
+from vnmsparse.app.models import load_causal_lm
 from vnmsparse.pattern import VNMPattern
 from vnmsparse.recover import RecoverConfig, chunk_batches, lm_loss, recover
 from vnmsparse.sparsify import SparsifyConfig, sparsify

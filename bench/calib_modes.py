@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from vnmsparse.data import read_text, token_chunks
-from vnmsparse.evaluate import perplexity
-from vnmsparse.models import load_causal_lm
+from vnmsparse.app.data import read_text, token_chunks
+from vnmsparse.app.evaluate import perplexity
+from vnmsparse.app.models import load_causal_lm
 from vnmsparse.sparsify import SparsifyConfig, sparsify
 
 PATTERNS = ("1:2:4", "64:2:5", "64:2:6", "64:2:7", "64:2:8")

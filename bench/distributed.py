@@ -116,8 +116,8 @@ def load_lm(model: str, device: torch.device, args: argparse.Namespace):
     for when the GGUF or the texts are not at hand (ranks and speed still check out; perplexity means nothing)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vnmsparse.data import austen_text, moby_dick_text, token_chunks
-    from vnmsparse.models import load_causal_lm
+    from vnmsparse.app.data import austen_text, moby_dick_text, token_chunks
+    from vnmsparse.app.models import load_causal_lm
 
     if model != "random":
         lm, tokenizer = load_causal_lm(model, device=device)
@@ -143,7 +143,7 @@ def rank_batches(chunks: torch.Tensor, global_batch: int, seed: int, device: tor
 
 
 def run_lora(args: argparse.Namespace, device: torch.device) -> None:
-    from vnmsparse.evaluate import perplexity
+    from vnmsparse.app.evaluate import perplexity
 
     world = dist.get_world_size()
     if args.global_batch % world:

@@ -33,10 +33,10 @@ import torch
 import transformers
 
 from vnmsparse.calibrate import collect_act_sq_mean
-from vnmsparse.data import austen_text, moby_dick_text, token_chunks
-from vnmsparse.evaluate import perplexity
+from vnmsparse.app.data import austen_text, moby_dick_text, token_chunks
+from vnmsparse.app.evaluate import perplexity
 from vnmsparse.format import compress
-from vnmsparse.models import load_causal_lm
+from vnmsparse.app.models import load_causal_lm
 from vnmsparse.pattern import VNMPattern
 from vnmsparse.permute import apply_output_permutations, compress_permuted, find_permutation, plan_permutations
 from vnmsparse.scores import ria_scores

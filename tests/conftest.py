@@ -15,9 +15,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture
 def tiny_job(monkeypatch):
     """The `vnm` jobs on a 2-layer LLaMA and a made-up text (every named text is that text), so they run in seconds."""
-    import vnmsparse.data
-    import vnmsparse.models
+    import vnmsparse.app.data
+    import vnmsparse.app.models
 
     text = " ".join(f"w{i % 97} v{(i * 7) % 31}" for i in range(2000))
-    monkeypatch.setattr(vnmsparse.models, "load_causal_lm", lambda *a, **k: (tiny_llama(), WordTokenizer()))
-    monkeypatch.setattr(vnmsparse.data, "read_text", lambda name: text)
+    monkeypatch.setattr(vnmsparse.app.models, "load_causal_lm", lambda *a, **k: (tiny_llama(), WordTokenizer()))
+    monkeypatch.setattr(vnmsparse.app.data, "read_text", lambda name: text)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tiny_models import tiny_llama
-from vnmsparse import data
+from vnmsparse.app import data
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "accuracy.py"
 

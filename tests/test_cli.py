@@ -2,7 +2,7 @@
 
 import json
 
-from vnmsparse.cli import main
+from vnmsparse.app.cli import main
 
 
 def test_info(capsys):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vnmsparse import data
+from vnmsparse.app import data
 
 
 def test_austen_and_moby_dick_are_real_text():

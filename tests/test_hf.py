@@ -12,7 +12,7 @@ from torch import nn
 
 from tiny_models import tiny_llama, token_ids
 from vnmsparse import load_pretrained, save_pretrained
-from vnmsparse.cli import main
+from vnmsparse.app.cli import main
 from vnmsparse.hf import QUANT_METHOD, export_dense
 from vnmsparse.nn import VNMLinear
 from vnmsparse.sparsify import SparsifyConfig, sparsify

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from vnmsparse.checkpoint import load_pretrained, read_sparsity_config
-from vnmsparse.cli import build_parser, main
+from vnmsparse.app.cli import build_parser, main
 from vnmsparse.nn import VNMLinear
 from vnmsparse.pattern import VNMPattern
-from vnmsparse.prune_job import Column, recovery_hint
+from vnmsparse.app.prune_job import Column, recovery_hint
 
 
 def test_defaults():
@@ -64,9 +64,9 @@ def test_recovery_hint_names_the_command_when_perplexity_is_far_above_dense():
 
 
 def test_job_prints_the_recover_command(tiny_job, tmp_path, capsys, monkeypatch):
-    import vnmsparse.prune_job
+    import vnmsparse.app.prune_job
 
-    monkeypatch.setattr(vnmsparse.prune_job, "NEEDS_RECOVERY", 0.0)  # a random tiny model is not broken enough
+    monkeypatch.setattr(vnmsparse.app.prune_job, "NEEDS_RECOVERY", 0.0)  # a random tiny model is not broken enough
     assert main(["prune", "--pattern", "32:2:8", "--no-reference", "--calib-chunks", "1", "--eval-chunks", "1",
                  "--seq-len", "32"]) == 0
     assert "vnm recover --model smollm2-135m --pattern 32:2:8 --out pruned-recovered" in capsys.readouterr().out
@@ -98,20 +98,20 @@ def test_pattern_errors_keep_their_reason_and_2_4_is_accepted(capsys):
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device"),
 ])
 def test_inputs_are_checked_before_the_model_loads(monkeypatch, capsys, flags, match):
-    import vnmsparse.models
+    import vnmsparse.app.models
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(vnmsparse.models, "load_causal_lm", never)
+    monkeypatch.setattr(vnmsparse.app.models, "load_causal_lm", never)
     assert main(["prune", *flags]) == 2
     assert match in capsys.readouterr().err
 
 
 def test_out_must_not_be_a_file(monkeypatch, tmp_path, capsys):
-    import vnmsparse.models
+    import vnmsparse.app.models
 
-    monkeypatch.setattr(vnmsparse.models, "load_causal_lm", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(vnmsparse.app.models, "load_causal_lm", lambda *a, **k: pytest.fail("loaded"))
     (tmp_path / "f").write_text("x")
     assert main(["prune", "--calib", str(tmp_path / "f"), "--eval", str(tmp_path / "f"), "--out", str(tmp_path / "f")]) == 2
     assert "--out" in capsys.readouterr().err

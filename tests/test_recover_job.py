@@ -6,7 +6,7 @@ import json
 import pytest
 
 from vnmsparse.checkpoint import CONFIG_NAME, load_pretrained, read_sparsity_config
-from vnmsparse.cli import build_parser, main
+from vnmsparse.app.cli import build_parser, main
 from vnmsparse.nn import VNMLinear
 
 TINY = ["--seq-len", "32", "--batch-size", "2", "--calib-chunks", "2", "--eval-chunks", "2", "--rank", "4"]
@@ -25,12 +25,12 @@ def pruned(tiny_job, tmp_path, capsys):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail the test if a model is loaded: the checks must come first."""
-    import vnmsparse.models
+    import vnmsparse.app.models
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(vnmsparse.models, "load_causal_lm", refuse)
+    monkeypatch.setattr(vnmsparse.app.models, "load_causal_lm", refuse)
 
 
 def test_defaults():

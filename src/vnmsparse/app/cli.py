@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from . import prune_job, recover_job
-from .ops.limits import M_RANGE, SUPPORTED_V
-from .pattern import VNMPattern
-from .select import SpeedTable, candidate_patterns, mask_diversity, pareto_patterns, select_pattern
+from ..ops.limits import M_RANGE, SUPPORTED_V
+from ..pattern import VNMPattern
+from ..select import SpeedTable, candidate_patterns, mask_diversity, pareto_patterns, select_pattern
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -56,7 +56,7 @@ def _select(args: argparse.Namespace) -> int:
             raise ValueError(f"--table {args.table!r}: no such file (a JSON table written by `vnm profile`)")
         table = SpeedTable.load(args.table)
     else:
-        from .profile import SHIPPED_TABLES
+        from ..profile import SHIPPED_TABLES
 
         table = SpeedTable.find(_current_gpu(), args.tokens, [_user_tables(), SHIPPED_TABLES])
     print(f"speedups from: {table.source}")
@@ -67,7 +67,7 @@ def _select(args: argparse.Namespace) -> int:
     print(f"choice for target {args.target}x: {choice} (speedup {table.speedups[choice]:.2f}, "
           f"log K/weight {mask_diversity(choice):.4f}, sparsity {choice.sparsity:.3f})")
     if args.plot:
-        from .plot import plot_patterns
+        from ..plot import plot_patterns
 
         plot_patterns(table.speedups, choice, args.plot, f"target {args.target}x; speedups: {table.source}", args.target)
         print(f"plot written to {args.plot}")
@@ -75,7 +75,7 @@ def _select(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from . import profile
+    from .. import profile
 
     if (args.model is None) == (args.shapes is None):
         raise ValueError("give exactly one of --model or --shapes")
@@ -100,7 +100,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .hf import export_dense
+    from ..hf import export_dense
 
     out = export_dense(args.source, args.dense)
     print(f"dense checkpoint written to {out} (pruned weights stored as zeros; load it with any transformers tool)")

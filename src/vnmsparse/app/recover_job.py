@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .pattern import VNMPattern
+from ..pattern import VNMPattern
 from .prune_job import (Column, add_text_arguments, check_out, measure, pattern_arg, positive_int, read_texts,
                         resolve_device, table)
-from .recover import METHODS, RecoverConfig, recover
-from .sparsify import SparsifyConfig, SparsifyReport, sparsify
-from .train import DistillConfig
+from ..recover import METHODS, RecoverConfig, recover
+from ..sparsify import SparsifyConfig, SparsifyReport, sparsify
+from ..train import DistillConfig
 
 DEFAULT_MINUTES = 10.0
 
@@ -87,7 +87,7 @@ class Plan:
 
 def plan(args: argparse.Namespace) -> Plan:
     """Check the source arguments and the checkpoint without loading a model; raises ValueError naming the option."""
-    from .checkpoint import read_sparsity_config
+    from ..checkpoint import read_sparsity_config
     from .models import BUILTIN, model_path
 
     if args.checkpoint and (args.model or args.pattern):
@@ -125,7 +125,7 @@ def recover_config(args: argparse.Namespace, pattern: VNMPattern, device: torch.
 def _pruned_column(args: argparse.Namespace, todo: Plan, dense: nn.Module, calib: torch.Tensor,
                    eval_ids: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> Column:
     """The "before" column: the checkpoint as saved, or the dense model pruned here by one-shot RIA."""
-    from .checkpoint import load_pretrained
+    from ..checkpoint import load_pretrained
 
     if args.checkpoint:
         start = time.perf_counter()
@@ -142,7 +142,7 @@ def _pruned_column(args: argparse.Namespace, todo: Plan, dense: nn.Module, calib
 
 def run(args: argparse.Namespace) -> int:
     """Run the job described by the parsed `vnm recover` arguments; prints the table, returns 0."""
-    from .checkpoint import save_pretrained
+    from ..checkpoint import save_pretrained
     from .data import token_chunks
     from .models import load_causal_lm, model_reference
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .pattern import VNMPattern
-from .sparsify import Method, SparsifyConfig, SparsifyReport, sparsify
+from ..pattern import VNMPattern
+from ..sparsify import Method, SparsifyConfig, SparsifyReport, sparsify
 
 REFERENCE = VNMPattern(V=1, M=4)  # 2:4, the pattern every other tool offers
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
     source = [args.out] if args.out else ["--model", args.model, "--pattern", str(args.pattern)]
     hint = recovery_hint(columns, ["vnm", "recover", *source, "--out", f"{(args.out or 'pruned').rstrip('/')}-recovered"])
     if args.out:
-        from .checkpoint import save_pretrained
+        from ..checkpoint import save_pretrained
 
         pruned.vnm_sparsity["base_model"] = model_reference(args.model)  # the teacher and dense weights of `vnm recover`
         save_pretrained(pruned, args.out)
