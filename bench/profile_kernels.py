@@ -16,7 +16,7 @@ import torch
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import dispatch, packed_layout
+from vnmsparse.ops import dispatch, packed_layout, tuned, variants
 
 CASES = [  # (R, C, N, pattern, kernel name or None for the dispatcher's choice)
     (4096, 4096, 1, "64:2:8", None),
@@ -34,14 +34,25 @@ CASES = [  # (R, C, N, pattern, kernel name or None for the dispatcher's choice)
 ]
 
 
+def parse_case(text: str) -> tuple[int, int, int, str, str | None]:
+    """'R,C,N,pattern[,kernel]' -> a CASES entry."""
+    parts = text.split(",")
+    if len(parts) not in (4, 5):
+        raise argparse.ArgumentTypeError(f"--case must be R,C,N,pattern[,kernel], got {text!r}")
+    return int(parts[0]), int(parts[1]), int(parts[2]), parts[3], parts[4] if len(parts) == 5 else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=lambda s: [int(v) for v in s.split(",")], default=None, help="indices into CASES")
+    p.add_argument("--case", action="append", type=parse_case, default=[],
+                   help="R,C,N,pattern[,kernel name]: profile this case instead of CASES (repeatable)")
     args = p.parse_args()
+    cases = args.case or CASES
     cudart = torch.cuda.cudart()
     dev = torch.device("cuda")
-    for i, (R, C, N, pattern, name) in enumerate(CASES):
-        if args.cases is not None and i not in args.cases:
+    for i, (R, C, N, pattern, name) in enumerate(cases):
+        if args.cases is not None and not args.case and i not in args.cases:
             continue
         W = torch.randn(R, C, device=dev).to(torch.bfloat16)
         t = vs.compress(W, pattern)
@@ -57,8 +68,10 @@ def main() -> None:
             torch.cuda.synchronize()
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             props = torch.cuda.get_device_properties(dev)
-            chosen = dispatch.choose(N, R, t.pattern.V, "bf16", sms, (props.major, props.minor), packed_layout(t, dev).window)
-            ks = dispatch.ksplit(chosen, N, R, packed_layout(t, dev).a_vals.shape[1], sms)
+            packed = packed_layout(t, dev)
+            index, ks = dispatch.plan(N, R, t.pattern.V, packed.a_vals.shape[1], "bf16", sms, (props.major, props.minor),
+                                      packed.window, tuned.gpu_slug(props.name))
+            chosen = variants.KERNELS[index]
             print(f"case {i}: R={R} C={C} N={N} {pattern} kernel={chosen.name} ksplit={ks}: {cpu_us:.1f} us CPU per call", flush=True)
             cudart.cudaProfilerStart()
             ops.linear(x, t)

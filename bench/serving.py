@@ -132,6 +132,8 @@ def tune(args) -> dict:
                 for kernel in dispatch.candidates(N, case.pattern.V, "bf16", arch, case.packed.window):
                     if kernel.variant.kind.startswith("wgmma") and N < kernel.variant.BN // 2:
                         continue  # a tile more than half empty: never competitive
+                    if args.kernels and f"{kernel.variant.kind}_{kernel.variant.tag}" not in args.kernels:
+                        continue
                     for ks in ksplits(kernel, N, R, Kc, sms):
                         out = torch.full((N, R), float("nan"), device="cuda", dtype=torch.bfloat16)
                         case.run(ext, case.packed, x, kernel.index, ks, out)
@@ -141,6 +143,9 @@ def tune(args) -> dict:
                             continue
                         us = graph_us([lambda p=p: case.run(ext, p, x, kernel.index, ks) for p in case.copies])
                         timed.append((us, kernel, ks))
+                if not timed:
+                    print(f"{shape:>11} {pattern:>8} N={N:<5} no variant timed (--kernels?): the table keeps its entry", flush=True)
+                    continue
                 timed.sort(key=lambda t: t[0])
                 us, best, ks = timed[0]
                 entries.append({"V": case.pattern.V, "M": case.pattern.M, "R": R, "C": C, "Kc": Kc, "window": case.packed.window,
@@ -337,6 +342,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (tune: the tables folder; sweep: bench/results)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="tune: stop (and write what was measured) after this long")
     parser.add_argument("--merge", action="store_true", help="tune: keep the table's entries for cases not measured now")
+    parser.add_argument("--kernels", type=lambda s: set(s.split(",")), default=None,
+                        help="tune: time only these variants (kind_tag, as in the table's candidates_us, e.g. "
+                             "wgmma_v64_c2m1n64s8), e.g. those that won a previous tune; default: every candidate")
     args = parser.parse_args(argv)
     if args.mode in ("plot", "tables"):
         if args.json is None or not args.json.is_file():

@@ -123,6 +123,39 @@ cudaError_t launch_kernel(Kernel kernel, dim3 grid, dim3 block, const VnmParams&
   return cudaLaunchKernelEx(&cfg, kernel, p);
 }
 
+// ---- split-k ----------------------------------------------------------------------------------------
+// Meeting point of the k slices of one output tile (both tensor-core kernels). Each of `threads` threads (index
+// t) publishes its kFloats fp32 accumulators to the tile's workspace `ws` (slices x kFloats x threads floats,
+// value-major so a warp's stores are coalesced); the last CTA to arrive (`counter`, reset by it for the next
+// launch and CUDA-graph replays) sums every slice in slice order, so the result does not depend on which CTA
+// finished last. `sync` is the barrier of those threads. Returns true in that CTA, with acc holding the sum.
+// The sum walks the slices in a loop that is not unrolled: unrolled per accumulator, it was ~115 KB of
+// straight-line code that every finishing CTA fetched cold (docs/kernels.md).
+template <int kFloats, typename Sync>
+__device__ __forceinline__ bool split_k_meet(float (&acc)[kFloats], float* ws, int slice, int slices, int t, int threads,
+                                             int* counter, Sync sync) {
+  __shared__ int last_flag;
+  float* mine = ws + static_cast<size_t>(slice) * kFloats * threads + t;
+#pragma unroll
+  for (int i = 0; i < kFloats; ++i) __stcg(mine + i * threads, acc[i]);
+  __threadfence();
+  sync();
+  if (t == 0) last_flag = atomicAdd(counter, 1) == slices - 1;
+  sync();
+  if (!last_flag) return false;
+  __threadfence();
+#pragma unroll
+  for (int i = 0; i < kFloats; ++i) acc[i] = 0.f;
+#pragma unroll 1
+  for (int z = 0; z < slices; ++z) {
+    const float* part = ws + static_cast<size_t>(z) * kFloats * threads + t;
+#pragma unroll
+    for (int i = 0; i < kFloats; ++i) acc[i] += __ldcg(part + i * threads);
+  }
+  if (t == 0) *counter = 0;
+  return true;
+}
+
 // ---- shared memory ----------------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -222,39 +222,13 @@ __global__ void __launch_bounds__(GemmShape<Tile>::kThreads, GemmShape<Tile>::kM
   cp_async_wait<0>();
   __syncthreads();
 
-  if (gridDim.z > 1) {
-    // Split-k: publish this slice's accumulators in fragment order ((mi, ni, i) major, then thread), so that each
-    // thread of the finishing CTA reads back exactly the values its own registers hold for every slice.
-    constexpr int kTileFloats = S::kMT * S::kNT * 4 * S::kThreads;
+  if (gridDim.z > 1) {  // split-k: the last slice of this tile to arrive finishes it
+    constexpr int kFloats = S::kMT * S::kNT * 4;
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-    float* ws = p.ws + static_cast<size_t>(tile) * gridDim.z * kTileFloats;
-#pragma unroll
-    for (int mi = 0; mi < S::kMT; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < S::kNT; ++ni)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          __stcg(ws + static_cast<size_t>(blockIdx.z) * kTileFloats + ((mi * S::kNT + ni) * 4 + i) * S::kThreads + tid,
-                 acc[mi][ni][i]);
-    __threadfence();
-    __syncthreads();
-    __shared__ int last_flag;
-    if (tid == 0) last_flag = atomicAdd(p.counters + tile, 1) == static_cast<int>(gridDim.z) - 1;
-    __syncthreads();
-    if (!last_flag) return;
-    __threadfence();
-#pragma unroll
-    for (int mi = 0; mi < S::kMT; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < S::kNT; ++ni)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          float sum = 0.f;
-          for (int z = 0; z < static_cast<int>(gridDim.z); ++z)
-            sum += __ldcg(ws + static_cast<size_t>(z) * kTileFloats + ((mi * S::kNT + ni) * 4 + i) * S::kThreads + tid);
-          acc[mi][ni][i] = sum;
-        }
-    if (tid == 0) p.counters[tile] = 0;  // ready for the next launch (and CUDA-graph replays)
+    float* ws = p.ws + static_cast<size_t>(tile) * gridDim.z * kFloats * S::kThreads;
+    if (!split_k_meet(reinterpret_cast<float(&)[kFloats]>(acc), ws, blockIdx.z, gridDim.z, tid, S::kThreads,
+                      p.counters + tile, [] { __syncthreads(); }))
+      return;
   }
 
   // Epilogue: stage y^T tile as out[n][m] (+bias), then write rows of y with 16-byte stores.

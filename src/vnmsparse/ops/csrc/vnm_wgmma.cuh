@@ -171,39 +171,15 @@ __device__ __forceinline__ void store_tile(float (&acc)[kWgM][kBN / 2], const Vn
   }
 }
 
-// Split-k meeting point of the consumer warpgroups (gridDim.y k slices of one output tile, blockIdx.x): each CTA
-// publishes its fp32 accumulators to p.ws in fragment order; the last to arrive (arrival counter, reset by it)
-// sums every slice in slice order, so the result does not depend on which CTA finished last. Returns true in that
-// CTA, with acc holding the sum; false in the others, which are done.
+// Split-k meeting point of the consumer warpgroups (gridDim.y k slices of one output tile, blockIdx.x): see
+// split_k_meet; true in the CTA that finishes the tile, with acc holding the sum.
 template <int kWgM, int kAcc, int kConsumers>
 __device__ __forceinline__ bool split_k_finish(float (&acc)[kWgM][kAcc], const VnmParams& p) {
-  constexpr int kThreads = 128 * kConsumers;
-  constexpr int kTileFloats = kWgM * kAcc * kThreads;
-  __shared__ int last_flag;
-  const int t = threadIdx.x - 128, tile = blockIdx.x;
-  float* ws = p.ws + static_cast<size_t>(tile) * gridDim.y * kTileFloats;
-#pragma unroll
-  for (int mi = 0; mi < kWgM; ++mi)
-#pragma unroll
-    for (int i = 0; i < kAcc; ++i)
-      __stcg(ws + static_cast<size_t>(blockIdx.y) * kTileFloats + (mi * kAcc + i) * kThreads + t, acc[mi][i]);
-  __threadfence();
-  sm90::named_barrier(2, kThreads);
-  if (t == 0) last_flag = atomicAdd(p.counters + tile, 1) == static_cast<int>(gridDim.y) - 1;
-  sm90::named_barrier(2, kThreads);
-  if (!last_flag) return false;
-  __threadfence();
-#pragma unroll
-  for (int mi = 0; mi < kWgM; ++mi)
-#pragma unroll
-    for (int i = 0; i < kAcc; ++i) {
-      float sum = 0.f;
-      for (int z = 0; z < static_cast<int>(gridDim.y); ++z)
-        sum += __ldcg(ws + static_cast<size_t>(z) * kTileFloats + (mi * kAcc + i) * kThreads + t);
-      acc[mi][i] = sum;
-    }
-  if (t == 0) p.counters[tile] = 0;  // ready for the next launch (and CUDA-graph replays)
-  return true;
+  constexpr int kThreads = 128 * kConsumers, kFloats = kWgM * kAcc;
+  const int tile = blockIdx.x;
+  float* ws = p.ws + static_cast<size_t>(tile) * gridDim.y * kFloats * kThreads;
+  return split_k_meet(reinterpret_cast<float(&)[kFloats]>(acc), ws, blockIdx.y, gridDim.y, threadIdx.x - 128, kThreads,
+                      p.counters + tile, [] { sm90::named_barrier(2, kThreads); });
 }
 #endif  // VNM_SM90A_ENABLED
 
