@@ -2,7 +2,7 @@
 
     python bench/e2e.py                                   # all parts, all variants (GPU)
     python bench/e2e.py --part llama-prefill --part deit  # parts: llama-prefill, llama-decode, deit
-    python bench/e2e.py --part llama-decode --variants dense,64:2:8
+    python bench/e2e.py --part llama-decode --variants dense,64:2:8 --batches 1,64   # one compile per batch: minutes each
     python bench/e2e.py --smoke                           # tiny configs on CPU: checks the script, not speed
 
 LLaMA-2-7B architecture (transformers LlamaForCausalLM from its config): prefill 1x2048 and 8x512 tokens, decode
@@ -63,6 +63,7 @@ class Setup:
     modes: tuple[str, ...]
     warmup: int
     iters: int
+    batches: tuple[int, ...] = ()  # decode batch sizes asked for (--batches); empty: the defaults below
 
     @property
     def prefill_shapes(self) -> tuple[tuple[int, int], ...]:
@@ -70,7 +71,7 @@ class Setup:
 
     @property
     def decode_batches(self) -> tuple[int, ...]:
-        return (1, 2) if self.smoke else (1, 16, 64, 128, 256)
+        return self.batches or ((1, 2) if self.smoke else (1, 16, 64, 128, 256))
 
     @property
     def prompt_len(self) -> int:
@@ -482,32 +483,32 @@ def _convert_and_time(dense: nn.Module, variant: str, example: torch.Tensor, mea
     return results
 
 
-def run_part(part: str, variants: list[str], setup: Setup) -> dict[str, dict]:
-    """Build the part's model once, then for each variant: convert, check, time."""
+def run_part(part: str, variants: list[str], setup: Setup, save: Callable[[dict[str, dict]], None]) -> None:
+    """Build the part's model once, then for each variant: convert, check, time, and `save` its entries (so a run
+    cut short keeps every variant it finished: one compiled LLaMA-2-7B decode batch takes minutes)."""
     llama = part.startswith("llama")
     dense = build_llama(setup) if llama else build_deit(setup)
     example = (torch.randint(0, dense.config.vocab_size, (1, 64), device=setup.device) if llama
                else torch.randn(2, 3, 224, 224, device=setup.device, dtype=setup.dtype))
     measure = {"llama-prefill": llama_prefill, "llama-decode": llama_decode, "deit": deit}[part]
     model_name = ("llama-tiny-smoke" if llama else "deit-tiny-smoke") if setup.smoke else ("llama2-7b" if llama else "deit-base")
-    results = {}
     for variant in variants:
         if variant == "2:4" and setup.device.type != "cuda":
             print(f"[{part}] {variant}: skipped (cuSPARSELt needs CUDA)", flush=True)
             continue
         start = time.perf_counter()
         try:
-            results.update(_run_variant(dense, variant, example, measure, model_name, part, setup))
+            results = _run_variant(dense, variant, example, measure, model_name, part, setup)
         except Exception as error:  # noqa: BLE001 - one variant's failure must not lose the others' results
             message = f"{type(error).__name__}: {error}"[:500]
             print(f"[{part}] {variant}: ERROR {message}", flush=True)
             traceback.print_exc()
-            results[f"{model_name}/error/-/{variant}"] = {"model": model_name, "phase": "error", "shape": "-",
-                                                          "variant": variant, "check": {"ok": False, "error": message}}
+            results = {f"{model_name}/error/-/{variant}": {"model": model_name, "phase": "error", "shape": "-",
+                                                           "variant": variant, "check": {"ok": False, "error": message}}}
         print(f"[{part}] {variant}: {time.perf_counter() - start:.0f} s", flush=True)
+        save(results)
         if setup.device.type == "cuda":
             torch.cuda.empty_cache()
-    return results
 
 
 # --- results ------------------------------------------------------------------------------------------------
@@ -584,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda, or cpu with --smoke")
     parser.add_argument("--out", default=None, help="results folder (default bench/results; --smoke: /tmp/vnmsparse-e2e)")
     parser.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default 20; smoke 2)")
+    parser.add_argument("--batches", default=None,
+                        help="llama-decode batch sizes, comma-separated (default 1,16,64,128,256): each compiles anew")
     args = parser.parse_args(argv)
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -591,24 +594,33 @@ def main(argv: list[str] | None = None) -> int:
     modes = tuple(m.strip() for m in args.modes.split(","))
     if unknown or not variants or any(m not in MODES for m in modes):
         parser.error(f"--variants must be from {VARIANTS} and --modes from {MODES}")
+    try:
+        batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else ()
+    except ValueError:
+        batches = (0,)
+    if any(b < 1 for b in batches):
+        parser.error(f"--batches must be positive integers, comma-separated, got {args.batches!r}")
     device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --smoke on the CPU")
     setup = Setup(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, smoke=args.smoke,
-                  modes=modes, warmup=1 if args.smoke else 3, iters=args.iters or (2 if args.smoke else 20))
+                  modes=modes, warmup=1 if args.smoke else 3, iters=args.iters or (2 if args.smoke else 20), batches=batches)
     out = Path(args.out or ("/tmp/vnmsparse-e2e" if args.smoke else Path(__file__).parent / "results"))
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"e2e-{device_slug(device, args.smoke)}"
     data = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {"entries": {}}
     data["environment"] = environment(device)
-    for part in args.part or PARTS:
-        new = run_part(part, variants, setup)
+
+    def save(new: dict[str, dict]) -> None:
         for entry in new.values():  # a variant that now ran replaces its earlier failure
             for phase in ("check", "error"):
                 data["entries"].pop(f"{entry['model']}/{phase}/-/{entry['variant']}", None)
         data["entries"].update(new)
-        stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")  # after every part: a crash keeps the rest
+        stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
         stem.with_suffix(".md").write_text(markdown(data))
+
+    for part in args.part or PARTS:
+        run_part(part, variants, setup, save)
     print(markdown(data))
     print(f"wrote {stem}.json and {stem}.md")
     return 0
