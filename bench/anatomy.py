@@ -26,19 +26,13 @@ from vnmsparse import ops
 from vnmsparse.ops import dispatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import TOL, Case, graph_us, ksplits  # noqa: E402
+from kernel import capture  # noqa: E402
+from serving import Case, graph_us, ksplits  # noqa: E402
 
 
 def kernel_times(calls, replays: int = 3) -> dict[str, float]:
     """Mean microseconds per call of each kernel name over `replays` graph replays of `calls`."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
+    graph = capture(calls)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
@@ -72,13 +66,8 @@ def main(argv=None) -> None:
         runs = [("cublas", 1, [lambda w=w: F.linear(x, w) for w in dense])]
         for kernel in dispatch.candidates(N, case.pattern.V, "bf16", arch, case.packed.window):
             for ks in ksplits(kernel, N, R, Kc, sms):
-                out = torch.full((N, R), float("nan"), device="cuda", dtype=torch.bfloat16)
-                case.run(ext, case.packed, x, kernel.index, ks, out)
-                err = case.rel_err(x, out)
-                if not err <= TOL:
-                    print(f"WRONG {kernel.name} ks={ks} N={N}: rel err {err:.2e}", flush=True)
-                    continue
-                runs.append((kernel.name, ks, [lambda q=q, k=kernel.index, s=ks: case.run(ext, q, x, k, s) for q in case.copies]))
+                if case.right(ext, x, kernel, ks):
+                    runs.append((kernel.name, ks, [lambda q=q, k=kernel.index, s=ks: case.run(ext, q, x, k, s) for q in case.copies]))
         for name, ks, calls in runs:
             us = graph_us(calls)
             kernels = kernel_times(calls)

@@ -58,12 +58,8 @@ def bench_ms(fn, warmup_ms: float, rep_ms: float) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def graph_ms(fns, reps: int = 20) -> float:
-    """Per-call time of fns[0], fns[1], ... captured back to back in one CUDA graph and replayed (median of 3 x reps).
-
-    Each fn works on its own copy of the weights (`copies_for`), so consecutive calls stream from DRAM and no CPU
-    launch overhead is timed: the steady state of a server's step.
-    """
+def capture(fns) -> torch.cuda.CUDAGraph:
+    """fns run once eagerly (warm-up, lazy allocations), then captured back to back into one graph, replayed once."""
     for f in fns:
         f()
     torch.cuda.synchronize()
@@ -72,6 +68,16 @@ def graph_ms(fns, reps: int = 20) -> float:
         for f in fns:
             f()
     graph.replay()
+    return graph
+
+
+def graph_ms(fns, reps: int = 20) -> float:
+    """Per-call time of fns[0], fns[1], ... captured back to back in one CUDA graph and replayed (median of 3 x reps).
+
+    Each fn works on its own copy of the weights (`copies_for`), so consecutive calls stream from DRAM and no CPU
+    launch overhead is timed: the steady state of a server's step.
+    """
+    graph = capture(fns)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(3):
