@@ -576,6 +576,17 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def positive_ints(text: str) -> tuple[int, ...]:
+    """'1,64' -> (1, 64); anything but positive integers is refused with the rule."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"must be positive integers, comma-separated, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", action="append", choices=PARTS, help="run only these parts (repeatable; default all)")
@@ -585,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda, or cpu with --smoke")
     parser.add_argument("--out", default=None, help="results folder (default bench/results; --smoke: /tmp/vnmsparse-e2e)")
     parser.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default 20; smoke 2)")
-    parser.add_argument("--batches", default=None,
+    parser.add_argument("--batches", type=positive_ints, default=(),
                         help="llama-decode batch sizes, comma-separated (default 1,16,64,128,256): each compiles anew")
     args = parser.parse_args(argv)
 
@@ -594,17 +605,11 @@ def main(argv: list[str] | None = None) -> int:
     modes = tuple(m.strip() for m in args.modes.split(","))
     if unknown or not variants or any(m not in MODES for m in modes):
         parser.error(f"--variants must be from {VARIANTS} and --modes from {MODES}")
-    try:
-        batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else ()
-    except ValueError:
-        batches = (0,)
-    if any(b < 1 for b in batches):
-        parser.error(f"--batches must be positive integers, comma-separated, got {args.batches!r}")
     device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --smoke on the CPU")
     setup = Setup(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, smoke=args.smoke,
-                  modes=modes, warmup=1 if args.smoke else 3, iters=args.iters or (2 if args.smoke else 20), batches=batches)
+                  modes=modes, warmup=1 if args.smoke else 3, iters=args.iters or (2 if args.smoke else 20), batches=args.batches)
     out = Path(args.out or ("/tmp/vnmsparse-e2e" if args.smoke else Path(__file__).parent / "results"))
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"e2e-{device_slug(device, args.smoke)}"
