@@ -132,8 +132,9 @@ def render_markdown(data: dict) -> str:
     """Tables of every arm, and the brief's claims checked against the numbers."""
     lines = ["# Accuracy recovery with V:N:M-aware training", "", "Written by `bench/accuracy.py` from accuracy.json; "
              "each arm's exact command is in the JSON.", ""]
-    if "recover" in data["experiments"]:
-        lines += render_recover(data["experiments"]["recover"])
+    for name, exp in data["experiments"].items():
+        if name == "recover" or name.startswith("recover-"):
+            lines += render_recover(exp, name, data["experiments"].get("recover"))
     if "vit-recover" in data["experiments"]:
         lines += render_vit(data["experiments"]["vit-recover"], "ViT on Fashion-MNIST: the recovery run (issue 19)")
     llm = data["experiments"].get("llm")
@@ -176,12 +177,34 @@ def render_vit(vit: dict, title: str) -> list[str]:
     return [*lines, "", *vit_claims(_succeeded(vit["arms"])), *_failures(vit["arms"]), ""]
 
 
-def render_recover(exp: dict) -> list[str]:
-    """The held-out recovery run: final perplexities against dense, the curves, and issue 19's targets."""
-    s, arms = exp["setup"], _succeeded(exp["arms"])
+BASELINE_SETUP = ("model", "seq_len", "eval_texts", "eval_chunks_used", "calib_chunks", "seed")  # what baselines depend on
+
+
+def borrowed_baselines(exp: dict, main: dict | None) -> dict:
+    """The dense and one-shot arms of the main "recover" run that `exp` lacks, if both measured the same way."""
+    if not main or main is exp or any(main["setup"].get(k) != exp["setup"].get(k) for k in BASELINE_SETUP):
+        return {}
+    return {name: r for name, r in _succeeded(main["arms"]).items()
+            if r["kind"] in ("dense", "oneshot") and name not in exp["arms"]}
+
+
+def render_recover(exp: dict, name: str = "recover", main: dict | None = None) -> list[str]:
+    """One held-out recovery run (`--name`): final perplexities against dense, the curves, and issue 19's targets.
+
+    A run without its own dense and one-shot arms is compared with those of the main "recover" run when both used
+    the same model, evaluation text and calibration (the baselines are deterministic given those).
+    """
+    s = exp["setup"]
+    borrowed = borrowed_baselines(exp, main)
+    arms = {**borrowed, **_succeeded(exp["arms"])}
     texts = s["eval_texts"]
     dense = arms.get("dense")
-    lines = ["## SmolLM2-135M recovery: train on five Austen novels, perplexity on Persuasion (held out) and Moby Dick", "",
+    title = "" if name == "recover" else f" ({name.removeprefix('recover-')})"
+    lines = [f"## SmolLM2-135M recovery{title}: train on five Austen novels, perplexity on Persuasion (held out) and "
+             "Moby Dick", "",
+             *([f"{s['note']}", ""] if s.get("note") else []),
+             *([f"Baselines ({', '.join(borrowed)}) from the main recovery run above, measured the same way.", ""]
+               if borrowed else []),
              f"Device {s['device']}; "
              + (f"{s['steps']} steps per arm (at most {s['minutes']:g} min)" if s.get("steps") else
                 f"{s['minutes']:g} min of training per arm (steps planned by timing a throwaway copy, then the clock)")
@@ -457,6 +480,7 @@ def recover_arm(name: str) -> Arm:
 def run_recover(args: argparse.Namespace) -> None:
     """The LLM recovery arms, then (with --vit-minutes > 0) the ViT arms under experiment "vit-recover"."""
     s, arms, device = start_experiment(args, "recover", RecoverSettings, RECOVER_SMOKE, RECOVER_PRESETS)
+    note = {"note": args.note} if args.note else {}
     base, tokenizer = load_causal_lm(args.model, device=device)
     train_chunks = token_chunks(tokenizer, read_text(TRAIN_TEXT), s.seq_len, s.train_chunks)
     evals = {name: token_chunks(tokenizer, read_text(name), s.seq_len, s.eval_chunks) for name in HELD_OUT_TEXTS}
@@ -464,7 +488,7 @@ def run_recover(args: argparse.Namespace) -> None:
     distill = DistillConfig(s.kd_weight, s.kd_temperature, s.kd_hidden)
     setup = {**asdict(s), "device": device_name(device), "model": args.model, "torch": torch.__version__,
              "train_text": TRAIN_TEXT, "eval_texts": list(evals), "train_tokens": train_chunks.numel(),
-             "eval_chunks_used": min(len(c) for c in evals.values()), "distill": asdict(distill)}
+             "eval_chunks_used": min(len(c) for c in evals.values()), "distill": asdict(distill), **note}
     log(f"{TRAIN_TEXT} {tuple(train_chunks.shape)}, " + ", ".join(f"{n} {tuple(c.shape)}" for n, c in evals.items()))
 
     def ppl(model: nn.Module) -> dict[str, float]:
@@ -498,7 +522,7 @@ def run_recover(args: argparse.Namespace) -> None:
         record.setdefault("ppl", ppl(model))
         return ", ".join(f"{name} ppl {value:,.2f}" for name, value in record["ppl"].items())
 
-    run_arms(args, "recover", setup, s, base, map(recover_arm, arms), run_arm)
+    run_arms(args, args.name, setup, s, base, map(recover_arm, arms), run_arm)
     del base
     if args.vit_minutes > 0:  # epochs that fit the minutes at the H100's ~4 s per epoch, the clock stopping the rest
         epochs = {} if args.smoke else {"dense_epochs": 12.0 * args.vit_minutes, "ft_epochs": 8.0 * args.vit_minutes}
@@ -662,6 +686,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="override a setting (see LLMSettings / ViTSettings), e.g. --set steps=800")
     parser.add_argument("--out", default=None, help="results path without suffix (default bench/results/accuracy)")
     parser.add_argument("--merge-from", default=None, help="results JSON to merge into (default: --out's .json)")
+    parser.add_argument("--name", default="recover", help="recover: the results key of this run, 'recover' or "
+                        "'recover-<label>' (e.g. recover-10min), so runs of other budgets sit beside the main one")
+    parser.add_argument("--note", default=None, help="recover: a sentence on how the run was made, kept with its results")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     args.command = "python " + shlex.join(["bench/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
@@ -670,6 +697,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.experiment != "recover" or not args.minutes > 0:
             raise SystemExit("--minutes is for `recover` and must be > 0")
         args.overrides["minutes"] = args.minutes
+    if args.note and args.experiment != "recover":
+        raise SystemExit("--note is for `recover`")
+    if args.name != "recover" and (args.experiment != "recover" or not args.name.startswith("recover-")
+                                   or args.name == "recover-"):
+        raise SystemExit("--name is for `recover` and must be 'recover' or 'recover-<label>'")
     if args.vit_minutes < 0:
         raise SystemExit("--vit-minutes must be >= 0")
     settings = {"recover": RecoverSettings, "llm": LLMSettings, "vit": ViTSettings}[args.experiment]

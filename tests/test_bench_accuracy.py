@@ -65,11 +65,34 @@ def test_recover_experiment_smoke(accuracy, tmp_path):
         assert text in markdown, text
 
 
+def test_a_named_run_sits_beside_the_main_one_and_borrows_its_baselines(accuracy, tmp_path):
+    model = tmp_path / "tiny"
+    tiny_llama().save_pretrained(model)
+    byte_tokenizer().save_pretrained(model)
+    out = tmp_path / "accuracy"
+    common = ["recover", "--smoke", "--model", str(model), "--minutes", "0.02", "--vit-minutes", "0", "--out", str(out),
+              "--no-progress"]
+    accuracy.main([*common, "--arms", "dense,lora3kd-64:2:8"])
+    accuracy.main([*common, "--arms", "lora3kd-64:2:8", "--name", "recover-long", "--note", "Ran beside another job."])
+    experiments = json.loads(out.with_suffix(".json").read_text())["experiments"]
+    assert list(experiments["recover"]["arms"]) == ["dense", "lora3kd-64:2:8"]  # the named run did not overwrite it
+    assert list(experiments["recover-long"]["arms"]) == ["lora3kd-64:2:8"]
+    assert experiments["recover-long"]["setup"]["note"] == "Ran beside another job."
+    markdown = out.with_suffix(".md").read_text()
+    long = markdown[markdown.index("SmolLM2-135M recovery (long)"):]
+    assert "Ran beside another job." in long and "Baselines (dense) from the main recovery run" in long
+    assert "lora3kd-64:2:8 at most 3x dense on both texts" in long  # the ratio needs the borrowed dense arm
+
+
 def test_recover_experiment_refuses_unknown_arms(accuracy, tmp_path):
     with pytest.raises(SystemExit, match="unknown arm"):
         accuracy.main(["recover", "--smoke", "--arms", "lora4-64:2:8", "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="--minutes"):
         accuracy.main(["llm", "--minutes", "1", "--out", str(tmp_path / "a")])
+    for bad in (["recover", "--name", "long"], ["recover", "--name", "recover-"], ["llm", "--name", "recover-x"],
+                ["llm", "--note", "x"]):
+        with pytest.raises(SystemExit, match="--name|--note"):
+            accuracy.main([*bad, "--smoke", "--out", str(tmp_path / "a")])
 
 
 def test_a_failed_arm_is_recorded_and_the_next_one_runs(accuracy, tmp_path, monkeypatch):
