@@ -28,7 +28,9 @@ import copy
 import datetime
 import json
 import re
+import shlex
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -539,7 +541,9 @@ def markdown(data: dict) -> str:
     lines = [f"# End-to-end speed on {env.get('gpu', env['device'])}", "",
              f"torch {env['torch']}, CUDA {env.get('cuda', '-')}, cuSPARSELt {env.get('cusparselt', '-')}, {env['date']}. "
              f"{env['dtype']}, random-init weights, magnitude masks; block linears swapped, heads and embeddings dense. "
-             "Command: `python bench/e2e.py` (see its docstring).", "", f"Targets: {TARGETS}.", ""]
+             "Commands (each entry's is in the JSON): "
+             + ", ".join(f"`{c}`" for c in dict.fromkeys(e.get("command", "python bench/e2e.py") for e in data["entries"].values()))
+             + ".", "", f"Targets: {TARGETS}.", ""]
     entries = [e for e in data["entries"].values() if e["phase"] not in ("check", "error")]
     groups = sorted({(e["model"], e["phase"]) for e in entries})
     for model, phase in groups:
@@ -616,8 +620,11 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {"entries": {}}
     data["environment"] = environment(device)
 
+    command = "python " + shlex.join(["bench/e2e.py", *(sys.argv[1:] if argv is None else argv)])
+
     def save(new: dict[str, dict]) -> None:
         for entry in new.values():  # a variant that now ran replaces its earlier failure
+            entry["command"] = command
             for phase in ("check", "error"):
                 data["entries"].pop(f"{entry['model']}/{phase}/-/{entry['variant']}", None)
         data["entries"].update(new)
