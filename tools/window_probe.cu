@@ -11,12 +11,15 @@
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a tools/window_probe.cu -lcublas -o /tmp/window_probe
 // (cuBLAS from pip's nvidia-cublas instead of the toolkit: tools/window_probe.md has the one-line build and run;
-// -DWINDOW_PROBE_NO_CUBLAS builds it without the dense reference.)
+// -DWINDOW_PROBE_NO_CUBLAS, or a toolkit without cublas_v2.h, builds it without the dense reference.)
 //   /tmp/window_probe             # host emulation, GPU checks on odd shapes, then the timed sweep
 //   /tmp/window_probe --check     # host emulation and the GPU checks only
 //   /tmp/window_probe --emulate   # host emulation of both kernels' data flow only (no GPU needed)
 //   options: --iters K (timed launches per measurement, default 20), --n N (one token count), --m M (one M)
 // Exit status 0 only if every check passed (emulation, each kernel on every case, cuBLAS).
+#if !defined(WINDOW_PROBE_NO_CUBLAS) && !__has_include(<cublas_v2.h>)
+#define WINDOW_PROBE_NO_CUBLAS
+#endif
 #ifndef WINDOW_PROBE_NO_CUBLAS
 #include <cublas_v2.h>
 #endif
