@@ -9,7 +9,8 @@
 //           ldmatrix.x4.trans takes per-lane row addresses window + (col - kc*8M) * pitch.
 // Also cuBLAS bf16 dense on the same shapes. tools/window_probe.md says what it measures and what result counts.
 //
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a tools/window_probe.cu -lcublas -o /tmp/window_probe
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc/vnmsparse/ops/csrc tools/window_probe.cu -lcublas \
+//        -o /tmp/window_probe
 // (cuBLAS from pip's nvidia-cublas instead of the toolkit: tools/window_probe.md has the one-line build and run;
 // -DWINDOW_PROBE_NO_CUBLAS, or a toolkit without cublas_v2.h, builds it without the dense reference.)
 //   /tmp/window_probe             # host emulation, GPU checks on odd shapes, then the timed sweep
@@ -25,6 +26,8 @@
 #endif
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include "vnm_common.cuh"  // -Isrc/vnmsparse/ops/csrc
 
 #include <algorithm>
 #include <cmath>
@@ -170,56 +173,19 @@ HD uint32_t gather_row(int blk_l, int lane, int pn) {
   return static_cast<uint32_t>(((blk_l * 32 + lane) * kPieces + (pn ^ (lane & 7))) * 16);
 }
 
-// ---- device helpers (as in src/vnmsparse/ops/csrc/vnm_common.cuh) ----------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async_cg16(uint32_t dst, const void* src, bool valid) {
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_ca16(uint32_t dst, const void* src, bool valid) {
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void prefetch_l2_range(const void* ptr, uint32_t bytes) {
-  const char* c = static_cast<const char*>(ptr);
-  for (uint32_t off = 0; off < bytes; off += 16384u) prefetch_l2(c + off, min(16384u, bytes - off));
-}
-// Four 8x8 b16 matrices, transposed: lanes 8j..8j+7 give the row addresses of matrix j; lane l receives, of each
-// matrix j, rows 2(l%4) and 2(l%4)+1 of column l/4 (low half: the even row).
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ uint4 lds128(uint32_t addr) {
-  uint4 r;
-  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr));
-  return r;
-}
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t r;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(addr));
-  return r;
-}
-// d += A(16x32, 2:4, stored 16x16) * B(32x8), bf16 in, fp32 accumulate. Lane 4*gid + t:
-//   a[0] row gid group t, a[1] row gid+8 group t, a[2] row gid group t+4, a[3] row gid+8 group t+4 (low half: the
-//   value of the lower slot); b[j] = B[k = 8j+2t, 8j+2t+1][n = gid]; e (selector 0): t = 0 groups 0-3, t = 1
-//   groups 4-7, bits 0-15 row gid, 16-31 row gid+8, one nibble p0 | p1 << 2 per group;
-//   d[0..1] = D[gid][2t, 2t+1], d[2..3] = D[gid+8][2t, 2t+1].
+// ---- device helpers: the library's own (cp.async, ldmatrix, shared loads, L2 prefetch, mma.sp) ------------------
+using vnm::cp_async_ca16;
+using vnm::cp_async_cg16;
+using vnm::cp_async_commit;
+using vnm::cp_async_wait;
+using vnm::ldmatrix_x4_trans;
+using vnm::lds128;
+using vnm::lds32;
+using vnm::prefetch_l2_range;
+using vnm::smem_addr;
+// d += A(16x32, 2:4) * B(32x8), bf16 in, fp32 accumulate; fragment layouts in vnm_common.cuh (MmaSp).
 __device__ __forceinline__ void mma_sp(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {
-  asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+  vnm::MmaSp<__nv_bfloat16>::run(d, a, b, e);
 }
 
 // ---- the kernels ----------------------------------------------------------------------------------------------
