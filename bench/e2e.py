@@ -44,12 +44,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from vnmsparse import VNMPattern, magnitude_scores, vnm_mask
 from vnmsparse.nn import VNMLinear
-from vnmsparse.ops import configure
 from vnmsparse.sparsify import SparsifyConfig, plan_layers, sparsify
 
 PARTS = ("llama-prefill", "llama-decode", "deit")
 VARIANTS = ("dense", "64:2:5", "64:2:8", "64:2:8+copy", "2:4")
-COPY = "+copy"  # the pattern, with OpsConfig.two_four_copy on (sm_90, large N: a 2:4 copy, more memory)
+COPY = "+copy"  # the pattern, its layers built with two_four_copy=True (sm_90, large N: a 2:4 copy, more memory)
 MODES = ("compile", "graph", "eager")  # the first that runs: torch.compile(reduce-overhead) is the fastest dense
 TWO_FOUR = VNMPattern(V=1, M=4)
 TARGETS = "paper (Ampere, Spatha): DeiT-base 64:2:8 1.7x; LLaMA2-7B 64:2:5 1.49x (2:4: 1.26x)"
@@ -211,7 +210,8 @@ def make_variant(dense: nn.Module, variant: str, example: torch.Tensor, setup: S
         if variant == "2:4":
             sparse = CusparseLtLinear(linear.weight, linear.bias)
         else:
-            sparse = VNMLinear.from_linear(linear, pattern, mask=linear.weight != 0)  # the mask just applied
+            sparse = VNMLinear.from_linear(linear, pattern, mask=linear.weight != 0,  # the mask just applied
+                                           two_four_copy=variant.endswith(COPY))
         if name in first_block:
             layer_checks += [dict(layer=name, **check_layer(sparse, linear.weight, linear.bias, n)) for n in rows]
         model.set_submodule(name, sparse)
@@ -466,12 +466,6 @@ def deit(model: nn.Module, variant: str, check: dict, setup: Setup) -> list[dict
 def _run_variant(dense: nn.Module, variant: str, example: torch.Tensor, measure: Callable, model_name: str, part: str,
                  setup: Setup) -> dict[str, dict]:
     """Convert, check, and (if the check passes) time one variant."""
-    with configure(two_four_copy=variant.endswith(COPY)):
-        return _convert_and_time(dense, variant, example, measure, model_name, part, setup)
-
-
-def _convert_and_time(dense: nn.Module, variant: str, example: torch.Tensor, measure: Callable, model_name: str, part: str,
-                      setup: Setup) -> dict[str, dict]:
     model, check = make_variant(dense, variant, example, setup)
     print(f"[{part}] {variant}: check {'ok' if check['ok'] else 'FAILED'} {json.dumps(check.get('model', {}))}", flush=True)
     if not check["ok"]:

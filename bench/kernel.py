@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import re
 import sys
@@ -140,8 +141,8 @@ def run(args) -> list[dict]:
     arch = (props.major, props.minor)
     if args.path == "wgmma" and arch != (9, 0):
         raise SystemExit(f"--path wgmma needs an sm_90 GPU, this is sm_{arch[0]}{arch[1]}")
-    changes = {"two_four_copy": args.two_four_copy} | ({} if args.path == "auto" else {"wgmma": args.path == "wgmma"})
-    ops.set_config(ops.config().replace(**changes))
+    if args.path != "auto":
+        ops.set_config(ops.config().replace(wgmma=args.path == "wgmma"))
     records = []
     gen = torch.Generator(device=dev).manual_seed(0)
     for shape in args.shapes:
@@ -169,18 +170,20 @@ def run(args) -> list[dict]:
             packed = packed_layout(t, dev)
             Wref = t.to_dense().to(torch.float64)
             M = t.pattern.M
+            copy = args.two_four_copy and dispatch.two_four_copy_refusal(t.pattern.V, M, packed.window) is None
             ts = None
             for N, x in xs.items():
                 window = packed.window
-                if dispatch.uses_two_four_copy(N, R, t.pattern.V, M, window, args.dtype, props.multi_processor_count, arch):
+                if copy and dispatch.uses_two_four_copy(N, R, t.pattern.V, M, window, args.dtype, props.multi_processor_count, arch):
                     window = 32  # ops.linear runs the weight's 2:4 copy (--two-four-copy)
                 kernel = dispatch.choose(N, R, t.pattern.V, args.dtype, props.multi_processor_count, arch, window)
-                y = ops.linear(x, t)
+                vnm = functools.partial(ops.linear, x, t, two_four_copy=copy)  # the call every timing below makes
+                y = vnm()
                 torch.cuda.synchronize()
                 k = min(N, 64)
                 ref = x[:k].to(torch.float64) @ Wref.T
                 err = float((y[:k].to(torch.float64) - ref).norm() / ref.norm())
-                vnm_ms = bench_ms(lambda: ops.linear(x, t), args.warmup_ms, args.rep_ms)
+                vnm_ms = bench_ms(vnm, args.warmup_ms, args.rep_ms)
                 vnm_graph = None
                 if N in dense_graph:
                     if ts is None:
@@ -188,7 +191,7 @@ def run(args) -> list[dict]:
                             vs.VNMTensor(t.values.clone(), t.columns.clone(), t.positions.clone(), t.pattern, t.shape)
                             for _ in range(copies_for(packed.nbytes) - 1)
                         ]
-                    vnm_graph = graph_ms([lambda ti=ti: ops.linear(x, ti) for ti in ts])
+                    vnm_graph = graph_ms([lambda ti=ti: ops.linear(x, ti, two_four_copy=copy) for ti in ts])
                 rec = {
                     "gpu": gpu,
                     "torch": torch.__version__,
@@ -228,19 +231,19 @@ def run(args) -> list[dict]:
                     rec["ceiling"] = f"{peak * M / 4:.0f} TFLOP/s ({peak_name} x M/4)"
                 if kernel.variant.kind == "wgmma":  # the mma.sp kernel on the same case, same run
                     with ops.configure(wgmma=False):
-                        rec["mma_sp_ms"] = round(bench_ms(lambda: ops.linear(x, t), args.warmup_ms, args.rep_ms), 5)
+                        rec["mma_sp_ms"] = round(bench_ms(vnm, args.warmup_ms, args.rep_ms), 5)
                 if kernel.variant.kind == "wgmma_window":  # the kernel the pack would get without its window, same run
                     gather = dispatch.choose(N, R, t.pattern.V, args.dtype, props.multi_processor_count, arch)
                     with ops.configure(kernel=gather.name):
                         rec["gather_kernel"] = gather.name
-                        rec["gather_ms"] = round(bench_ms(lambda: ops.linear(x, t), args.warmup_ms, args.rep_ms), 5)
+                        rec["gather_ms"] = round(bench_ms(vnm, args.warmup_ms, args.rep_ms), 5)
                 if args.variants:
                     rec["variants_ms"] = {}
                     for cand in dispatch.candidates(N, t.pattern.V, args.dtype, arch, packed.window):
                         if cand.variant.kind != kernel.variant.kind:
                             continue
                         with ops.configure(kernel=cand.name):
-                            rec["variants_ms"][cand.name] = round(bench_ms(lambda: ops.linear(x, t), args.warmup_ms, args.rep_ms), 5)
+                            rec["variants_ms"][cand.name] = round(bench_ms(vnm, args.warmup_ms, args.rep_ms), 5)
                 records.append(rec)
                 print(_line(rec), flush=True)
             del t, packed, Wref, ts
@@ -327,7 +330,8 @@ def main(argv=None) -> None:
                    help="tensor-core path: auto (dispatch default, VNMSPARSE_WGMMA), mma_sp, or wgmma (sm_90a; own JSON)")
     p.add_argument("--no-cslt", action="store_true")
     p.add_argument("--two-four-copy", action="store_true",
-                   help="OpsConfig.two_four_copy: V:2:8 weights at large N on their 2:4 copy (own JSON, -two-four)")
+                   help="weights that can have a 2:4 copy (unpermuted V:2:8, V <= 64) run large N on it: "
+                   "ops.linear(..., two_four_copy=True) (own JSON, -two-four)")
     p.add_argument("--permute", action="store_true",
                    help="fold a random input permutation into each weight (as channel permutation does): no chunk windows")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (launch-overhead-free) decode timings")

@@ -10,7 +10,7 @@ call). "peak" is the most allocated above that during a call, outputs excluded: 
 partials, x^T), returned after the call.
 The split-k arrival counters are outside the caching allocator (one buffer of at least 16 KiB per stream, shared
 by every layer; `vnm_binding.cpp`), so they are in neither column. Variants: `dense` (nn.Linear), each pattern
-through `VNMLinear` in its default layout, the pattern with `+copy` under `OpsConfig.two_four_copy` (the opt-in
+through `VNMLinear` in its default layout, the pattern with `+copy` as `VNMLinear(two_four_copy=True)` (the opt-in
 2:4 copy), and `2:4` (`to_sparse_semi_structured` of a magnitude 2:4 weight, cuSPARSELt).
 """
 
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vnmsparse.nn import VNMLinear
-from vnmsparse.ops import configure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel import gpu_slug  # noqa: E402
@@ -62,7 +61,7 @@ def build(variant: str, weight: torch.Tensor) -> nn.Module:
         return dense
     if variant == "2:4":
         return SemiStructured(dense.weight.data)
-    return VNMLinear.from_linear(dense, variant.removesuffix(COPY))
+    return VNMLinear.from_linear(dense, variant.removesuffix(COPY), two_four_copy=variant.endswith(COPY))
 
 
 @torch.no_grad()
@@ -70,23 +69,22 @@ def measure(variant: str, weight: torch.Tensor) -> dict:
     """Bytes held after building the layer and its first calls, and the transient peak above that during a call."""
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    with configure(two_four_copy=variant.endswith(COPY)):
-        layer = build(variant, weight)
-        after_build = torch.cuda.memory_allocated() - before
-        peak = 0
-        for n in TOKENS:
-            x = torch.randn(n, weight.shape[1], dtype=weight.dtype, device="cuda")
-            torch.cuda.synchronize()
-            start = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            y = layer(x)
-            torch.cuda.synchronize()
-            peak = max(peak, torch.cuda.max_memory_allocated() - start - y.numel() * y.element_size())
-            if not torch.isfinite(y).all():  # after the peak is read: the check's own temporaries are not the layer's
-                raise RuntimeError(f"{variant}: non-finite output at N = {n}")
-            del x, y
+    layer = build(variant, weight)
+    after_build = torch.cuda.memory_allocated() - before
+    peak = 0
+    for n in TOKENS:
+        x = torch.randn(n, weight.shape[1], dtype=weight.dtype, device="cuda")
         torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated() - before
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        y = layer(x)
+        torch.cuda.synchronize()
+        peak = max(peak, torch.cuda.max_memory_allocated() - start - y.numel() * y.element_size())
+        if not torch.isfinite(y).all():  # after the peak is read: the check's own temporaries are not the layer's
+            raise RuntimeError(f"{variant}: non-finite output at N = {n}")
+        del x, y
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before
     del layer
     return {"held_bytes": held, "after_build_bytes": after_build, "peak_call_bytes": max(peak, 0)}
 

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from tiny_models import tiny_llama, token_ids
@@ -311,3 +313,146 @@ def test_packed_layer_refuses_an_input_on_another_device(packs_on_cpu):
     sparse = VNMLinear.from_linear(linear(), "16:2:8").to(torch.bfloat16)
     with pytest.raises(ValueError, match="move one of them"):
         sparse(torch.randn(2, 40, dtype=torch.bfloat16, device="meta"))
+
+
+# --- the 2:4 copy: a per-layer choice ------------------------------------------------------------------------------
+
+def permuted(weight):
+    """`weight` with the reversal of its inputs folded in: every group's kept columns in descending order (no 2:4 copy)."""
+    from vnmsparse import fold_input_permutation
+
+    return fold_input_permutation(weight, torch.arange(weight.shape[1]).flip(0))
+
+
+def test_two_four_copy_is_a_constructor_and_from_linear_flag_shown_in_the_repr():
+    weight = compress(torch.randn(48, 40), "16:2:8")
+    assert not VNMLinear(weight).two_four_copy and "two_four_copy=False" in repr(VNMLinear(weight))
+    layer = VNMLinear(weight, two_four_copy=True)
+    assert layer.two_four_copy and not layer.holds_two_four_copy  # asked for; on the CPU it never runs: not held
+    assert "pattern=16:2:8, bias=False, two_four_copy=True" in repr(layer)
+    assert layer.held_nbytes == VNMLinear(weight).held_nbytes
+    assert VNMLinear.from_linear(linear(), "64:2:8", two_four_copy=True).two_four_copy
+    assert not VNMLinear.from_linear(linear(), "64:2:8").two_four_copy
+
+
+@pytest.mark.parametrize("value", [1, "yes", None, torch.tensor(True)])
+def test_two_four_copy_must_be_a_bool(value):
+    weight = compress(torch.randn(48, 40), "16:2:8")
+    with pytest.raises(TypeError, match="two_four_copy must be a bool"):
+        VNMLinear(weight, two_four_copy=value)
+    with pytest.raises(TypeError, match="two_four_copy must be a bool"):
+        VNMLinear.from_linear(linear(), "16:2:8", two_four_copy=value)
+    layer = VNMLinear(weight)
+    with pytest.raises(TypeError, match="two_four_copy must be a bool"):
+        layer.two_four_copy = value
+    assert layer.two_four_copy is False
+
+
+@settings(max_examples=30, deadline=None)
+@given(V=st.sampled_from([1, 16, 32, 64, 128]), M=st.integers(4, 17), permute=st.booleans(),
+       rows=st.integers(1, 70), cols=st.integers(17, 60))
+def test_two_four_copy_on_a_weight_that_cannot_have_one_is_a_value_error(V, M, permute, rows, cols):
+    # The rule (dispatch.two_four_copy_refusal): V:2:8 with V <= 64, kept columns in their own groups, in order.
+    weight = compress(torch.randn(rows, cols), f"{V}:2:{M}")
+    weight = permuted(weight) if permute else weight
+    can = M == 8 and V <= 64 and not permute
+    if can:
+        assert VNMLinear(weight, two_four_copy=True).two_four_copy
+        return
+    rule = "a V:2:8 pattern with V <= 64" if M != 8 or V > 64 else "an unpermuted weight"
+    with pytest.raises(ValueError, match=f"two_four_copy needs {rule}"):
+        VNMLinear(weight, two_four_copy=True)
+    layer = VNMLinear(weight)
+    with pytest.raises(ValueError, match=f"two_four_copy needs {rule}"):
+        layer.two_four_copy = True
+    assert not layer.two_four_copy and layer.weight == weight
+    if not permute:
+        with pytest.raises(ValueError, match=f"two_four_copy needs {rule}"):
+            VNMLinear.from_linear(nn.Linear(cols, rows), f"{V}:2:{M}", two_four_copy=True)
+
+
+@pytest.fixture
+def copies_on_cpu(packs_on_cpu, monkeypatch):
+    """As packs_on_cpu, and the CPU counts as a GPU where the 2:4 copy runs (sm_90), so that layers build it here."""
+    from vnmsparse import ops
+
+    monkeypatch.setattr(ops, "two_four_copy_pays", lambda packed: True)
+
+
+def test_a_packed_layer_holds_the_copy_it_asks_for_and_setting_the_flag_builds_or_drops_it(copies_on_cpu):
+    from vnmsparse import ops
+
+    dense = linear(50, 37)
+    canonical = VNMLinear.from_linear(dense, "32:2:8").weight.to(dtype=torch.bfloat16)
+    copy_bytes = ops.pack_for_device(ops.two_four_tensor(canonical), "cpu").nbytes
+    plain = VNMLinear(canonical, dense.bias.detach().to(torch.bfloat16))
+    layer = VNMLinear(canonical, dense.bias.detach().to(torch.bfloat16), two_four_copy=True)
+    assert layer.holds_two_four_copy and not plain.holds_two_four_copy
+    assert layer.held_nbytes == plain.held_nbytes + copy_bytes
+    assert layer.held_nbytes == sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert layer.state_dict().keys() == plain.state_dict().keys()  # the copy is derived: never saved
+    x = torch.randn(3, 37, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), plain(x))
+    assert torch.equal(torch.compile(layer, fullgraph=True)(x), plain(x))  # over its buffers, the copy's included
+    layer.two_four_copy = False
+    assert not layer.holds_two_four_copy and layer.copy_vals is None and layer.held_nbytes == plain.held_nbytes
+    layer.two_four_copy = True
+    assert layer.holds_two_four_copy and layer.held_nbytes == plain.held_nbytes + copy_bytes
+    assert layer.weight == canonical
+    layer.float()  # no fp32 kernel: canonical tensors, no copy; the flag stays, and the copy comes back with the pack
+    assert layer.two_four_copy and not layer.holds_two_four_copy and layer.copy_vals is None
+    layer.bfloat16()
+    assert layer.holds_two_four_copy and layer.held_nbytes == plain.held_nbytes + copy_bytes
+
+
+def test_the_flag_survives_state_dict_round_trips_moves_and_the_meta_device():
+    source = VNMLinear.from_linear(linear(seed=0), "16:2:8", two_four_copy=True)
+    state = source.state_dict()
+    assert state["_extra_state"]["two_four_copy"] is True
+    target = VNMLinear.from_linear(linear(seed=1), "16:2:8")
+    target.load_state_dict(state)
+    assert target.two_four_copy and target.weight == source.weight
+    target.load_state_dict(VNMLinear.from_linear(linear(seed=2), "16:2:8").state_dict())
+    assert not target.two_four_copy  # the state says False: the layer is what the state describes
+    skeleton = VNMLinear.from_linear(linear(seed=3), "16:2:8", two_four_copy=True).to("meta")
+    assert skeleton.two_four_copy
+    skeleton.to_empty(device="cpu")
+    assert skeleton.two_four_copy
+    skeleton.load_state_dict(state, assign=True)
+    assert skeleton.two_four_copy and skeleton.weight == source.weight
+
+
+def test_a_record_without_the_flag_loads_as_false_and_set_extra_state_takes_it_up():
+    target = VNMLinear.from_linear(linear(seed=1), "16:2:8", two_four_copy=True)
+    state = VNMLinear.from_linear(linear(seed=0), "16:2:8").state_dict()
+    state["_extra_state"] = {k: v for k, v in state["_extra_state"].items() if k != "two_four_copy"}  # older record
+    target.load_state_dict(state)
+    assert not target.two_four_copy
+    from vnmsparse.nn import extra_state_tensor
+
+    target.set_extra_state(extra_state_tensor({**state["_extra_state"], "two_four_copy": True}))  # transformers' way
+    assert target.two_four_copy
+
+
+@pytest.mark.parametrize("flag", ["true", 1, None, [True]])
+def test_a_damaged_flag_is_refused_and_the_layer_left_untouched(flag):
+    target = VNMLinear.from_linear(linear(seed=1), "16:2:8")
+    before = target.weight
+    state = VNMLinear.from_linear(linear(seed=0), "16:2:8").state_dict()
+    state["_extra_state"] = {**state["_extra_state"], "two_four_copy": flag}
+    with pytest.raises(ValueError, match="two_four_copy must be true or false"):
+        target.load_state_dict(state)
+    with pytest.raises(ValueError, match="two_four_copy must be true or false"):
+        target.set_extra_state(state["_extra_state"])
+    assert target.weight == before and not target.two_four_copy
+
+
+def test_a_state_asking_a_copy_of_a_permuted_weight_is_refused_before_anything_changes():
+    target = VNMLinear.from_linear(linear(seed=1), "16:2:8")
+    before = target.weight
+    source = VNMLinear(permuted(VNMLinear.from_linear(linear(seed=0), "16:2:8").weight))
+    state = source.state_dict()
+    state["_extra_state"] = {**state["_extra_state"], "two_four_copy": True}
+    with pytest.raises(ValueError, match="two_four_copy needs an unpermuted weight"):
+        target.load_state_dict(state)
+    assert target.weight == before and not target.two_four_copy

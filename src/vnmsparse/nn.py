@@ -5,6 +5,9 @@ a supported V and M), that copy is the kernel layout (`ops.pack_for_device`), bu
 moved or loaded there, never inside a forward (so a CUDA graph or `torch.compile(mode="reduce-overhead")` warm-up
 allocates nothing that lasts); the canonical `VNMTensor` is rebuilt from it (`ops.unpack_tensor`) for
 `state_dict`, `weight` and moves elsewhere. Everywhere else the copy is the canonical tensors themselves.
+
+A layer built with `two_four_copy=True` also holds a second layout there, a V:2:4 copy of its V:2:8 weight, that
+large-N calls (prefill) on sm_90 multiply with the window kernel: faster, for about three times the layer's bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .pattern import VNMPattern
 
 _CANONICAL = ("values", "columns", "positions")  # the VNMTensor, what state_dict holds
 _PACKED = ("packed_vals", "packed_meta", "packed_cols", "padding")  # kernel layout + the padding slots it drops
-_COPY = ("copy_vals", "copy_meta", "copy_cols")  # optional 2:4 copy (`OpsConfig.two_four_copy`)
+_COPY = ("copy_vals", "copy_meta", "copy_cols")  # the optional 2:4 copy (`VNMLinear.two_four_copy`)
 _EXTRA_STATE = "_extra_state"
 
 
@@ -33,9 +36,13 @@ class VNMLinear(nn.Module):
     logical shape as extra state, wherever the module lives; `load_state_dict` checks all of it before changing
     anything. `weight` is the `VNMTensor` (on a GPU, rebuilt from the packed layout: a temporary copy).
     Value dtypes are those of `VNMTensor` (fp32, fp16, bf16): `.double()` is refused before anything changes.
+
+    two_four_copy: also hold the weight's 2:4 copy wherever it can run (packed on an sm_90 GPU; built on the move
+    there), for faster prefill at more memory (`holds_two_four_copy`, `held_nbytes`). Only unpermuted V:2:8 weights
+    with V <= 64 can have one: others raise ValueError. The flag is saved (extra state), the copy never (derived).
     """
 
-    def __init__(self, weight: VNMTensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: VNMTensor, bias: torch.Tensor | None = None, two_four_copy: bool = False) -> None:
         super().__init__()
         if not isinstance(weight, VNMTensor):
             raise TypeError(f"weight must be a VNMTensor, got {type(weight).__name__}")
@@ -53,7 +60,8 @@ class VNMLinear(nn.Module):
         self._weight: VNMTensor | None = None
         self._packed: ops.PackedVNM | None = None
         self._copy: ops.PackedVNM | None = None
-        self._hold(weight)
+        self._two_four_copy = False
+        self._hold(weight, two_four_copy)
 
     @classmethod
     def from_linear(
@@ -62,31 +70,60 @@ class VNMLinear(nn.Module):
         pattern: VNMPattern | str,
         scores: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        two_four_copy: bool = False,
     ) -> VNMLinear:
-        """Compress an nn.Linear's weight (keeping the highest `scores`, default |W|, or exactly `mask`)."""
+        """Compress an nn.Linear's weight (keeping the highest `scores`, default |W|, or exactly `mask`); two_four_copy
+        as in the constructor."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), linear.bias.requires_grad)
-        return cls(compress(linear.weight.detach(), pattern, mask=mask, scores=scores), bias)
+        return cls(compress(linear.weight.detach(), pattern, mask=mask, scores=scores), bias, two_four_copy)
 
     # --- the one copy of the weight -------------------------------------------------------------------------------
-    def _hold(self, weight: VNMTensor) -> None:
-        """Keep `weight` as this module's only copy: packed where the kernels take it, else as it is."""
-        packed = padding = copy = None
+    def _hold(self, weight: VNMTensor, two_four_copy: bool) -> None:
+        """Keep `weight` as this module's only copy: packed where the kernels take it, else as it is; with its 2:4
+        copy if `two_four_copy` asks for one (checked first: a weight that can have none changes nothing)."""
+        ops.check_two_four_copy(two_four_copy, weight)
+        packed = padding = None
         if self._packs(weight):
             packed, padding = ops.pack_for_device(weight, weight.device), ops.padding_columns(weight)
-            if ops.two_four_copy_pays(packed):
-                copy = ops.pack_for_device(ops.two_four_tensor(weight), weight.device)
-        for name in (*_CANONICAL, *_PACKED, *_COPY):
+        for name in (*_CANONICAL, *_PACKED):
             self._buffers[name] = None
-        self._weight, self._packed, self._copy = (weight, None, None) if packed is None else (None, packed, copy)
+        self._weight, self._packed = (weight, None) if packed is None else (None, packed)
         self.pattern = weight.pattern
         if packed is None:
             self.values, self.columns, self.positions = weight.values, weight.columns, weight.positions
-            return
-        self.packed_vals, self.packed_meta, self.packed_cols, self.padding = packed.a_vals, packed.a_meta, packed.cols, padding
-        if copy is not None:
-            self.copy_vals, self.copy_meta, self.copy_cols = copy.a_vals, copy.a_meta, copy.cols
+        else:
+            self.packed_vals, self.packed_meta, self.packed_cols, self.padding = packed.a_vals, packed.a_meta, packed.cols, padding
+        self._two_four_copy = two_four_copy
+        self._hold_copy(weight)
+
+    def _hold_copy(self, weight: VNMTensor) -> None:
+        """Hold the 2:4 copy of `weight` (the weight held) if this layer asks for one and it can run where the layer
+        is packed (`ops.two_four_copy_pays`); else none."""
+        copy = None
+        if self._two_four_copy and self._packed is not None and ops.two_four_copy_pays(self._packed):
+            copy = ops.pack_for_device(ops.two_four_tensor(weight), weight.device)
+        self._copy = copy
+        self.copy_vals, self.copy_meta, self.copy_cols = (None,) * 3 if copy is None else (copy.a_vals, copy.a_meta, copy.cols)
+
+    @property
+    def two_four_copy(self) -> bool:
+        """Whether this layer asks for a 2:4 copy of its weight (`holds_two_four_copy`: whether it has one now).
+        Setting it builds or drops the copy; True on a weight that can have none raises, the layer unchanged."""
+        return self._two_four_copy
+
+    @two_four_copy.setter
+    def two_four_copy(self, value: bool) -> None:
+        weight = self.weight
+        ops.check_two_four_copy(value, weight)
+        self._two_four_copy = value
+        self._hold_copy(weight)
+
+    @property
+    def holds_two_four_copy(self) -> bool:
+        """Whether the 2:4 copy is held now: asked for, and packed on a GPU where it runs (sm_90)."""
+        return self._copy is not None
 
     @staticmethod
     def _packs(weight: VNMTensor) -> bool:
@@ -110,11 +147,12 @@ class VNMLinear(nn.Module):
         GPU. Raises ValueError / TypeError naming what is wrong."""
         if self._packed is not None:
             raise ValueError("this VNMLinear holds its packed layout; load canonical tensors with load_state_dict")
-        self._hold(VNMTensor(self.values, self.columns, self.positions, self.pattern, (self.out_features, self.in_features)))
+        weight = VNMTensor(self.values, self.columns, self.positions, self.pattern, (self.out_features, self.in_features))
+        self._hold(weight, self._two_four_copy)
 
     @property
     def held_nbytes(self) -> int:
-        """Bytes of the weight as held now (packed layout and its copy, or the canonical tensors)."""
+        """Bytes of the weight as held now (packed layout and its 2:4 copy if held, or the canonical tensors)."""
         held = [t for name in (*_CANONICAL, *_PACKED, *_COPY) if (t := self._buffers[name]) is not None]
         return sum(t.numel() * t.element_size() for t in held)
 
@@ -159,7 +197,7 @@ class VNMLinear(nn.Module):
         for name in (*_CANONICAL, *_PACKED, *_COPY):
             self._buffers[name] = None
         super()._apply(fn, recurse)  # the bias
-        self._hold(moved)
+        self._hold(moved, self._two_four_copy)
         return self
 
     # --- state_dict -------------------------------------------------------------------------------------------------
@@ -167,13 +205,16 @@ class VNMLinear(nn.Module):
 
     def get_extra_state(self) -> dict[str, Any] | torch.Tensor:
         """The record state_dict keeps beside the tensors: a dict (a uint8 JSON tensor if extra_state_as_tensor)."""
-        state = {"pattern": str(self.pattern), "shape": [self.out_features, self.in_features], "version": FORMAT_VERSION}
+        state = {"pattern": str(self.pattern), "shape": [self.out_features, self.in_features], "version": FORMAT_VERSION,
+                 "two_four_copy": self._two_four_copy}
         return extra_state_tensor(state) if self.extra_state_as_tensor else state
 
     def set_extra_state(self, state: Any) -> None:
         """Check a saved record (a dict, or a uint8 tensor of its JSON as `extra_state_tensor` writes for files that
-        hold only tensors) against this layer: transformers' loader calls this. Changes nothing."""
-        self._check_extra(_extra_from_tensor(state) if isinstance(state, torch.Tensor) else state)
+        hold only tensors) against this layer and take up its `two_four_copy`: transformers' loader calls this, then
+        `rebuild`, which checks that flag against the loaded weight. Changes nothing else."""
+        _, two_four_copy = self._check_extra(_extra_from_tensor(state) if isinstance(state, torch.Tensor) else state)
+        self.two_four_copy = two_four_copy
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         if self._packed is not None:  # the canonical buffers are None: the canonical form rebuilt from the pack
@@ -187,10 +228,10 @@ class VNMLinear(nn.Module):
         catches the error keeps the layer as it was)."""
         keys = [prefix + name for name in (*_CANONICAL, _EXTRA_STATE)]
         present = {key: state_dict.pop(key) for key in keys if key in state_dict}
-        weight = None
+        weight = two_four_copy = None
         if len(present) == len(keys):
             assign = local_metadata.get("assign_to_params_buffers", False)
-            weight = self._weight_from_state(*present.values(), like=None if assign else self._held())
+            weight, two_four_copy = self._weight_from_state(*present.values(), like=None if assign else self._held())
         errors, missing = len(error_msgs), len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)  # the bias (the keys above were taken out: its misses are ours)
@@ -198,17 +239,18 @@ class VNMLinear(nn.Module):
         if strict:
             missing_keys.extend(key for key in keys if key not in present)
         if weight is not None and len(error_msgs) == errors:
-            self._hold(weight)
+            self._hold(weight, two_four_copy)
 
     def _held(self) -> torch.Tensor:
         """The tensor of values held now (canonical or packed): its device and dtype are the module's."""
         return self.values if self._packed is None else self.packed_vals
 
     def _weight_from_state(self, values: Any, columns: Any, positions: Any, extra: Any,
-                           like: torch.Tensor | None) -> VNMTensor:
+                           like: torch.Tensor | None) -> tuple[VNMTensor, bool]:
         """The checked `VNMTensor` a state dict holds for this layer (same shape and pattern), copied to the device
-        and dtype of `like` (None: the state's own tensors, as `load_state_dict(assign=True)` asks)."""
-        pattern = self._check_extra(extra)
+        and dtype of `like` (None: the state's own tensors, as `load_state_dict(assign=True)` asks), and its
+        `two_four_copy` flag, checked against it."""
+        pattern, two_four_copy = self._check_extra(extra)
         shape = [self.out_features, self.in_features]
         tensors = []
         for name, tensor in zip(_CANONICAL, (values, columns, positions)):
@@ -218,10 +260,13 @@ class VNMLinear(nn.Module):
                 dtype = like.dtype if name == "values" and tensor.is_floating_point() else None
                 tensor = tensor.to(device=like.device, dtype=dtype, copy=True)
             tensors.append(tensor)
-        return VNMTensor(*tensors, pattern, tuple(shape))  # checks every invariant
+        weight = VNMTensor(*tensors, pattern, tuple(shape))  # checks every invariant
+        ops.check_two_four_copy(two_four_copy, weight)
+        return weight, two_four_copy
 
-    def _check_extra(self, extra: Any) -> VNMPattern:
-        """This layer's pattern, if `extra` is a record of this layer's version, shape and pattern; else ValueError."""
+    def _check_extra(self, extra: Any) -> tuple[VNMPattern, bool]:
+        """This layer's pattern and the record's `two_four_copy` (False in records written before it), if `extra` is a
+        record of this layer's version, shape and pattern; else ValueError."""
         if not isinstance(extra, Mapping) or extra.get("version") != FORMAT_VERSION:
             raise ValueError(f"VNMLinear extra state must be a dict with version {FORMAT_VERSION!r}, got {extra!r}")
         shape = [self.out_features, self.in_features]
@@ -231,11 +276,14 @@ class VNMLinear(nn.Module):
         if pattern != self.pattern:
             raise ValueError(f"VNMLinear state is {pattern}, whose buffers have other shapes than this {self.pattern} "
                              "layer's; load it into a layer of its pattern")
-        return pattern
+        two_four_copy = extra.get("two_four_copy", False)
+        if not isinstance(two_four_copy, bool):
+            raise ValueError(f"VNMLinear state two_four_copy must be true or false, got {two_four_copy!r}")
+        return pattern, two_four_copy
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}, two_four_copy={self._two_four_copy}")
 
 
 def extra_state_tensor(state: Mapping[str, Any]) -> torch.Tensor:

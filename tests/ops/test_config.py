@@ -9,9 +9,9 @@ from vnmsparse.ops import OpsConfig, config, configure, set_config
 
 
 def test_defaults_and_environment():
-    assert OpsConfig.from_env({}) == OpsConfig(kernel=None, wgmma=True, two_four_copy=False, pdl=True)
-    env = {"VNMSPARSE_WGMMA": "0", "VNMSPARSE_TWO_FOUR_COPY": "1", "VNMSPARSE_PDL": "0", "VNMSPARSE_KERNEL": ""}
-    assert OpsConfig.from_env(env) == OpsConfig(wgmma=False, two_four_copy=True, pdl=False)
+    assert OpsConfig.from_env({}) == OpsConfig(kernel=None, wgmma=True, pdl=True)
+    env = {"VNMSPARSE_WGMMA": "0", "VNMSPARSE_PDL": "0", "VNMSPARSE_KERNEL": ""}
+    assert OpsConfig.from_env(env) == OpsConfig(wgmma=False, pdl=False)
     name = ops.KERNELS[0].name
     assert OpsConfig.from_env({"VNMSPARSE_KERNEL": name}).kernel == name
 
@@ -27,14 +27,16 @@ def test_fields_are_validated():
         OpsConfig(wgmma=1)
     with pytest.raises(TypeError, match="unknown OpsConfig field"):
         config().replace(wgmmma=False)
+    with pytest.raises(TypeError, match="unknown OpsConfig field"):  # a per-layer choice: VNMLinear(two_four_copy=)
+        config().replace(two_four_copy=True)
     with pytest.raises(TypeError, match="must be an OpsConfig"):
         set_config({"wgmma": False})
 
 
 def test_configure_restores_the_previous_configuration_even_on_error():
     before = config()
-    with configure(two_four_copy=not before.two_four_copy) as inside:
-        assert config() is inside and inside.two_four_copy != before.two_four_copy
+    with configure(wgmma=not before.wgmma) as inside:
+        assert config() is inside and inside.wgmma != before.wgmma
     assert config() is before
     with pytest.raises(RuntimeError):
         with configure(pdl=False):

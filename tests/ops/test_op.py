@@ -10,11 +10,13 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opshelp import fp64_reference, random_vnm, rel_err
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import op, packed_layout
+from vnmsparse.ops import op, pack_window, packed_layout
 
 
 def test_importing_needs_no_compiler_or_gpu():
@@ -92,6 +94,30 @@ def test_wrong_inputs_raise():
         ops.linear(torch.randn(2, 49).to(torch.bfloat16), t)
     with pytest.raises(TypeError, match="VNMTensor"):
         ops.linear(torch.randn(2, 50), t.to_dense())
+
+
+@settings(max_examples=25, deadline=None)
+@given(V=st.sampled_from([16, 32, 64, 128]), M=st.sampled_from([4, 5, 8, 16]), permute=st.booleans(),
+       R=st.integers(1, 100), C=st.integers(8, 90), seed=st.integers(0, 2**16))
+def test_linear_takes_the_two_four_copy_per_call_where_the_weight_can_have_one(V, M, permute, R, C, seed):
+    # The per-call choice: refused (ValueError naming the argument and the rule) for a weight that can have no 2:4 copy,
+    # on every device, before any work; on the CPU an accepted one changes nothing (the copy runs on sm_90 only).
+    t = random_vnm(R, C, f"{V}:2:{M}", permute=permute, seed=seed)
+    x = torch.randn(3, C).to(torch.bfloat16)
+    if M == 8 and V <= 64 and pack_window(t) == 64:
+        assert torch.equal(ops.linear(x, t, two_four_copy=True), ops.linear(x, t))
+        assert (x.device, "2:4") not in t.layouts
+    else:
+        with pytest.raises(ValueError, match="two_four_copy needs (a V:2:8 pattern with V <= 64|an unpermuted weight)"):
+            ops.linear(x, t, two_four_copy=True)
+
+
+def test_linear_two_four_copy_must_be_a_bool():
+    t = random_vnm(40, 50, "16:2:8")
+    with pytest.raises(TypeError, match="two_four_copy must be a bool, got 'yes'"):
+        ops.linear(torch.randn(2, 50).to(torch.bfloat16), t, two_four_copy="yes")
+    with pytest.raises(TypeError, match="positional"):  # keyword only: linear(x, t, bias, True) would read as a bias flag
+        ops.linear(torch.randn(2, 50).to(torch.bfloat16), t, None, True)
 
 
 def test_unsupported_pattern_falls_back_on_cuda_reason():

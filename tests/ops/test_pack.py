@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from opshelp import fp64_reference, random_vnm, rel_err
 
 import vnmsparse as vs
-from vnmsparse.ops import check_packable, pack_for_device, packed_layout, two_four_tensor, unpack_dense
+from vnmsparse.ops import check_packable, pack_for_device, pack_window, packed_layout, two_four_tensor, unpack_dense
 from vnmsparse.ops.limits import SUPPORTED_V
 
 SHAPES_PATTERNS = [
@@ -146,6 +146,8 @@ def test_window_is_set_exactly_when_columns_stay_in_their_group(R, C, pattern):
     shuffled[:, 0, [0, 1]] = shuffled[:, 0, [1, 0]]  # group 0: never a padding slot among its first two
     swapped = dataclasses.replace(plain_t, columns=shuffled)
     assert pack_for_device(swapped, "cpu").window == 0
+    for t in (plain_t, permuted_t, swapped):  # read from the canonical columns without packing: the same answer
+        assert pack_window(t) == pack_for_device(t, "cpu").window
 
 @settings(max_examples=40, deadline=None)
 @given(V=st.sampled_from(SUPPORTED_V), M=st.sampled_from([4, 8, 12, 16]), R=st.integers(1, 150), C=st.integers(1, 140),

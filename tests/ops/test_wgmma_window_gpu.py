@@ -6,7 +6,7 @@ kernel takes any), R not a multiple of the tile nor of 16, C not a multiple of 4
 the zero-filled TMA tail, a last stage with one chunk), N = 1, 3, 17, 100, 257, 4095, one stage to many (ring
 wrap-around), bias or not, both dtypes, x as it comes and x that TMA cannot read in place (a column-offset view:
 the binding copies it). Then the public path: unpermuted M = 4 weights take the window kernel, permuted ones and
-M = 8 the gathering kernel (or, enabled, their 2:4 copy); leading dims, CUDA-graph replay, bitwise repeatability,
+M = 8 the gathering kernel (or, asked for, their 2:4 copy: per call and per layer); leading dims, CUDA-graph replay, bitwise repeatability,
 and the refusal of a pack without the window. Skipped unless the GPU is sm_90 (tools/gpu_check.sh runs them, once under compute-sanitizer).
 """
 
@@ -17,7 +17,7 @@ import torch
 from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, run_kernel
 
 from vnmsparse import ops
-from vnmsparse.ops import configure, dispatch, packed_layout, variants
+from vnmsparse.ops import dispatch, packed_layout, variants
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 (Hopper) GPU")]
@@ -96,17 +96,49 @@ def test_cuda_graph_replay_with_the_window_kernel(wgmma_on_small):
 
 
 @pytest.mark.parametrize("pattern", ["64:2:8", "16:2:8"])
-@configure(two_four_copy=True)
 def test_public_linear_on_the_two_four_copy(wgmma_on_small, pattern):
-    # OpsConfig.two_four_copy: large-N calls on unpermuted V:2:8 weights run the window kernel on the weight's 2:4
-    # copy (built on first use, cached beside the V:2:8 layout); decode calls keep the V:2:8 layout.
+    # ops.linear(..., two_four_copy=True): large-N calls on unpermuted V:2:8 weights run the window kernel on the
+    # weight's 2:4 copy (built on first use, cached beside the V:2:8 layout); decode calls keep the V:2:8 layout.
     t = random_vnm(1000, 1001, pattern, device="cuda", seed=4)  # C % 8 != 0: a partial group and a short last quad
     bias = torch.randn(1000, device="cuda").to(torch.bfloat16)
     for N in (1, 300):
         x = torch.randn(N, 1001, device="cuda").to(torch.bfloat16)
-        check(ops.linear(x, t, bias), fp64_reference(x, t, bias), torch.bfloat16, f"{pattern} two-four copy N={N}")
+        y = ops.linear(x, t, bias, two_four_copy=True)
+        check(y, fp64_reference(x, t, bias), torch.bfloat16, f"{pattern} two-four copy N={N}")
         assert ((x.device, "2:4") in t.layouts) == (N > 16)
+    plain = random_vnm(1000, 1001, pattern, device="cuda", seed=5)
+    ops.linear(x, plain)  # without the flag: no copy, whatever the size
+    assert (x.device, "2:4") not in plain.layouts
     permuted = random_vnm(1000, 1001, pattern, device="cuda", permute=True, seed=4)
-    x = torch.randn(300, 1001, device="cuda").to(torch.bfloat16)
-    check(ops.linear(x, permuted), fp64_reference(x, permuted), torch.bfloat16, f"{pattern} permuted")
-    assert (x.device, "2:4") not in permuted.layouts  # kept columns anywhere: no 2:4 copy, the gather
+    with pytest.raises(ValueError, match="two_four_copy needs an unpermuted weight"):
+        ops.linear(x, permuted, two_four_copy=True)  # kept columns anywhere: no 2:4 copy exists
+    assert (x.device, "2:4") not in permuted.layouts
+
+
+def test_layer_with_the_two_four_copy(wgmma_on_small):
+    # VNMLinear(two_four_copy=True) on sm_90 holds the copy beside its packed layout (counted in held_nbytes, never
+    # saved), runs large calls on it and decode on the V:2:8 layout; setting the flag drops and rebuilds it.
+    from vnmsparse.nn import VNMLinear
+
+    t = random_vnm(1000, 1001, "64:2:8", device="cuda", seed=6)
+    bias = torch.randn(1000, device="cuda").to(torch.bfloat16)
+    layer = VNMLinear(t, bias, two_four_copy=True)
+    plain = VNMLinear(t, bias)
+    copy = ops.pack_for_device(ops.two_four_tensor(t), "cuda")
+    assert layer.holds_two_four_copy and not plain.holds_two_four_copy
+    assert layer.held_nbytes == plain.held_nbytes + copy.nbytes
+    assert set(layer.state_dict()) == set(plain.state_dict()) and layer.state_dict()["_extra_state"]["two_four_copy"]
+    for N in (1, 300):
+        x = torch.randn(N, 1001, device="cuda").to(torch.bfloat16)
+        with torch.no_grad():
+            check(layer(x), fp64_reference(x, t, bias), torch.bfloat16, f"VNMLinear two-four copy N={N}")
+    layer.two_four_copy = False
+    assert not layer.holds_two_four_copy and layer.copy_vals is None and layer.held_nbytes == plain.held_nbytes
+    layer.two_four_copy = True
+    assert layer.holds_two_four_copy and layer.held_nbytes == plain.held_nbytes + copy.nbytes
+    layer.cpu()  # no copy where it cannot run; the flag stays and the copy comes back with the layer
+    assert layer.two_four_copy and not layer.holds_two_four_copy
+    layer.cuda()
+    assert layer.holds_two_four_copy
+    with torch.no_grad():
+        check(layer(x), fp64_reference(x, t, bias), torch.bfloat16, "VNMLinear two-four copy after a round trip")

@@ -2,7 +2,7 @@
 
     from vnmsparse.ops import linear, configure
     y = linear(x, vnm_tensor, bias)          # CUDA kernels on sm_80+, the plain-torch reference elsewhere
-    with configure(two_four_copy=True):      # runtime choices: one frozen OpsConfig (config.py), also from
+    with configure(wgmma=False):             # runtime choices: one frozen OpsConfig (config.py), also from
         y = linear(x, vnm_tensor, bias)      # VNMSPARSE_* variables read once at import
 
 Importing this needs no compiler and no GPU: kernels are built just in time (`build.extension`) on the
@@ -13,9 +13,9 @@ from .build import extension, unavailable_reason
 from .config import OpsConfig, config, configure, set_config
 from .dispatch import choose
 from .limits import check_packable
-from .op import kernel_unavailable_reason, linear, linear_packed, two_four_copy_pays
-from .pack import (PackedVNM, pack_for_device, packed_layout, padding_columns, two_four_tensor, unpack_dense,
-                   unpack_tensor)
+from .op import check_two_four_copy, kernel_unavailable_reason, linear, linear_packed, two_four_copy_pays
+from .pack import (PackedVNM, pack_for_device, pack_window, packed_layout, padding_columns, two_four_tensor,
+                   unpack_dense, unpack_tensor)
 from .variants import KERNELS
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "OpsConfig",
     "PackedVNM",
     "check_packable",
+    "check_two_four_copy",
     "choose",
     "config",
     "configure",
@@ -31,6 +32,7 @@ __all__ = [
     "linear",
     "linear_packed",
     "pack_for_device",
+    "pack_window",
     "packed_layout",
     "padding_columns",
     "two_four_copy_pays",

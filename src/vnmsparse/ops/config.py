@@ -4,16 +4,14 @@
     kernel         VNMSPARSE_KERNEL=<name>      pin one compiled kernel (a `variants.KERNELS` name) for every call
                                                 it can run; benchmarks time variants this way
     wgmma          VNMSPARSE_WGMMA=0            False keeps sm_90 on the mma.sp kernels (sparse wgmma off)
-    two_four_copy  VNMSPARSE_TWO_FOUR_COPY=1    True lets large-N calls on sm_90 multiply a 2:4 copy of unpermuted
-                                                V:2:8 weights (V <= 64) with the window kernel: faster prefill for
-                                                twice the packed bytes (the copy is built on first use)
     pdl            VNMSPARSE_PDL=0              False stops decode kernels captured in CUDA graphs from launching
                                                 as programmatic dependents of the kernel before them (sm_90+)
 
-Build settings (VNMSPARSE_BUILD_DIR, VNMSPARSE_NO_KERNELS, VNMSPARSE_VERBOSE_BUILD) belong to `build`.
+Build settings (VNMSPARSE_BUILD_DIR, VNMSPARSE_NO_KERNELS, VNMSPARSE_VERBOSE_BUILD) belong to `build`; the 2:4 copy is
+chosen per layer (`VNMLinear(two_four_copy=True)`) or per call (`ops.linear(..., two_four_copy=True)`).
 
     ops.config()                                 the configuration in force
-    with ops.configure(two_four_copy=True): ...  changed for a block (restored after it, also on error)
+    with ops.configure(wgmma=False): ...         changed for a block (restored after it, also on error)
     ops.set_config(ops.config().replace(wgmma=False))   changed for good
 """
 
@@ -25,8 +23,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-_ENV = {"kernel": "VNMSPARSE_KERNEL", "wgmma": "VNMSPARSE_WGMMA", "two_four_copy": "VNMSPARSE_TWO_FOUR_COPY",
-        "pdl": "VNMSPARSE_PDL"}
+_ENV = {"kernel": "VNMSPARSE_KERNEL", "wgmma": "VNMSPARSE_WGMMA", "pdl": "VNMSPARSE_PDL"}
 
 
 @dataclass(frozen=True)
@@ -35,7 +32,6 @@ class OpsConfig:
 
     kernel: str | None = None
     wgmma: bool = True
-    two_four_copy: bool = False
     pdl: bool = True
 
     def __post_init__(self) -> None:
@@ -44,7 +40,7 @@ class OpsConfig:
 
             if not isinstance(self.kernel, str) or self.kernel not in {k.name for k in KERNELS}:
                 raise ValueError(f"kernel must be None or a compiled kernel name (vnmsparse.ops.KERNELS), got {self.kernel!r}")
-        for name in ("wgmma", "two_four_copy", "pdl"):
+        for name in ("wgmma", "pdl"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
 
@@ -66,8 +62,7 @@ class OpsConfig:
                 raise ValueError(f"{_ENV[name]} must be 0 or 1, got {value!r}")
             return value == "1"
 
-        return cls(kernel=environ.get(_ENV["kernel"]) or None, wgmma=flag("wgmma", True),
-                   two_four_copy=flag("two_four_copy", False), pdl=flag("pdl", True))
+        return cls(kernel=environ.get(_ENV["kernel"]) or None, wgmma=flag("wgmma", True), pdl=flag("pdl", True))
 
 
 _current = OpsConfig.from_env()

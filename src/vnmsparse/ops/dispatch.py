@@ -10,7 +10,7 @@ Rules. Decode (N <= DECODE_MAX_N): the memory-bound kernel with the fewest 8-tok
 half a wave; for weights whose kept columns stay in their own groups of M = 4 (pack `window` = 32) the window
 kernel, which reads x's tiles by TMA. Otherwise the mma.sp gemm tile of best `rank`, or the smallest tile when
 that would not fill one wave. `rank`, tile sizes and everything else about a kernel come from `variants`.
-`config().two_four_copy` lets unpermuted V:2:8 weights (V <= 64) take the window kernel through a 2:4 copy.
+Unpermuted V:2:8 weights (V <= 64) that hold a 2:4 copy take the window kernel on it at large N (`uses_two_four_copy`).
 """
 
 from __future__ import annotations
@@ -31,13 +31,23 @@ TWO_FOUR_COPY_M = 8  # the 2:4 copy pays for M = 8 only: at M = 16 it would hold
 TWO_FOUR_COPY_MAX_V = 64  # V = 128's gather is as fast on large shapes
 
 
+def two_four_copy_refusal(V: int, M: int, window: int | None) -> str | None:
+    """What a weight of block height V and M, packed with this `window` (None: not known yet), lacks for a 2:4 copy,
+    as the end of "two_four_copy needs ..."; None when it can have one. The one statement of the rule."""
+    if M != TWO_FOUR_COPY_M or V > TWO_FOUR_COPY_MAX_V:
+        return f"a V:2:{TWO_FOUR_COPY_M} pattern with V <= {TWO_FOUR_COPY_MAX_V} (the only ones it pays for), not {V}:2:{M}"
+    if window is not None and window != 8 * M:
+        return ("an unpermuted weight (every kept column inside its own group of M, ascending, as `compress` leaves "
+                "them); this one's are not, as after an input permutation was folded in")
+    return None
+
+
 def uses_two_four_copy(N: int, R: int, V: int, M: int, window: int, dtype: str, sm_count: int, arch) -> bool:
-    """Whether a call should run on the weight's 2:4 copy: enabled, a pattern it pays for, an unpermuted pack
-    (`window` = 8M) and a problem the window kernel would take (sm_90, N >= WGMMA_MIN_N, half a wave)."""
-    cfg = config()
-    if not (cfg.two_four_copy and M == TWO_FOUR_COPY_M and V <= TWO_FOUR_COPY_MAX_V and window == 8 * M):
+    """Whether a call on a weight with a 2:4 copy should run on it: a weight that can have one
+    (`two_four_copy_refusal`) and a problem the window kernel would take (sm_90, N >= WGMMA_MIN_N, half a wave)."""
+    if two_four_copy_refusal(V, M, window) is not None:
         return False
-    kernel = _choose(N, R, V, dtype, sm_count, None if arch is None else tuple(arch), cfg, 32)
+    kernel = _choose(N, R, V, dtype, sm_count, None if arch is None else tuple(arch), config(), 32)
     return isinstance(kernel.variant, WgmmaWindow)
 
 

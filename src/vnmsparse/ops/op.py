@@ -1,7 +1,7 @@
 """The `vnmsparse::linear` op (registered once with the dispatcher, with a fake impl) and its wrapper `linear`.
 
     torch.ops.vnmsparse.linear(x, a_vals, a_meta, cols, bias, R, C, V, window=0) -> y   (packed parts, pack.py)
-    vnmsparse.ops.linear(x, tensor: VNMTensor, bias=None) -> y                   (packs once, caches per device)
+    vnmsparse.ops.linear(x, tensor: VNMTensor, bias=None, two_four_copy=False) -> y   (packs once, caches per device)
 
 y = x @ W^T + bias with nn.Linear semantics and any leading dims of x, fp32 accumulation. On CUDA the
 compiled kernels run (chosen by `dispatch.choose`); on CPU, or a GPU where no kernel can run, the plain-torch
@@ -23,7 +23,7 @@ from ..reference import check_input, dense_linear, vnm_linear
 from . import build, dispatch, tuned
 from .config import config
 from .limits import TORCH_DTYPES, check_packable
-from .pack import PackedVNM, packed_layout, unpack_dense
+from .pack import PackedVNM, pack_window, packed_layout, unpack_dense
 
 log = logging.getLogger("vnmsparse.ops")
 _logged: set = set()
@@ -136,20 +136,39 @@ def _wants_two_four_copy(x: torch.Tensor, R: int, C: int, V: int, M: int, window
 
 
 def two_four_copy_pays(packed: PackedVNM) -> bool:
-    """Whether a 2:4 copy of this packed weight would ever run (`OpsConfig.two_four_copy` on, and a large call on its
-    device would take it): `VNMLinear` builds the copy when it packs, never inside a forward."""
-    if not config().two_four_copy or packed.device.type != "cuda" or packed.dtype not in _DTYPE_TAGS:
+    """Whether a 2:4 copy of this packed weight would ever run (a large call on its device would take it): a
+    `VNMLinear` asked for one builds it only then, when it packs, never inside a forward."""
+    if packed.device.type != "cuda" or packed.dtype not in _DTYPE_TAGS:
         return False
     _, _, sms, arch, _ = _device_info(packed.device.index if packed.device.index is not None else torch.cuda.current_device())
     R, _ = packed.shape
     return dispatch.uses_two_four_copy(1 << 16, R, packed.V, packed.M, packed.window, _DTYPE_TAGS[packed.dtype], sms, arch)
 
 
-def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def check_two_four_copy(flag, weight) -> None:
+    """TypeError unless `flag` is a bool; ValueError when it asks for a 2:4 copy of a `VNMTensor` or `PackedVNM` that
+    can have none (`dispatch.two_four_copy_refusal`). A weight on the meta device is judged by its pattern alone."""
+    if not isinstance(flag, bool):
+        raise TypeError(f"two_four_copy must be a bool, got {flag!r}")
+    if not flag:
+        return
+    if isinstance(weight, PackedVNM):
+        V, M, window = weight.V, weight.M, weight.window
+    else:
+        V, M = weight.pattern.V, weight.pattern.M
+        window = None if weight.columns.is_meta else pack_window(weight)
+    why = dispatch.two_four_copy_refusal(V, M, window)
+    if why is not None:
+        raise ValueError(f"two_four_copy needs {why}")
+
+
+def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None, *, two_four_copy: bool = False) -> torch.Tensor:
     """y = x @ W^T (+ bias) for a `VNMTensor` W: the CUDA kernels where they can run, else `vnm_linear`.
 
     The kernel layout is built on the first call on a device and cached on `tensor` (`pack.packed_layout`), beside the
     canonical tensors; `VNMLinear` instead keeps only its packed layout on a GPU and calls `linear_packed`.
+    two_four_copy: large calls on sm_90 run on the weight's 2:4 copy (built on the first such call, cached beside the
+    layout: more memory, faster prefill); a weight that can have none is refused (`check_two_four_copy`).
     """
     if not isinstance(tensor, VNMTensor):
         raise TypeError(f"tensor must be a VNMTensor, got {type(tensor).__name__}")
@@ -159,10 +178,12 @@ def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None) -> torc
     reason = _unavailable(x.device, x.dtype, V, M, tensor.dtype)
     if reason is not None:
         level = logging.INFO if x.device.type == "cpu" else logging.WARNING
+        check_two_four_copy(two_four_copy, tensor)
         log_once(level, f"vnmsparse.ops.linear: {reason}; using the plain-torch reference vnm_linear")
         return vnm_linear(x, tensor, bias)
     packed = packed_layout(tensor, x.device)
-    if config().two_four_copy and _wants_two_four_copy(x, R, C, V, M, packed.window):
+    check_two_four_copy(two_four_copy, packed)  # the pack's window: no pass over the columns per call
+    if two_four_copy and _wants_two_four_copy(x, R, C, V, M, packed.window):
         packed = packed_layout(tensor, x.device, two_four=True)  # V:2:4: same R, C, V; the op sees window = 32
     return _run(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, V, packed.window)
 
@@ -180,7 +201,7 @@ def linear_packed(x: torch.Tensor, packed: PackedVNM, bias: Optional[torch.Tenso
     if reason is not None:
         log_once(logging.WARNING, f"vnmsparse.ops.linear_packed: {reason}; using the plain-torch reference")
         return _reference_from_packed(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, packed.V)
-    if two_four is not None and config().two_four_copy and _wants_two_four_copy(x, R, C, packed.V, packed.M, packed.window):
+    if two_four is not None and _wants_two_four_copy(x, R, C, packed.V, packed.M, packed.window):
         packed = two_four
     return _run(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, packed.V, packed.window)
 

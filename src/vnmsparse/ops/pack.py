@@ -22,7 +22,8 @@ With R x C logical, G = ceil(C/M) groups, Rt = ceil(R/16) row tiles, Kc = ceil(G
 Padding rows and groups hold zero values and the valid metadata nibble 0b0100 (slots 0 and 1).
 
 `two_four_tensor` re-expresses an unpermuted V:2:8 weight as V:2:4 (twice the values), whose pack has window = 32:
-the optional 2:4 copy the window kernel multiplies at large N (`OpsConfig.two_four_copy`).
+the optional 2:4 copy the window kernel multiplies at large N (`VNMLinear(two_four_copy=True)`, or per call
+`ops.linear(..., two_four_copy=True)`).
 
 The same arrays feed the sm_90a sparse-wgmma kernel (vnm_wgmma.cuh) unchanged: a 16-row record is exactly the
 register fragment warp w of a warpgroup supplies to `wgmma.mma_async.sp.m64nNk32` for rows 16w..16w+15 of an
@@ -140,11 +141,16 @@ def pack_for_device(tensor: VNMTensor, device: torch.device | str) -> PackedVNM:
     chunk_start = (torch.arange(Gp, device=device, dtype=torch.int32) // 8 * (8 * M)).view(1, Gp, 1)
     cols = chunk_start.expand(Bn, Gp, 4).contiguous()
     cols[:, :G] = torch.where(columns >= C, torch.full_like(columns, C - 1), columns)
-    # Group-local: every kept column (padding slots too) inside its own group's M columns, in ascending order.
-    group_start = (torch.arange(G, device=device, dtype=torch.int32) * M).view(1, G, 1)
-    local = bool(((columns >= group_start) & (columns < group_start + M)).all() and (columns[..., 1:] > columns[..., :-1]).all())
+    return PackedVNM(a_vals=a_vals, a_meta=a_meta, cols=cols, shape=(R, C), V=V, M=M, window=pack_window(tensor))
 
-    return PackedVNM(a_vals=a_vals, a_meta=a_meta, cols=cols, shape=(R, C), V=V, M=M, window=8 * M if local else 0)
+
+def pack_window(tensor: VNMTensor) -> int:
+    """The `PackedVNM.window` of `tensor`'s pack, read from its canonical columns without packing: 8*M when every
+    kept column (padding slots too) lies inside its own group's M columns, in ascending order; else 0."""
+    M, G, columns = tensor.pattern.M, tensor.groups, tensor.columns
+    group_start = (torch.arange(G, device=columns.device, dtype=torch.int32) * M).view(1, G, 1)
+    local = bool(((columns >= group_start) & (columns < group_start + M)).all() and (columns[..., 1:] > columns[..., :-1]).all())
+    return 8 * M if local else 0
 
 
 def padding_columns(tensor: VNMTensor) -> torch.Tensor:
