@@ -10,6 +10,7 @@ from tiny_models import images, tiny_llama, tiny_vit, token_ids
 from vnmsparse import is_vnm, magnitude_scores, ria_scores, vnm_mask
 from vnmsparse.calibrate import collect_act_sq_mean
 from vnmsparse.nn import VNMLinear
+from vnmsparse.ops import two_four_tensor
 from vnmsparse.sparsify import SparsifyConfig, SparsifyReport, plan_layers, sparsify
 
 LLAMA_LINEARS = [f"model.layers.{i}.{p}" for i in range(2) for p in
@@ -120,6 +121,10 @@ BAD_CONFIGS = [
     (dict(), dict(filter_fn="mlp"), TypeError, "filter_fn must be callable"),
     (dict(), dict(filter_fn=lambda m, n: False), ValueError, "no nn.Linear layer is selected"),
     (dict(blocks="model.norm", sequential=True), dict(calib=token_ids()), ValueError, "not an nn.ModuleList"),
+    (dict(pattern="16:2:5", two_four_copy=True), {}, ValueError, "two_four_copy needs a V:2:8 pattern with V <= 64"),
+    (dict(pattern="128:2:8", two_four_copy=True), {}, ValueError, "not 128:2:8"),
+    (dict(layers={r".*down_proj": "32:2:6"}, two_four_copy=True), {}, ValueError, "down_proj'.*not 32:2:6"),
+    (dict(permute=True, two_four_copy=True), {}, ValueError, "two_four_copy needs an unpermuted weight.*permute=True"),
 ]
 
 
@@ -143,6 +148,7 @@ def test_bad_config_fails_before_any_weight_is_touched(config_kwargs, call_kwarg
     (dict(method="wanda"), ValueError, "SparsifyConfig.method must be one of"),
     (dict(a=-1), ValueError, "SparsifyConfig.a"),
     (dict(sequential="yes"), TypeError, "SparsifyConfig.sequential must be a bool"),
+    (dict(two_four_copy=1), TypeError, "SparsifyConfig.two_four_copy must be a bool"),
     (dict(exclude="lm_head"), TypeError, "SparsifyConfig.exclude"),
     (dict(calib_batch_size=0), ValueError, "calib_batch_size"),
     (dict(version=2), ValueError, "version"),
@@ -190,3 +196,22 @@ def test_a_pattern_string_is_shorthand_for_a_config():
     model = tiny_llama()
     report = sparsify(model, "16:2:8", progress=False)
     assert report.method == "magnitude" and {layer.pattern for layer in report.layers} == {"16:2:8"}
+
+
+def test_two_four_copy_is_passed_to_every_layer_and_reported_with_its_bytes():
+    model = tiny_llama()
+    report = sparsify(model, SparsifyConfig("16:2:8", two_four_copy=True), progress=False)
+    layers = sparse_layers(model)
+    assert all(m.two_four_copy and not m.holds_two_four_copy for m in layers.values())  # on the CPU: asked, not held
+    for layer in report.layers:
+        # What the copy will add where it is held: the weight as V:2:4, twice the values of the V:2:8 form.
+        copy = two_four_tensor(layers[layer.name].weight)
+        assert layer.two_four_copy and layer.copy_bytes == copy.nbytes == layers[layer.name].two_four_copy_nbytes
+        assert layer.held_bytes == layer.compressed_bytes + layer.copy_bytes
+    assert report.copy_bytes == sum(r.copy_bytes for r in report.layers) and report.held_bytes > 2 * report.compressed_bytes
+    assert "2:4 copies of 14 layers, held on sm_90 GPUs" in str(report)
+    again = SparsifyReport.of_model(model)
+    assert [(r.two_four_copy, r.copy_bytes) for r in again.layers] == [(r.two_four_copy, r.copy_bytes) for r in report.layers]
+    plain = sparsify(tiny_llama(), SparsifyConfig("16:2:8"), progress=False)
+    assert plain.copy_bytes == 0 and plain.held_bytes == plain.compressed_bytes and "2:4 cop" not in str(plain)
+    assert not any(m.two_four_copy for m in plain.layers)

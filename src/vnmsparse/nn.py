@@ -125,6 +125,15 @@ class VNMLinear(nn.Module):
         """Whether the 2:4 copy is held now: asked for, and packed on a GPU where it runs (sm_90)."""
         return self._copy is not None
 
+    @property
+    def two_four_copy_nbytes(self) -> int:
+        """Bytes of the 2:4 copy wherever the layer holds it, held now or not, counted as `VNMTensor.nbytes` counts
+        (the V:2:4 form of the weight); 0 without `two_four_copy`."""
+        if not self._two_four_copy:
+            return 0
+        copy = VNMPattern(V=self.pattern.V, M=4)
+        return VNMTensor.zeros((self.out_features, self.in_features), copy, self._held().dtype, "meta").nbytes
+
     @staticmethod
     def _packs(weight: VNMTensor) -> bool:
         """Whether a module holding `weight` keeps it packed: the CUDA kernels can run it where it is."""

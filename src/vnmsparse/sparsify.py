@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from . import hf
 from .calibrate import BlockRunner, block_index, calibration_mode, collect_act_sq_mean, find_blocks, recording
-from .format import VALUE_DTYPES, compress
+from .format import VALUE_DTYPES, VNMTensor, compress
 from .nn import VNMLinear
+from .ops import dispatch
 from .pattern import VNMPattern
 from .permute import compress_permuted, permute_model
 from .scores import magnitude_scores, ria_scores
@@ -70,6 +71,10 @@ class SparsifyConfig:
                 all folded into the compressed tensors or the neighbouring weights, so free at inference.
     exclude:    regexes (full match) of layer names left dense unless named in `layers`.
     calib_batch_size: rows per forward when `calib` is one tensor.
+    two_four_copy: every pruned layer also holds a 2:4 copy of its weight where the copy runs (packed on an sm_90
+                GPU): faster prefill for about three times the layer's bytes (`VNMLinear`). Needs V:2:8 patterns
+                with V <= 64 and permute=False (checked before any weight is touched); for some layers only, set
+                `VNMLinear.two_four_copy` on them after sparsify.
     """
 
     pattern: VNMPattern | str | None = "64:2:8"
@@ -81,6 +86,7 @@ class SparsifyConfig:
     permute: bool = False
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     calib_batch_size: int = 8
+    two_four_copy: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -97,7 +103,7 @@ class SparsifyConfig:
                                  f"got {self.method!r}") from None
         if isinstance(self.a, bool) or not isinstance(self.a, (int, float)) or not 0 <= self.a < float("inf"):
             raise ValueError(f"SparsifyConfig.a must be a finite number >= 0, got {self.a!r}")
-        for name in ("sequential", "permute"):
+        for name in ("sequential", "permute", "two_four_copy"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SparsifyConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.blocks is not None and not isinstance(self.blocks, str):
@@ -165,7 +171,19 @@ def plan_layers(model: nn.Module, config: SparsifyConfig, filter_fn: FilterFn | 
     if not plan:
         raise ValueError("no nn.Linear layer is selected by this config and filter_fn")
     _check_servable(model, linears, plan)
+    if config.two_four_copy:
+        _check_two_four_copy(plan, config.permute)
     return plan
+
+
+def _check_two_four_copy(plan: Mapping[str, VNMPattern], permute: bool) -> None:
+    """Every planned layer can have the 2:4 copy the config asks for (`dispatch.two_four_copy_refusal`; permuted
+    weights never can), so that `VNMLinear` will not refuse it halfway through."""
+    for name, pattern in plan.items():
+        why = dispatch.two_four_copy_refusal(pattern.V, pattern.M, 0 if permute else None)
+        if why is not None:
+            raise ValueError(f"layer {name!r}: SparsifyConfig.two_four_copy needs {why}"
+                             f"{' (permute=True folds one into every layer)' if permute else ''}")
 
 
 def _check_servable(model: nn.Module, linears: Mapping[str, nn.Linear], plan: Mapping[str, VNMPattern]) -> None:
@@ -210,19 +228,37 @@ def calib_batches(calib: Calib, batch_size: int) -> list[torch.Tensor | Mapping[
 
 @dataclass
 class LayerReport:
-    """One pruned layer: its pattern, logical shape, stored (kept) weights and bytes."""
+    """One pruned layer: its pattern, logical shape, stored (kept) weights and bytes; with `two_four_copy`, the bytes
+    its 2:4 copy adds wherever the layer holds it (packed on an sm_90 GPU; on the CPU the layer does not hold it yet,
+    and the report counts what it will hold there)."""
 
     name: str
     pattern: str
     shape: tuple[int, int]
     kept: int
     dense_bytes: int
-    compressed_bytes: int
+    compressed_bytes: int  # the weight as stored (what a checkpoint holds)
     kept_score: tuple[float, float] | None = None  # with permute: fraction of the score the mask keeps, without / with
+    two_four_copy: bool = False
+    copy_bytes: int = 0  # `VNMLinear.two_four_copy_nbytes`
 
     @property
     def params(self) -> int:
         return self.shape[0] * self.shape[1]
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the layer holds where it runs fastest: the weight and, if asked for, its 2:4 copy."""
+        return self.compressed_bytes + self.copy_bytes
+
+    @classmethod
+    def of_layer(cls, name: str, layer: VNMLinear, weight: VNMTensor | None = None,
+                 kept_score: tuple[float, float] | None = None) -> LayerReport:
+        """The report of `layer`; `weight` is its weight where the caller has it (on a GPU `layer.weight` unpacks a
+        copy of it)."""
+        weight = layer.weight if weight is None else weight
+        return cls(name, str(layer.pattern), weight.shape, int(weight.mask().sum()), weight.dense_nbytes, weight.nbytes,
+                   kept_score, layer.two_four_copy, layer.two_four_copy_nbytes)
 
 
 @dataclass
@@ -265,12 +301,21 @@ class SparsifyReport:
     def compressed_bytes(self) -> int:
         return sum(layer.compressed_bytes for layer in self.layers)
 
+    @property
+    def copy_bytes(self) -> int:
+        """Bytes the layers' 2:4 copies add (`LayerReport.copy_bytes`)."""
+        return sum(layer.copy_bytes for layer in self.layers)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the pruned layers hold where they run fastest: weights and 2:4 copies."""
+        return sum(layer.held_bytes for layer in self.layers)
+
     @classmethod
     def of_model(cls, model: nn.Module, seconds: float = 0.0) -> SparsifyReport:
         """The report of a model that already holds VNMLinear layers (a loaded checkpoint, a trained model),
         with how it was pruned read from its `vnm_sparsity` record where there is one."""
-        layers = [LayerReport(name, str(m.pattern), m.weight.shape, int(m.weight.mask().sum()), m.weight.dense_nbytes,
-                              m.weight.nbytes) for name, m in model.named_modules() if isinstance(m, VNMLinear)]
+        layers = [LayerReport.of_layer(name, m) for name, m in model.named_modules() if isinstance(m, VNMLinear)]
         if not layers:
             raise ValueError("the model has no VNMLinear layer to report on")
         record = getattr(model, "vnm_sparsity", {})
@@ -293,9 +338,12 @@ class SparsifyReport:
 
     def __str__(self) -> str:
         permuted = f", permutation kept score {self.kept_score[0]:.3f} -> {self.kept_score[1]:.3f}" if self.kept_score else ""
+        copies = sum(layer.two_four_copy for layer in self.layers)
+        copy = (f" (+{self.copy_bytes / 2**20:.1f} MiB: the 2:4 copies of {copies} layers, held on sm_90 GPUs)"
+                if copies else "")
         return (f"{len(self.layers)} layers pruned ({self.method}, {self.calibration or 'no calibration'}): "
                 f"sparsity {self.sparsity:.2%} of {self.params:,} weights ({self.model_sparsity:.2%} of the model), "
-                f"{self.dense_bytes / 2**20:.1f} -> {self.compressed_bytes / 2**20:.1f} MiB, {self.seconds:.1f} s{permuted}")
+                f"{self.dense_bytes / 2**20:.1f} -> {self.compressed_bytes / 2**20:.1f} MiB{copy}, {self.seconds:.1f} s{permuted}")
 
 
 def _prune_group(
@@ -321,10 +369,10 @@ def _prune_group(
             tensor = compress(weight, plan[name], scores=scores[name])
         else:
             tensor = compress_permuted(weight, order.reorder(scores[name]), plan[name], order.perm_in)
-        model.set_submodule(name, VNMLinear(tensor, linear.bias))
+        layer = VNMLinear(tensor, linear.bias, config.two_four_copy)
+        model.set_submodule(name, layer)
         kept = None if order is None else (order.kept_before, order.kept_after)
-        reports.append(LayerReport(name, str(plan[name]), tensor.shape, int(tensor.mask().sum()), tensor.dense_nbytes,
-                                   tensor.nbytes, kept))
+        reports.append(LayerReport.of_layer(name, layer, tensor, kept))
         bar.update()
     return reports
 
