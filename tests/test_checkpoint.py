@@ -197,3 +197,74 @@ def test_a_failed_load_leaves_the_given_model_untouched(tmp_path):
     assert dict(target.named_modules()).keys() == modules.keys()
     assert all(target.get_submodule(n) is m for n, m in modules.items())
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+# --- the 2:4 copy: the flag is saved, the copy never ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_with_copies(tmp_path_factory):
+    """A LLaMA whose MLP layers ask for the 2:4 copy and whose attention layers do not."""
+    model = tiny_llama()
+    sparsify(model, SparsifyConfig("16:2:8"), progress=False)
+    for name, layer in model.named_modules():
+        if isinstance(layer, VNMLinear) and ".mlp." in name:
+            layer.two_four_copy = True
+    folder = tmp_path_factory.mktemp("copies")
+    save_pretrained(model, folder)
+    return model, folder
+
+
+def test_the_two_four_copy_flag_survives_save_and_load(saved_with_copies):
+    model, folder = saved_with_copies
+    flags = {n: m.two_four_copy for n, m in model.named_modules() if isinstance(m, VNMLinear)}
+    assert sum(flags.values()) == 6
+    assert json.loads((folder / CONFIG_NAME).read_text())["sparsity_config"]["two_four_copy"] == flags
+    loaded = load_pretrained(folder)
+    assert {n: m.two_four_copy for n, m in loaded.named_modules() if isinstance(m, VNMLinear)} == flags
+    assert_same_state(model, loaded)  # the extra states carry the flags; no tensor of a copy is stored
+    assert "two_four_copy" not in loaded.vnm_sparsity
+    from vnmsparse.sparsify import SparsifyReport
+
+    assert SparsifyReport.of_model(loaded).copy_bytes == SparsifyReport.of_model(model).copy_bytes > 0
+
+
+def test_a_checkpoint_written_before_the_flag_loads_without_copies(saved_llama, tmp_path):
+    # The module fixture's folder as an older build wrote it: no two_four_copy in sparsity_config, the checksum of
+    # that config in the weights file.
+    _, folder = saved_llama
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    assert config["sparsity_config"].pop("two_four_copy") == dict.fromkeys(config["sparsity_config"]["layers"], False)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from vnmsparse.checkpoint import _config_checksum
+
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(tmp_path / WEIGHTS_NAME), metadata={**metadata, "config_sha256": _config_checksum(config)})
+    loaded = load_pretrained(tmp_path)
+    assert not any(m.two_four_copy for m in loaded.modules() if isinstance(m, VNMLinear))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.update(two_four_copy=True), "two_four_copy must map pruned layer names to true or false"),
+    (lambda s: s["two_four_copy"].update({"model.layers.0.mlp.up_proj": "yes"}), "true or false, got"),
+    (lambda s: s["two_four_copy"].update({"model.layers.0.mlp.up_proj": 1}), "true or false, got"),
+    (lambda s: s["two_four_copy"].update({"lm_head": True}), "pruned layer names"),
+])
+def test_a_damaged_two_four_copy_record_is_refused(saved_with_copies, tmp_path, edit, match):
+    with pytest.raises(ValueError, match=match):
+        load_pretrained(_copy_with_config(saved_with_copies[1], tmp_path, lambda c: edit(c["sparsity_config"])))
+
+
+def test_a_copy_asked_for_a_weight_that_cannot_have_one_is_refused_before_the_model_changes(saved_llama, tmp_path):
+    # The fixture's down_proj of block 1 is 32:2:5: a flag edited in (the config checksum aside) must not pass.
+    _, folder = saved_llama
+    target = tiny_llama(seed=5)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    edit = lambda c: c["sparsity_config"]["two_four_copy"].update({"model.layers.1.mlp.down_proj": True})  # noqa: E731
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj.*two_four_copy needs a V:2:8 pattern"):
+        load_pretrained(_copy_with_config(folder, tmp_path, edit), model=target)
+    assert not any(isinstance(m, VNMLinear) for m in target.modules())
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())

@@ -51,6 +51,21 @@ def test_save_pretrained_then_from_pretrained_gives_identical_logits(hf_saved):
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(folder.parent / "again")), logits(model))
 
 
+def test_the_two_four_copy_flag_goes_through_transformers_save_and_load(tmp_path):
+    # Carried by each layer's extra state in model.safetensors; the loader hands it to set_extra_state, then rebuild.
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    sparsify(model, SparsifyConfig("16:2:8", two_four_copy=True), progress=False)
+    model.model.layers[0].mlp.up_proj.two_four_copy = False
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    flags = {n: m.two_four_copy for n, m in loaded.named_modules() if isinstance(m, VNMLinear)}
+    assert flags == {n: m.two_four_copy for n, m in model.named_modules() if isinstance(m, VNMLinear)}
+    assert sum(flags.values()) == 13 and not flags["model.layers.0.mlp.up_proj"]
+    assert torch.equal(logits(loaded), logits(model))
+
+
 def test_from_pretrained_in_another_dtype_and_dtype_moves(hf_saved):
     from transformers import AutoModelForCausalLM
 

@@ -1,11 +1,12 @@
 """Checkpoints of sparsified models: `save_pretrained(model, dir)` / `load_pretrained(dir, densify=False)`.
 
-A folder holds `config.json` (for HF models their own config) with a `sparsity_config` (pattern per layer,
-method, version), and one safetensors file with the whole state dict: each `VNMLinear`'s compressed tensors
-under its buffer names, with its `VNMTensor.metadata()` record (checksummed) in the file header, and every
-other tensor under a second checksum. The file is not named `model.safetensors`, so that a plain HF
-`from_pretrained` fails loudly instead of filling the pruned layers with random weights; `load_pretrained(dir,
-densify=True)` gives the ordinary dense model (pruned weights zero).
+A folder holds `config.json` (for HF models their own config) with a `sparsity_config` (pattern per layer, whether
+each layer asks for a 2:4 copy (`VNMLinear.two_four_copy`: the flag, never the derived copy), method, version), and
+one safetensors file with the whole state dict: each `VNMLinear`'s compressed tensors under its buffer names, with
+its `VNMTensor.metadata()` record (checksummed) in the file header, and every other tensor under a second checksum.
+The file is not named `model.safetensors`, so that a plain HF `from_pretrained` fails loudly instead of filling the
+pruned layers with random weights; `load_pretrained(dir, densify=True)` gives the ordinary dense model (pruned
+weights zero).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from . import __version__, hf
 from .format import VNMTensor
 from .nn import VNMLinear
+from .ops import check_two_four_copy
 
 WEIGHTS_NAME = "vnm_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -112,6 +114,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
         "library_version": __version__,
         "dtype": _float_dtype(model),
         "layers": {name: str(m.pattern) for name, m in sparse.items()},
+        "two_four_copy": {name: m.two_four_copy for name, m in sparse.items()},
     }
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_json_string"):
@@ -147,6 +150,9 @@ def read_sparsity_config(directory: str | os.PathLike) -> tuple[dict[str, Any], 
     layers = sparsity.get("layers")
     if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in layers.items()):
         raise ValueError(f"{path}: sparsity_config.layers must map layer names to pattern strings, got {layers!r}")
+    copies = sparsity.get("two_four_copy", {})  # absent in checkpoints written before the flag: no copies
+    if not isinstance(copies, dict) or not all(k in layers and isinstance(v, bool) for k, v in copies.items()):
+        raise ValueError(f"{path}: sparsity_config.two_four_copy must map pruned layer names to true or false, got {copies!r}")
     if sparsity.get("dtype") is not None and sparsity["dtype"] not in _DTYPE_NAMES:
         raise ValueError(f"{path}: sparsity_config.dtype must be one of {sorted(_DTYPE_NAMES)} or null, got {sparsity['dtype']!r}")
     architectures = config.get("architectures")
@@ -257,9 +263,11 @@ def load_pretrained(
         raise ValueError(f"{folder / WEIGHTS_NAME} fails its sha256 check: the file was altered or damaged")
 
     weights = {}
+    copies = sparsity.get("two_four_copy", {})
     for name, record in records.items():
         try:
             weights[name] = VNMTensor.from_state({k: tensors[f"{name}.{k}"] for k in ("values", "columns", "positions")}, record)
+            check_two_four_copy(copies.get(name, False), weights[name])
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"layer {name!r} in {folder / WEIGHTS_NAME}: {error}") from None
         if sparsity["layers"][name] != record["pattern"]:
@@ -282,13 +290,13 @@ def load_pretrained(
         if densify:
             state[f"{name}.weight"] = weight.to_dense()
         else:
-            sparse = VNMLinear(weight, model.get_submodule(name).bias)
+            sparse = VNMLinear(weight, model.get_submodule(name).bias, copies.get(name, False))
             model.set_submodule(name, sparse)
             state.update({f"{name}.{k}": v for k, v in weight.state_tensors().items()})
             state[f"{name}._extra_state"] = sparse.get_extra_state()
     model.load_state_dict(state, strict=True)
     if not densify:
         model.vnm_sparsity = {k: v for k, v in sparsity.items()
-                              if k not in ("format", "version", "library_version", "dtype", "layers")}
+                              if k not in ("format", "version", "library_version", "dtype", "layers", "two_four_copy")}
         hf.attach(model)
     return model.eval()
