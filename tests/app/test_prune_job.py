@@ -14,7 +14,7 @@ def test_defaults():
     args = build_parser().parse_args(["prune"])
     assert args.model == "smollm2-135m" and args.pattern == VNMPattern.parse("64:2:8") and args.method == "ria"
     assert (args.calib, args.eval, args.out) == ("austen-train", ["persuasion", "mobydick"], None)
-    assert not args.sequential
+    assert not args.sequential and not args.two_four_copy
 
 
 def test_bad_flags_are_refused(capsys):
@@ -96,6 +96,9 @@ def test_pattern_errors_keep_their_reason_and_2_4_is_accepted(capsys):
     (["--model", "no-such-model"], "no-such-model"),
     (["--device", "tpu"], "--device"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device"),
+    (["--two-four-copy", "--pattern", "64:2:5"], "--two-four-copy needs a V:2:8 pattern with V <= 64"),
+    (["--two-four-copy", "--pattern", "128:2:8"], "not 128:2:8"),
+    (["--two-four-copy", "--permute"], "--two-four-copy needs an unpermuted weight"),
 ])
 def test_inputs_are_checked_before_the_model_loads(monkeypatch, capsys, flags, match):
     import vnmsparse.app.models
@@ -126,3 +129,26 @@ def test_the_load_hint_works_when_pasted(tiny_job, tmp_path, capsys):
     namespace = {}
     exec(hint, namespace)
     assert sum(isinstance(m, VNMLinear) for m in namespace["model"].modules()) == 14
+
+
+def test_two_four_copy_is_asked_for_on_every_pruned_layer_counted_and_saved(tiny_job, tmp_path, capsys, monkeypatch):
+    import vnmsparse.app.prune_job as job
+
+    tables = []  # the columns each run's table is made of
+    monkeypatch.setattr(job, "table", lambda columns, *rest, real=job.table: tables.append(columns) or real(columns, *rest))
+    out = tmp_path / "pruned"
+    argv = ["prune", "--pattern", "16:2:8", "--method", "magnitude", "--calib-chunks", "1", "--eval-chunks", "1",
+            "--seq-len", "32"]
+    assert main([*argv, "--no-reference"]) == 0
+    assert "+2:4 copy" not in capsys.readouterr().out
+    assert main([*argv, "--two-four-copy", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "16:2:8 magnitude +2:4 copy" in table and "+2:4 copy bytes" in table
+    (_, plain), (_, copied, reference) = tables
+    assert reference.report.copy_bytes == 0  # the 2:4 reference column asks for no copy
+    report = copied.report
+    assert all(layer.two_four_copy for layer in report.layers) and report.copy_bytes == 2 * report.compressed_bytes
+    assert copied.layer_bytes == report.held_bytes == plain.layer_bytes + report.copy_bytes  # counted on the CPU too
+    assert copied.bytes == plain.bytes + report.copy_bytes
+    loaded = load_pretrained(out)
+    assert all(m.two_four_copy for m in loaded.modules() if isinstance(m, VNMLinear))

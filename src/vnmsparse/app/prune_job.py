@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..nn import VNMLinear
+from ..ops import dispatch
 from ..pattern import VNMPattern
 from ..sparsify import Method, SparsifyConfig, SparsifyReport, sparsify
 
@@ -40,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--sequential", action="store_true",
                    help="calibrate block by block on the already-pruned model (default: one pass of the dense model)")
     p.add_argument("--permute", action="store_true", help="reorder channels before pruning (free at inference)")
+    p.add_argument("--two-four-copy", action="store_true",
+                   help="every pruned layer also holds a 2:4 copy of its weight, which prefill runs on sm_90 GPUs: faster, "
+                   "for about three times the layer's bytes (V:2:8 with V <= 64, no --permute)")
     add_text_arguments(p, "calib", "calibration")
     p.add_argument("--calib-chunks", type=positive_int, default=8, help="calibration chunks of --seq-len tokens (default 8)")
     p.add_argument("--eval-chunks", type=positive_int, default=16, help="evaluation chunks of --seq-len tokens (default 16)")
@@ -126,7 +131,7 @@ class Column:
     perplexity: dict[str, float]  # per evaluation text
     eval_seconds: float
     bytes: int  # weights of the whole model, in its dtype (compressed layers at their compressed size)
-    layer_bytes: int | None = None  # the pruned layers, compressed
+    layer_bytes: int | None = None  # the pruned layers, compressed (with their 2:4 copies, if asked for)
     throughput: dict[str, float] | None = None
 
 
@@ -145,8 +150,9 @@ def _is_two_four(report: SparsifyReport) -> bool:
 
 
 def _model_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and persistent buffer, shared ones once (VNMLinear: its compressed buffers)."""
-    seen, total = set(), 0
+    """Bytes of every parameter and buffer but the VNMLinear weights' (the report counts those), shared ones once."""
+    seen = {id(t) for m in model.modules() if isinstance(m, VNMLinear) for t in m.buffers(recurse=False)}
+    total = 0
     for t in (*model.parameters(), *model.buffers()):
         if id(t) not in seen:
             seen.add(id(t))
@@ -199,19 +205,20 @@ def measure(
     ppl = {name: perplexity(model, ids, batch_size=args.batch_size) for name, ids in eval_ids.items()}
     column = Column(title, report, ppl, time.perf_counter() - start, _model_bytes(model))
     if report is not None:
-        column.layer_bytes = two_four_bytes(report) if _is_two_four(report) else report.compressed_bytes
-        column.bytes += column.layer_bytes - report.compressed_bytes
+        column.layer_bytes = two_four_bytes(report) if _is_two_four(report) else report.held_bytes
+        column.bytes += column.layer_bytes
     if device.type == "cuda":
         column.throughput = throughput(model, next(iter(eval_ids.values()))[: args.batch_size])
     return column
 
 
 def _prune(
-    model: nn.Module, pattern: VNMPattern, method: str, permute: bool, args: argparse.Namespace, calib_ids: torch.Tensor
+    model: nn.Module, pattern: VNMPattern, method: str, permute: bool, two_four_copy: bool, args: argparse.Namespace,
+    calib_ids: torch.Tensor,
 ) -> SparsifyReport:
     """Sparsify `model` in place as the job's flags say."""
     config = SparsifyConfig(pattern=pattern, method=method, a=args.a, sequential=args.sequential, permute=permute,
-                            calib_batch_size=args.batch_size)
+                            calib_batch_size=args.batch_size, two_four_copy=two_four_copy)
     return sparsify(model, config, calib=calib_ids if method == "ria" else None)
 
 
@@ -247,7 +254,17 @@ def table(columns: list[Column], linears: int, total_seconds: float) -> str:
     lines.append(f"total time {total_seconds:.0f} s")
     if any(c.report and _is_two_four(c.report) for c in columns):
         lines.append("2:4 bytes: values + a 2-bit index each (the cuSPARSELt layout)")
+    if any(c.report and c.report.copy_bytes for c in columns):
+        lines.append("+2:4 copy bytes: the pruned layers' weights and their 2:4 copies (held where the copy runs: sm_90)")
     return "\n".join(lines)
+
+
+def check_two_four_copy(pattern: VNMPattern, permute: bool, two_four_copy: bool) -> None:
+    """--two-four-copy needs a pattern and weights that can have the copy (`dispatch.two_four_copy_refusal`): checked
+    before the model loads."""
+    why = dispatch.two_four_copy_refusal(pattern.V, pattern.M, 0 if permute else None) if two_four_copy else None
+    if why is not None:
+        raise ValueError(f"--two-four-copy needs {why}{' (--permute folds one into every layer)' if permute else ''}")
 
 
 def check_out(out: str | None) -> None:
@@ -277,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model_path(args.model)
     check_out(args.out)
+    check_two_four_copy(args.pattern, args.permute, args.two_four_copy)
     calib_text, eval_texts = read_texts(args.calib, args.eval)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     dense, tokenizer = load_causal_lm(args.model, dtype=dtype, device=device)
@@ -291,8 +309,8 @@ def run(args: argparse.Namespace) -> int:
 
     columns = [measure("dense", dense, None, eval_ids, args, device)]
     pruned = copy.deepcopy(dense)
-    report = _prune(pruned, args.pattern, args.method, args.permute, args, calib_ids)
-    title = f"{args.pattern} {args.method}{' permuted' if args.permute else ''}"
+    report = _prune(pruned, args.pattern, args.method, args.permute, args.two_four_copy, args, calib_ids)
+    title = f"{args.pattern} {args.method}{' permuted' if args.permute else ''}{' +2:4 copy' if args.two_four_copy else ''}"
     columns.append(measure(title, pruned, report, eval_ids, args, device))
     source = [args.out] if args.out else ["--model", args.model, "--pattern", str(args.pattern)]
     hint = recovery_hint(columns, ["vnm", "recover", *source, "--out", f"{(args.out or 'pruned').rstrip('/')}-recovered"])
@@ -305,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     del pruned
     if not args.no_reference and args.pattern.M != REFERENCE.M:  # at M = 4 the mask is the reference's, for any V
         reference = copy.deepcopy(dense)
-        ref_report = _prune(reference, REFERENCE, "ria", False, args, calib_ids)  # plain 2:4, as other tools do it
+        ref_report = _prune(reference, REFERENCE, "ria", False, False, args, calib_ids)  # plain 2:4, as other tools do it
         columns.append(measure("2:4 ria (reference)", reference, ref_report, eval_ids, args, device))
         del reference
     print(table(columns, linears, time.perf_counter() - start))
