@@ -90,7 +90,8 @@ def _define() -> tuple[type, type]:
 
         def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             # The layers as they are now (the config is written after this); safetensors holds tensors only, so each
-            # layer's extra state (version, shape, pattern) is stored as the uint8 JSON its set_extra_state reads.
+            # layer's extra state (version, shape, pattern, two_four_copy) is stored as the uint8 JSON its
+            # set_extra_state reads.
             self.quantization_config.layers = sparse_layers(model)
             state = model.state_dict()
             return {k: extra_state_tensor(v) if isinstance(v, dict) else v for k, v in state.items()}, {}

@@ -145,7 +145,7 @@ def two_four_copy_pays(packed: PackedVNM) -> bool:
     return dispatch.uses_two_four_copy(1 << 16, R, packed.V, packed.M, packed.window, _DTYPE_TAGS[packed.dtype], sms, arch)
 
 
-def check_two_four_copy(flag, weight) -> None:
+def check_two_four_copy(flag: object, weight: VNMTensor | PackedVNM) -> None:
     """TypeError unless `flag` is a bool; ValueError when it asks for a 2:4 copy of a `VNMTensor` or `PackedVNM` that
     can have none (`dispatch.two_four_copy_refusal`). A weight on the meta device is judged by its pattern alone."""
     if not isinstance(flag, bool):
