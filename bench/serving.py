@@ -5,7 +5,8 @@
     python bench/serving.py plot  bench/results/serving-<gpu>.json            # the picture again, from the JSON
     python bench/serving.py tables bench/results/serving-<gpu>.json           # -> src/vnmsparse/tables/speed-<gpu>-n*.json
 
-`tune` times every compiled kernel that can run a case, at every k-split worth trying, calling the extension
+`tune` times every compiled kernel that can run a case, at every k-split worth trying (stream-K included: ks0),
+calling the extension
 directly, and writes the fastest per case as the GPU's measured dispatch table (`vnmsparse.ops.tuned`).
 `tables` turns a sweep into the speed tables `vnm select` reads for that GPU, at the token counts of decode, serving
 and prefill: per pattern, the sum of cuBLAS times over the sweep's shapes divided by the sum of ours (so the larger
@@ -105,8 +106,9 @@ class Case:
 
 
 def ksplits(kernel: variants.Kernel, N: int, R: int, Kc: int, sms: int) -> list[int]:
-    """The k-splits worth timing for a kernel: 1, its dispatch default, and powers of two while the previous split
-    left fewer than two waves of CTAs (beyond that a split only adds partial sums)."""
+    """The k-splits worth timing for a kernel: 1, its dispatch default, powers of two while the previous split
+    left fewer than two waves of CTAs (beyond that a split only adds partial sums), and stream-K where the kernel
+    has it (`variants.STREAM_K`, listed first)."""
     if not kernel.splits_k:
         return [1]
     stages = getattr(kernel.variant, "stages", 1)
@@ -118,6 +120,8 @@ def ksplits(kernel: variants.Kernel, N: int, R: int, Kc: int, sms: int) -> list[
     while ks <= min(most, 32) and tiles * ks // 2 < 2 * sms:
         found.add(ks)
         ks *= 2
+    if kernel.streams_k:
+        found.add(variants.STREAM_K)
     return sorted(found)
 
 

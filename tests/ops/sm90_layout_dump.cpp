@@ -2,14 +2,34 @@
 // itself includes) as JSON, so tests/ops/test_wgmma_layout.py can check it on the CPU against the PTX ISA's
 // operand layouts. Built with the host C++ compiler by that test:
 //   sm90_layout_dump BN ROWS TILES_M TILES_N GROUP_M ROW_TILES SMEM_ADDR
+//   sm90_layout_dump schedule TILES KC KSPLIT SM_COUNT      (the CTAs' segments, walked as the kernel walks them)
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 #include "vnm_sm90_layout.h"
 
 using namespace vnm::sm90;
 
+static int dump_schedule(long long tiles, int kc, int ksplit, int sms) {
+  const KSchedule sched = k_schedule(tiles, kc, ksplit, sms);
+  std::printf("{\"ctas\": %lld, \"slices\": %d, \"segments\": [", sched.ctas, sched.slices);
+  for (long long cta = 0; cta < sched.ctas; ++cta) {
+    for (int done = 0;;) {  // the kernel's loop
+      const Segment s = segment_at(cta, done, kc, tiles * kc, sched.ctas);
+      std::printf("%s[%lld,%d,%d,%d,%d,%d,%d]", cta || done ? "," : "", cta, s.tile, s.kbeg, s.steps, s.slice, s.slices,
+                  s.last ? 1 : 0);
+      if (s.last) break;
+      done += s.steps;
+    }
+  }
+  std::printf("]}\n");
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 6 && std::strcmp(argv[1], "schedule") == 0)
+    return dump_schedule(std::atoll(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]));
   if (argc != 8) {
     std::fprintf(stderr, "usage: %s BN ROWS TILES_M TILES_N GROUP_M ROW_TILES SMEM_ADDR\n", argv[0]);
     return 2;

@@ -25,6 +25,8 @@ CASES = {
     "gemm_wrong_v": "is built for V=64, got V=128",
     "wgmma_wrong_v": "is built for V=64, got V=128",
     "wgmma_control": "returned (300, 256)",
+    "gemm_stream_k": "is for the sparse-wgmma kernels only",
+    "negative_ksplit": "ksplit must be in 1..4096, or 0 (stream-K)",
 }
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -56,8 +58,9 @@ def run_case(case: str) -> None:
     elif case == "wrong_dtype":
         x = x.half()
     index = 10_000 if case == "decode_bad_index" else kernel.index
+    ksplit = {"gemm_stream_k": variants.STREAM_K, "negative_ksplit": -1}.get(case, 1)
     try:
-        y = ext.run(x, p.a_vals, p.a_meta, p.cols, None, 256, 256, v, index, 1, None)
+        y = ext.run(x, p.a_vals, p.a_meta, p.cols, None, 256, 256, v, index, ksplit, None)
         torch.cuda.synchronize()
         print(f"returned {tuple(y.shape)}")
     except RuntimeError as error:

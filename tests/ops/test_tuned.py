@@ -59,6 +59,29 @@ def test_dispatch_uses_a_measured_choice_only_where_it_can_run(monkeypatch):
         dispatch._plan.cache_clear()
 
 
+def test_stream_k_choices_reach_the_binding_for_the_gather_kernel_only(monkeypatch):
+    table = tuned.parse({"entries": [_entry(N=512, kind="wgmma", tag="v64_c2m1n256s4", ksplit=variants.STREAM_K)]})
+    monkeypatch.setattr(tuned, "load", lambda gpu: table if gpu == "fake" else ())
+    dispatch._plan.cache_clear()
+    try:
+        index, ks = dispatch.plan(500, 4096, 64, 64, "bf16", 132, H200, 64, "fake")
+        assert variants.KERNELS[index].name == "wgmma_bf16_v64_c2m1n256s4" and ks == variants.STREAM_K
+    finally:
+        dispatch._plan.cache_clear()
+
+
+@pytest.mark.parametrize("entry", [_entry(ksplit=variants.STREAM_K), _entry(ksplit=-1),
+                                   _entry(kind="wgmma_window", tag="m4_c2m1n256s4", ksplit=variants.STREAM_K)])
+def test_a_table_with_an_impossible_split_is_refused(entry):
+    with pytest.raises(ValueError, match="ksplit must be"):
+        tuned.parse({"entries": [entry]})
+
+
+def test_stream_k_constant_matches_the_kernel_header():
+    header = (resources.files("vnmsparse") / "ops" / "csrc" / "vnm_sm90_layout.h").read_text()
+    assert f"constexpr int kStreamK = {variants.STREAM_K};" in header
+
+
 @pytest.mark.parametrize("name", [p.name for p in (resources.files("vnmsparse") / "tables").iterdir()
                                   if p.name.startswith("dispatch-")])
 def test_shipped_table_is_what_dispatch_picks(name):

@@ -2,8 +2,9 @@
 
 Every compiled `Wgmma` variant is run directly (by its table index) over odd shapes: R not a multiple of the
 tile (nor of 16), C not a multiple of M (padding slots), N = 1, 3, 17, 100, 257, 4095 (token tails, one and
-several token tiles), K from one k-step to many (pipeline wrap-around, phase flips), split-k (uneven and empty
-slices), folded input permutations,
+several token tiles), K from one k-step to many (pipeline wrap-around, phase flips), split-k (uneven slices, more
+slices asked for than k steps) and stream-K (tiles shared by CTAs at any k, CTAs running several tiles), folded
+input permutations,
 bias or not, both dtypes. Then CUDA-graph replay and determinism; the public path with leading dims and bias,
 for the gathering and the window kernels alike, is in tests/ops/test_wgmma_window_gpu.py, the wrong-V refusal
 in tests/ops/test_binding_gpu.py (one process per case). Skipped unless the GPU is sm_90 (tools/gpu_check.sh runs
@@ -16,7 +17,8 @@ import pytest
 import torch
 from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, rel_err, run_kernel
 
-from vnmsparse.ops import variants
+from vnmsparse.ops import packed_layout, variants
+from vnmsparse.ops.variants import STREAM_K
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 (Hopper) GPU")]
@@ -45,8 +47,9 @@ def test_wgmma_kernel(ext, kernel):
             t = random_vnm(R, C, pattern, dtype=dtype, device="cuda", permute=(s + i) % 2 == 1, seed=R + C + N)
             x = torch.randn(N, C, device="cuda").to(dtype)
             bias = torch.randn(R, device="cuda").to(dtype) if (s + i) % 2 == 0 else None
-            # Split-k: whole, 3 slices (uneven; empty slices where K has fewer steps), 8 on the 64-step shape.
-            for ksplit in (1, 3, 8) if s == 3 else (1, 3) if i == 0 else (1,):
+            # Split-k: whole, 3 slices (uneven; more than the k steps where K has fewer), 8 on the 64-step shape;
+            # stream-K everywhere (one CTA per SM: tiles split at any k, or several tiles per CTA).
+            for ksplit in (1, 3, 8, STREAM_K) if s == 3 else (1, 3, STREAM_K) if i == 0 else (1, STREAM_K):
                 y = run_kernel(ext, kernel, t, x, bias, ksplit)
                 check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} N={N} {pattern} ksplit={ksplit}")
 
@@ -61,6 +64,33 @@ def test_wgmma_matches_mma_sp_and_is_deterministic(ext):
     ref = fp64_reference(x, t)
     check(y1, ref, torch.bfloat16, "wgmma 1024x2048 N=1024")
     assert rel_err(y1, ref) <= 1.5 * rel_err(run_kernel(ext, gemm, t, x), ref) + 1e-4  # as accurate as the mma.sp path
+
+
+@pytest.mark.parametrize("R,N", [(6144, 768), (11008, 256), (1000, 4095)])
+def test_stream_k_is_deterministic_and_matches(ext, R, N):
+    # Stream-K over 132 SMs: 144 tiles of 128 x 256 (each split between two CTAs at uneven k), 86 tiles (fewer
+    # than SMs: up to three CTAs per tile), many small tiles (a CTA runs several). The partials meet in k order
+    # whichever CTA arrives last, so two runs agree bit for bit; both dtypes' results match float64.
+    for kernel in (k for k in WGMMA_KERNELS if k.V == 64):
+        dtype = DTYPES[kernel.dtype]
+        t = random_vnm(R, 4096, "64:2:8", dtype=dtype, device="cuda", seed=R + N)
+        x = torch.randn(N, 4096, device="cuda").to(dtype)
+        y1, y2 = run_kernel(ext, kernel, t, x, ksplit=STREAM_K), run_kernel(ext, kernel, t, x, ksplit=STREAM_K)
+        assert torch.equal(y1, y2), kernel.name
+        check(y1, fp64_reference(x, t), dtype, f"{kernel.name} stream-K R={R} N={N}")
+    # Under CUDA-graph replay (counters and workspace as a server's graphs use them): the same bits, twice.
+    p = packed_layout(t, x.device)
+    graph, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ext.run(x, p.a_vals, p.a_meta, p.cols, None, R, 4096, 64, kernel.index, STREAM_K)  # warm-up off the graph
+        with torch.cuda.graph(graph, stream=s):
+            y_graph = ext.run(x, p.a_vals, p.a_meta, p.cols, None, R, 4096, 64, kernel.index, STREAM_K)
+    for _ in range(2):
+        y_graph.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_graph, y1), f"{kernel.name} stream-K graph replay R={R} N={N}"
 
 
 def test_cuda_graph_replay_with_wgmma(wgmma_on_small):

@@ -256,6 +256,47 @@ def test_raster_visits_every_tile_once(dump_exe):
         assert sorted(coords) == [(m, n) for m in range(tiles_m) for n in range(tiles_n)]
 
 
+def _schedule(exe, tiles: int, kc: int, ksplit: int, sms: int) -> dict:
+    out = subprocess.run([str(exe), "schedule", str(tiles), str(kc), str(ksplit), str(sms)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("tiles,kc,ksplit", [
+    (144, 64, 0), (86, 64, 0), (132, 64, 0), (264, 64, 0), (1, 1, 0), (7, 13, 0), (3, 200, 0), (1000, 7, 0),
+    (144, 64, 1), (144, 64, 2), (5, 3, 8), (10, 64, 3), (1, 1, 4),
+])
+def test_k_schedule_covers_every_step_once(dump_exe, tiles, kc, ksplit):
+    """The CTAs' segments (split-k: ksplit slices per tile; 0: stream-K over 132 SMs) cover every k step of every
+    tile exactly once; each tile's segments are numbered 0.. in k order with the right count, within the workspace's
+    slots; every CTA has work and its last segment, only that one, says so."""
+    sms = 132
+    d = _schedule(dump_exe, tiles, kc, ksplit, sms)
+    ctas, segments = d["ctas"], d["segments"]
+    if ksplit:
+        assert ctas == tiles * min(ksplit, kc) and d["slices"] == min(ksplit, kc)
+    else:
+        assert ctas == min(sms, tiles * kc)
+    covered = np.zeros((tiles, kc), dtype=int)
+    per_tile: dict[int, list] = {}
+    per_cta: dict[int, list] = {}
+    for cta, tile, kbeg, steps, slice_, slices, last in segments:
+        assert steps >= 1 and 0 <= kbeg and kbeg + steps <= kc
+        covered[tile, kbeg:kbeg + steps] += 1
+        per_tile.setdefault(tile, []).append((kbeg, slice_, slices, cta))
+        per_cta.setdefault(cta, []).append((steps, last))
+    assert (covered == 1).all()
+    assert sorted(per_cta) == list(range(ctas))
+    for segs in per_cta.values():
+        assert [last for _, last in segs] == [0] * (len(segs) - 1) + [1]
+    shares = [sum(steps for steps, _ in segs) for segs in per_cta.values()]
+    assert max(shares) - min(shares) <= (0 if ksplit and kc % min(ksplit, kc) == 0 else 1)
+    for segs in per_tile.values():
+        segs.sort()
+        assert [s[1] for s in segs] == list(range(len(segs)))  # slices in k order
+        assert all(s[2] == len(segs) for s in segs) and len(segs) <= d["slices"]
+        assert [s[3] for s in segs] == sorted(s[3] for s in segs)  # consecutive CTAs
+
+
 def test_descriptor_fields(dump_exe):
     for bn in (64, 128, 256):
         d = dump(dump_exe, bn, 64, 1, 1, 16, 4)

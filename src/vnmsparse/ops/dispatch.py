@@ -20,7 +20,7 @@ import math
 
 from . import tuned
 from .config import OpsConfig, config
-from .variants import DECODE_MAX_N, KERNELS, Decode, Gemm, Kernel, Wgmma, WgmmaWindow
+from .variants import DECODE_MAX_N, KERNELS, STREAM_K, Decode, Gemm, Kernel, Wgmma, WgmmaWindow
 
 _BY_NAME = {k.name: k for k in KERNELS}
 
@@ -117,7 +117,8 @@ def _choose(N: int, R: int, V: int, dtype: str, sm_count: int, arch, cfg: OpsCon
 def plan(N: int, R: int, V: int, Kc: int, dtype: str, sm_count: int, arch: tuple[int, int] | None, window: int = 0,
          gpu: str = "") -> tuple[int, int]:
     """(kernel table index, k-split) for one call: what the op hands the binding, one cache lookup per call.
-    `gpu` is the device's `tuned.gpu_slug`, which picks the measured table."""
+    The k-split is the number of CTAs per output tile, or STREAM_K (sparse wgmma: one CTA per SM sharing all
+    tiles' k steps). `gpu` is the device's `tuned.gpu_slug`, which picks the measured table."""
     return _plan(N, R, V, Kc, dtype, sm_count, None if arch is None else tuple(arch), config(), window, gpu)
 
 
@@ -141,6 +142,8 @@ def _measured(N: int, R: int, V: int, Kc: int, dtype: str, arch, wgmma: bool, wi
         return None
     if isinstance(kernel.variant, (Wgmma, WgmmaWindow)) and not wgmma:
         return None
+    if choice.ksplit == STREAM_K:
+        return (kernel.index, STREAM_K) if kernel.streams_k else None
     return kernel.index, min(choice.ksplit, max(Kc, 1)) if kernel.splits_k else 1
 
 

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+from .variants import STREAM_K
+
 
 def gpu_slug(name: str) -> str:
     """A GPU model's device name as a file-name stem: "NVIDIA H200" -> "nvidia-h200" (measured tables are named so)."""
@@ -33,7 +35,7 @@ class Choice:
     N: int
     kind: str  # variants kind, e.g. "gemm"
     tag: str  # the variant's tag, e.g. "v64_m64n64w2x2s4"
-    ksplit: int
+    ksplit: int  # CTAs per output tile, or variants.STREAM_K (0)
 
     def kernel_name(self, dtype: str) -> str:
         return f"{self.kind}_{dtype}_{self.tag}"
@@ -56,8 +58,11 @@ def parse(record: dict) -> tuple[Choice, ...]:
     """Choices from a table's JSON record ({"entries": [...]}, as bench/tune_dispatch.py writes it)."""
     out = []
     for e in record["entries"]:
-        out.append(Choice(V=int(e["V"]), R=int(e["R"]), Kc=int(e["Kc"]), windowed=bool(e["window"]), N=int(e["N"]),
-                          kind=str(e["kind"]), tag=str(e["tag"]), ksplit=int(e["ksplit"])))
+        c = Choice(V=int(e["V"]), R=int(e["R"]), Kc=int(e["Kc"]), windowed=bool(e["window"]), N=int(e["N"]),
+                   kind=str(e["kind"]), tag=str(e["tag"]), ksplit=int(e["ksplit"]))
+        if c.ksplit < 0 or (c.ksplit == STREAM_K and c.kind != "wgmma"):
+            raise ValueError(f"dispatch table entry {e}: ksplit must be >= 1, or {STREAM_K} (stream-K) for a wgmma kernel")
+        out.append(c)
     return tuple(out)
 
 

@@ -263,6 +263,7 @@ VARIANTS: tuple[Decode | Gemm | Wgmma | WgmmaWindow, ...] = (
     *_wgmma_window_variants(),
 )
 DECODE_MAX_N = max(v.max_n for v in VARIANTS if isinstance(v, Decode))  # the decode kernels' largest token count
+STREAM_K = 0  # the `ksplit` value asking for stream-K (`Kernel.streams_k`; vnm::sm90::kStreamK)
 KIND_IDS = {"decode": 0, "gemm": 1, "wgmma": 2, "wgmma_window": 3}  # vnm::KernelKind (vnm_params.h)
 
 
@@ -298,6 +299,12 @@ class Kernel:
     def splits_k(self) -> bool:
         """Whether the kernel can split its k chunks over CTAs (`ksplit` > 1): all but the window kernel."""
         return isinstance(self.variant, (Decode, Gemm, Wgmma))
+
+    @property
+    def streams_k(self) -> bool:
+        """Whether the kernel takes `ksplit` = STREAM_K: one CTA per SM, each an equal share of all tiles' k steps
+        (`sm90::k_schedule`), so the last wave is not left part-empty. The gathering sparse-wgmma kernel."""
+        return isinstance(self.variant, Wgmma)
 
 
 KERNELS: tuple[Kernel, ...] = tuple(

@@ -15,6 +15,7 @@
 
 #include "vnm_limits.h"
 #include "vnm_params.h"
+#include "vnm_sm90_layout.h"
 
 namespace {
 
@@ -140,7 +141,9 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   VNM_CHECK(entry.V == 0 || entry.V == V, kOp, ": kernel ", entry.name, " is built for V=", entry.V, ", got V=", V);
   VNM_CHECK(N <= entry.max_n, kOp, ": kernel ", entry.name, " takes at most N=", entry.max_n, " tokens, got ", N);
   VNM_CHECK(entry.rows * 16 <= V, kOp, ": kernel ", entry.name, " needs V >= ", entry.rows * 16, ", got V=", V);
-  VNM_CHECK(ksplit >= 1 && ksplit <= 4096, kOp, ": ksplit must be in 1..4096, got ", ksplit);
+  VNM_CHECK(ksplit >= 0 && ksplit <= 4096, kOp, ": ksplit must be in 1..4096, or 0 (stream-K), got ", ksplit);
+  VNM_CHECK(ksplit != vnm::sm90::kStreamK || entry.kind == vnm::KernelKind::kWgmma, kOp,
+            ": ksplit=0 (stream-K) is for the sparse-wgmma kernels only, not ", entry.name);
   VNM_CHECK(window == 0 || (window % 8 == 0 && window >= 32 && window <= 256), kOp,
             ": window must be 0 or 8*M for M in 4..32 (what pack_for_device computed), got ", window);
   VNM_CHECK(entry.window == 0 || entry.window == window, kOp, ": kernel ", entry.name, " needs weights whose kept columns stay in their own group of ",
@@ -195,11 +198,24 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   p.ldy = R;
   at::Tensor xt, ws;
   p.ksplit = 1;
-  if (entry.kind != vnm::KernelKind::kWgmmaWindow && ksplit > 1) {
-    // One fp32 partial tile per (output tile, k slice); one arrival counter per output tile.
-    const int64_t tiles = ((R + entry.tile_m - 1) / entry.tile_m) * ((N + entry.tile_n - 1) / entry.tile_n);
+  const int64_t tiles = ((R + entry.tile_m - 1) / entry.tile_m) * ((N + entry.tile_n - 1) / entry.tile_n);
+  int64_t shared_slices = 1;  // k slices of an output tile that more than one CTA computes (1: none)
+  if (entry.kind == vnm::KernelKind::kWgmma) {
+    const int sms = vnm::sm_count(x.device().index());
+    VNM_CHECK(sms > 0, kOp, ": cannot read the SM count of ", x.device());
+    const vnm::sm90::KSchedule sched = vnm::sm90::k_schedule(tiles, static_cast<int>(Kc), static_cast<int>(ksplit), sms);
+    // The kernel's share arithmetic multiplies a step index by the CTA count in 64 bits.
+    VNM_CHECK(sched.ctas <= (int64_t(1) << 62) / (tiles * Kc + 1), kOp, ": sizes too large");
+    p.ctas = sched.ctas;
+    p.ksplit = sched.slices;
+    if (sched.ctas != tiles) shared_slices = sched.slices;
+  } else if (entry.kind != vnm::KernelKind::kWgmmaWindow && ksplit > 1) {
     p.ksplit = static_cast<int>(ksplit);
-    ws = at::empty({tiles * ksplit * entry.tile_m * entry.tile_n}, x.options().dtype(at::kFloat));
+    shared_slices = ksplit;
+  }
+  if (shared_slices > 1) {
+    // One fp32 partial tile per (output tile, k slice); one arrival counter per output tile.
+    ws = at::empty({tiles * shared_slices * entry.tile_m * entry.tile_n}, x.options().dtype(at::kFloat));
     p.ws = ws.data_ptr<float>();
     p.counters = counters_for(x.device(), stream.stream(), tiles);
   }

@@ -30,10 +30,11 @@ struct VnmParams {
   int Np;                 // N rounded up to a multiple of 8: row stride of xt (tensor-core path only)
   int64_t ldx;            // row stride of x in elements (>= C)
   int64_t ldy;            // row stride of y in elements (>= R)
-  int ksplit;             // CTAs splitting the k chunks of one output tile (decode, sparse wgmma: gridDim.y; mma.sp
-                          // gemm: gridDim.z); the window kernel takes 1
-  float* ws;              // ksplit > 1: (output tiles, ksplit, TILE_M x TILE_N) fp32 partial sums
-  int* counters;          // ksplit > 1: one arrival counter per output tile, zero between launches
+  int ksplit;             // CTAs splitting the k chunks of one output tile (decode: gridDim.y; mma.sp gemm:
+                          // gridDim.z); sparse wgmma: the most CTAs sharing one tile (sm90::k_schedule); window: 1
+  int64_t ctas;           // sparse wgmma: grid size (sm90::k_schedule); 0 for the other kernels
+  float* ws;              // tiles can be shared: (output tiles, ksplit, TILE_M x TILE_N) fp32 partial sums
+  int* counters;          // with ws: one arrival counter per output tile, zero between launches
   int window;             // 8*M if every group's kept columns lie in its own M columns of x (pack.py), else 0.
                           // Decode: passed only when x rows are 16-byte aligned (it then copies chunk windows);
                           // wgmma window kernels: always (they need it, and TMA-ready x)
@@ -82,6 +83,16 @@ inline int compute_capability(int device) {
     return 0;
   if (device >= 0 && device < 64) cached[device] = 10 * major + minor;
   return 10 * major + minor;
+}
+
+// Streaming multiprocessors of `device`, 0 if the query fails; cached per device like compute_capability.
+inline int sm_count(int device) {
+  static int cached[64] = {};
+  if (device >= 0 && device < 64 && cached[device] != 0) return cached[device];
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+  if (device >= 0 && device < 64) cached[device] = count;
+  return count;
 }
 
 }  // namespace vnm

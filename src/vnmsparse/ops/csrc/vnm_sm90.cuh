@@ -81,17 +81,36 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 }
 
 // ---- the CTA's place in the grid and its shared memory --------------------------------------------------
-// Both sparse-wgmma kernels: 1024-aligned dynamic shared memory (swizzle atoms) and the tile's first row / token.
+// Both sparse-wgmma kernels: 1024-aligned dynamic shared memory (swizzle atoms) and the first row / token of
+// output tile `tile_id` (raster order, tile_coord).
 struct CtaTile {
   uint32_t smem;  // aligned start of the dynamic shared memory
   int m0, n0;     // first row of W and first token of the CTA's tile
 };
 
+// blockIdx.x read by a volatile instruction: the compiler recomputes what depends on it where it is used.
+__device__ __forceinline__ long long cta_id_volatile() {
+  uint32_t id;
+  asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(id));
+  return id;
+}
+
+// threadIdx.x, read the same way: for per-thread values needed once per segment, not held through the loop.
+__device__ __forceinline__ int tid_volatile() {
+  uint32_t id;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(id));
+  return static_cast<int>(id);
+}
+
+__device__ __forceinline__ uint32_t aligned_smem(unsigned char* smem_raw) {
+  return (smem_addr(smem_raw) + kAtomBytes - 1) & ~uint32_t(kAtomBytes - 1);
+}
+
 template <int kBM, int kBN, int kGroupM>
-__device__ __forceinline__ CtaTile cta_tile(unsigned char* smem_raw, int R, int N) {
+__device__ __forceinline__ CtaTile cta_tile(unsigned char* smem_raw, int R, int N, int tile_id) {
   const int tiles_m = (R + kBM - 1) / kBM, tiles_n = (N + kBN - 1) / kBN;
-  const TileCoord tile = tile_coord(blockIdx.x, tiles_m, tiles_n, kGroupM);
-  return CtaTile{(smem_addr(smem_raw) + kAtomBytes - 1) & ~uint32_t(kAtomBytes - 1), tile.m * kBM, tile.n * kBN};
+  const TileCoord tile = tile_coord(tile_id, tiles_m, tiles_n, kGroupM);
+  return CtaTile{aligned_smem(smem_raw), tile.m * kBM, tile.n * kBN};
 }
 
 // ---- register reallocation between warpgroups -----------------------------------------------------------

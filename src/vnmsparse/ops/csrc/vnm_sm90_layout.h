@@ -149,5 +149,56 @@ VNM_HD constexpr TileCoord tile_coord(int id, int tiles_m, int tiles_n, int grou
   return TileCoord{first_m + in_group % rows, in_group / rows};
 }
 
+// ---- how the gathering kernel's CTAs share the work ------------------------------------------------------
+// The k steps of all output tiles laid end to end (tile t owns steps [t*kc, (t+1)*kc)) are split evenly over
+// the CTAs: CTA c multiplies steps [share_begin(c), share_begin(c + 1)), one tile's part (a segment) at a time.
+// With tiles x ksplit CTAs each CTA gets one k slice of one tile (split-k). With one CTA per SM (stream-K) a CTA
+// may finish one tile's k range and go on into the next, so no wave runs part-empty: 144 tiles on 132 SMs take
+// 1.09 tiles' time instead of 2. Every CTA gets at least one step (ctas <= steps), so the CTAs that share a tile
+// are exactly those holding one of its steps, numbered (slices) in k order.
+constexpr int kStreamK = 0;  // the ksplit value that asks for stream-K
+
+struct KSchedule {
+  long long ctas;  // grid size
+  int slices;      // the most CTAs that share one tile: the split-k workspace holds that many partials per tile
+};
+
+VNM_HD KSchedule k_schedule(long long tiles, int kc, int ksplit, int sm_count) {
+  const long long steps = tiles * kc;
+  if (ksplit != kStreamK) {
+    const int ks = ksplit < kc ? ksplit : kc;
+    return KSchedule{tiles * ks, ks};
+  }
+  const long long ctas = sm_count < steps ? sm_count : steps;
+  const long long least = steps / ctas;  // every CTA's share is `least` or `least + 1` steps
+  const long long most = (kc + least - 1) / least + 1;
+  return KSchedule{ctas, static_cast<int>(most < ctas ? most : ctas)};
+}
+
+VNM_HD long long share_begin(long long cta, long long steps, long long ctas) { return cta * steps / ctas; }
+
+// The CTA whose share holds step i: the largest c with share_begin(c) <= i.
+VNM_HD long long cta_holding(long long i, long long steps, long long ctas) { return ((i + 1) * ctas - 1) / steps; }
+
+struct Segment {
+  int tile;    // output tile (raster id, tile_coord)
+  int kbeg;    // first k step of the tile in this segment
+  int steps;   // k steps in this segment
+  int slice;   // this CTA's place among the CTAs sharing the tile, in k order
+  int slices;  // CTAs sharing the tile (1: the segment is the whole tile)
+  bool last;   // the segment ends the CTA's share
+};
+
+// The segment `done` steps into the share of CTA `cta` (of `ctas`, sharing `steps` steps of tiles of kc steps).
+VNM_HD Segment segment_at(long long cta, int done, int kc, long long steps, long long ctas) {
+  const long long end = share_begin(cta + 1, steps, ctas), i = share_begin(cta, steps, ctas) + done;
+  const long long tile = i / kc, first = tile * kc, last = first + kc - 1;
+  const long long stop = end < first + kc ? end : first + kc;
+  const long long first_cta = cta_holding(first, steps, ctas);
+  return Segment{static_cast<int>(tile), static_cast<int>(i - first), static_cast<int>(stop - i),
+                 static_cast<int>(cta - first_cta), static_cast<int>(cta_holding(last, steps, ctas) - first_cta + 1),
+                 stop == end};
+}
+
 }  // namespace sm90
 }  // namespace vnm

@@ -52,10 +52,11 @@ __device__ __forceinline__ void init_ring(uint32_t full0, uint32_t empty0, uint3
 // wait until it is full, read this warp's fragments and metadata words of every m64 tile mi (record j at
 // a_off[mi] + 512 j, e_off[mi] + 64 j; chunks past `chunks` and rows past R get the padding metadata pair) into
 // double-buffered registers (a wgmma reads them asynchronously), issue kRingRecs x kWgM sparse wgmmas with B from
-// b_desc(stage, j, mi), and release the previous stage once its wgmmas retire. Returns with every wgmma retired and
-// acc final.
+// b_desc(stage, j, mi), and release the previous stage once its wgmmas retire. `pos` is the ring position of the
+// first stage (the stages the CTA consumed before: a CTA of the stream-K schedule runs several segments through one
+// ring). Returns with every wgmma retired, every stage released and acc final.
 template <typename T, typename Ring, typename BDesc>
-__device__ __forceinline__ void consume_ring(float (&acc)[Ring::kWgM][Ring::kBN / 2], int chunks, uint32_t smem,
+__device__ __forceinline__ void consume_ring(float (&acc)[Ring::kWgM][Ring::kBN / 2], int chunks, int pos, uint32_t smem,
                                              uint32_t stage_bytes, uint32_t full0, uint32_t empty0,
                                              const uint32_t (&a_off)[Ring::kWgM], const uint32_t (&e_off)[Ring::kWgM],
                                              const bool (&rows_real)[Ring::kWgM], BDesc b_desc, int lane) {
@@ -79,8 +80,8 @@ __device__ __forceinline__ void consume_ring(float (&acc)[Ring::kWgM][Ring::kBN 
     for (int r = 0; r < 2; ++r) {
       const int ks = k0 + r;
       if (ks < steps) {
-        const int s = ks % kStages;
-        sm90::mbar_wait(full0 + 8 * s, (ks / kStages) & 1);
+        const int s = (pos + ks) % kStages;
+        sm90::mbar_wait(full0 + 8 * s, ((pos + ks) / kStages) & 1);
         if constexpr (kGenericB) sm90::fence_proxy_async();  // cp.async writes, seen through the barrier, to wgmma
         const uint32_t stage = smem + s * stage_bytes;
 #pragma unroll
@@ -104,7 +105,7 @@ __device__ __forceinline__ void consume_ring(float (&acc)[Ring::kWgM][Ring::kBN 
 #pragma unroll
         for (int mi = 0; mi < kWgM; ++mi) sm90::fence_operands(acc[mi]);
         sm90::wgmma_wait<1>();  // the previous stage's wgmmas are done: its stage and registers are free
-        if (ks > 0 && lane == 0) sm90::mbar_arrive(empty0 + 8 * ((ks - 1) % kStages));
+        if (ks > 0 && lane == 0) sm90::mbar_arrive(empty0 + 8 * ((pos + ks - 1) % kStages));
 #pragma unroll
         for (int j = 0; j < kRecs; ++j)
 #pragma unroll
@@ -115,6 +116,7 @@ __device__ __forceinline__ void consume_ring(float (&acc)[Ring::kWgM][Ring::kBN 
   sm90::wgmma_wait<0>();
 #pragma unroll
   for (int mi = 0; mi < kWgM; ++mi) sm90::fence_operands(acc[mi]);
+  if (steps > 0 && lane == 0) sm90::mbar_arrive(empty0 + 8 * ((pos + steps - 1) % kStages));
 }
 
 // Epilogue of both sparse-wgmma kernels, run by every consumer thread once its accumulators are final:
@@ -171,15 +173,15 @@ __device__ __forceinline__ void store_tile(float (&acc)[kWgM][kBN / 2], const Vn
   }
 }
 
-// Split-k meeting point of the consumer warpgroups (gridDim.y k slices of one output tile, blockIdx.x): see
-// split_k_meet; true in the CTA that finishes the tile, with acc holding the sum.
+// Split-k meeting point of the consumer warpgroups for a segment that is part of its tile (seg.slices > 1): see
+// split_k_meet (the workspace holds p.ksplit partials per tile); true in the CTA that finishes the tile, with acc
+// holding the sum.
 template <int kWgM, int kAcc, int kConsumers>
-__device__ __forceinline__ bool split_k_finish(float (&acc)[kWgM][kAcc], const VnmParams& p) {
+__device__ __forceinline__ bool split_k_finish(float (&acc)[kWgM][kAcc], const VnmParams& p, const sm90::Segment& seg) {
   constexpr int kThreads = 128 * kConsumers, kFloats = kWgM * kAcc;
-  const int tile = blockIdx.x;
-  float* ws = p.ws + static_cast<size_t>(tile) * gridDim.y * kFloats * kThreads;
-  return split_k_meet(reinterpret_cast<float(&)[kFloats]>(acc), ws, blockIdx.y, gridDim.y, threadIdx.x - 128, kThreads,
-                      p.counters + tile, [] { sm90::named_barrier(2, kThreads); });
+  float* ws = p.ws + static_cast<size_t>(seg.tile) * p.ksplit * kFloats * kThreads;
+  return split_k_meet(reinterpret_cast<float(&)[kFloats]>(acc), ws, seg.slice, seg.slices, threadIdx.x - 128, kThreads,
+                      p.counters + seg.tile, [] { sm90::named_barrier(2, kThreads); });
 }
 #endif  // VNM_SM90A_ENABLED
 
@@ -246,18 +248,24 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
   __shared__ __align__(8) uint64_t full_bar[S::kStages];
   __shared__ __align__(8) uint64_t empty_bar[S::kStages];
   __shared__ int col_ring[S::kColAhead * S::kRows];  // [step % kColAhead][gathered row]: kept-column indices
+  __shared__ sm90::Segment current;                    // the consumers' present segment
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;  // 0: producer, 1..CONSUMERS: consumers
   const int warp = (tid / 32) % 4, lane = tid % 32;
   const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
-  const sm90::CtaTile cta = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N);
-  const uint32_t smem = cta.smem;
-  const int m0 = cta.m0, n0 = cta.n0;
-  const int blk0 = m0 / S::kV;  // first V-row block of the CTA (it may hold part of one when V > BM)
-  // Split-k (blockIdx.y = slice of gridDim.y): this CTA multiplies k steps [kbeg, kbeg + steps).
-  const int per_slice = (p.Kc + gridDim.y - 1) / gridDim.y;
-  const int kbeg = min(p.Kc, static_cast<int>(blockIdx.y) * per_slice), steps = min(p.Kc - kbeg, per_slice);
+  const uint32_t smem = sm90::aligned_smem(smem_raw);
+  // This CTA's share of all tiles' k steps (sm90::k_schedule: one slice of one tile, or stream-K), run one
+  // segment (one tile's part) at a time; producer and consumers walk the same segments through one ring.
+  // Registers are scarce on both sides (the producer has 40, the consumers hold accumulators), so only the steps
+  // done stay live: each segment is recomputed from the launch, from a fresh read of the CTA id that the compiler
+  // cannot hoist (else it holds the share's 64-bit bounds through the loop, and the producer spills).
+  auto segment = [&p](int done) {  // the segment `done` steps into this CTA's share
+    const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
+    return sm90::segment_at(sm90::cta_id_volatile(), done, p.Kc, tiles * p.Kc, p.ctas);
+  };
+  // Between segments the consumers' epilogue borrows the ring's memory: the producer waits for it here.
+  auto next_segment = [&] { sm90::named_barrier(3, S::kThreads); };
 
   // full: every producer thread, on its copies landing; empty: one lane per consumer warp.
   init_ring<S::kStages>(full0, empty0, 128, 4 * S::kConsumers);
@@ -266,59 +274,68 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
     // ------------------------------------------------------------------ producer: gather x^T rows
     sm90::setmaxnreg_dec<S::kProducerRegs>();
     const uint16_t* xt = static_cast<const uint16_t*>(p.xt);
-    const int own_row = sm90::owned_row(warp, lane);
-    const int own_blk = min(blk0 + own_row / 32, p.Bn - 1);  // rows past R: any valid block
-    const int* own_cols = p.cols + static_cast<size_t>(own_blk) * p.Gp * 4 + own_row % 32;
-    const bool owns = own_row < S::kRows;
-    // Column indices: every block's are requested into L2 up front, then each owning lane copies its row's index
-    // of step kc + kColAhead into the ring while step kc gathers. One commit group per step (empty for lanes that
-    // own no row), so `cp_async_wait<kColAhead - 1>` at step kc means step kc's index has landed.
-    if (warp == 0 && lane < S::kBlocks && blk0 + lane < p.Bn && steps > 0)
-      prefetch_l2_range(p.cols + (static_cast<size_t>(blk0 + lane) * p.Gp + 8 * kbeg) * 4,
-                        static_cast<uint32_t>(steps) * 32 * sizeof(int));
-    const uint32_t ring = smem_addr(col_ring) + own_row * 4;
-    auto fetch_col = [&](int j) {  // step j of the slice
-      if (owns && j < steps) cp_async_ca4(ring + (j % S::kColAhead) * S::kRows * 4, own_cols + 32 * (kbeg + j));
-      cp_async_commit();
-    };
-#pragma unroll
-    for (int j = 0; j < S::kColAhead; ++j) fetch_col(j);
-    // This thread's pieces: one 16-byte piece (tokens n0 + 8 * piece0 ..) of rows owner0, owner0 + RPI, ...
+    const bool owns = sm90::owned_row(warp, lane) < S::kRows;  // this lane fetches a gathered row's column indices
     constexpr int kRowsPerInstr = 32 / S::kPieces;
     constexpr uint32_t kDstStep = sm90::gather_dst_step(S::kPieces, S::kBN);
     const sm90::GatherPiece g0 = sm90::gather_piece(warp, lane, 0, S::kPieces);
     const int owner0 = g0.owner;
-    const bool piece_ok = n0 + 8 * g0.piece < p.Np;  // past the padded tokens: zero-fill, read nothing
-    const char* xt_n = reinterpret_cast<const char*>(xt + (piece_ok ? n0 + 8 * g0.piece : 0));
     const uint32_t row_bytes = 2u * static_cast<uint32_t>(p.Np);
     const uint32_t dst_base[2] = {sm90::gather_dst(warp, lane, 0, S::kPieces, S::kBN),
                                   sm90::gather_dst(warp, lane, S::kGatherIters > 1 ? 1 : 0, S::kPieces, S::kBN)};
+    const uint32_t ring = smem_addr(col_ring) + sm90::owned_row(warp, lane) * 4;
     const bool loads_a = tid == 0;
     if (loads_a) {
       sm90::prefetch_tensormap(&amap);
       sm90::prefetch_tensormap(&emap);
     }
-    for (int j = 0; j < steps; ++j) {  // step j of the slice: k step kc, ring stage s
-      const int kc = kbeg + j, s = j % S::kStages;
-      if (j >= S::kStages) sm90::mbar_wait(empty0 + 8 * s, ((j / S::kStages) - 1) & 1);
-      cp_async_wait<S::kColAhead - 1>();
-      const int col = owns ? static_cast<int>(lds32(ring + (j % S::kColAhead) * S::kRows * 4)) : 0;
-      const uint32_t stage = smem + s * S::kStageBytes;
-      if (loads_a) {  // announced before this thread's own copy arrival below, so the phase cannot end without it
-        const uint32_t a_stage = stage + S::kBlocks * S::kBTileBytes;
-        sm90::mbar_expect_tx(full0 + 8 * s, S::kABytes + S::kEBytes);
-        sm90::tma_load_2d(a_stage, &amap, kc * 64, m0 / 16, full0 + 8 * s);
-        sm90::tma_load_2d(a_stage + S::kABytes, &emap, kc * 16, m0 / 16, full0 + 8 * s);
-      }
+    for (int done = 0;;) {  // done: k steps gathered so far = the ring position
+      const sm90::Segment seg = segment(done);
+      const sm90::CtaTile tile = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N, seg.tile);
+      const int m0 = tile.m0, n0 = tile.n0, kbeg = seg.kbeg, steps = seg.steps;
+      const int blk0 = m0 / S::kV;  // first V-row block of the tile (it may hold part of one when V > BM)
+      const int tid_now = sm90::tid_volatile(), own_row = sm90::owned_row((tid_now / 32) % 4, tid_now % 32);
+      const int own_blk = min(blk0 + own_row / 32, p.Bn - 1);  // rows past R: any valid block
+      const int* own_cols = p.cols + static_cast<size_t>(own_blk) * p.Gp * 4 + own_row % 32;
+      // Column indices: every block's are requested into L2 up front, then each owning lane copies its row's index
+      // of step j + kColAhead into the ring while step j gathers. One commit group per step (empty for lanes that
+      // own no row), so `cp_async_wait<kColAhead - 1>` at step j means step j's index has landed.
+      if (warp == 0 && lane < S::kBlocks && blk0 + lane < p.Bn)
+        prefetch_l2_range(p.cols + (static_cast<size_t>(blk0 + lane) * p.Gp + 8 * kbeg) * 4,
+                          static_cast<uint32_t>(steps) * 32 * sizeof(int));
+      auto fetch_col = [&](int j) {  // step j of the segment
+        if (owns && j < steps) cp_async_ca4(ring + (j % S::kColAhead) * S::kRows * 4, own_cols + 32 * (kbeg + j));
+        cp_async_commit();
+      };
 #pragma unroll
-      for (int it = 0; it < S::kGatherIters; ++it) {
-        const int c = __shfl_sync(0xffffffffu, col, owner0 + it * kRowsPerInstr);
-        // One IMAD.WIDE.U32 per piece: c < C, so the row start is inside x^T (mapped even when zero-filling).
-        const char* src = xt_n + static_cast<uint64_t>(static_cast<uint32_t>(c)) * row_bytes;
-        cp_async_ca16(stage + dst_base[it % 2] + (it / 2) * kDstStep, src, piece_ok);
+      for (int j = 0; j < S::kColAhead; ++j) fetch_col(j);
+      // This thread's pieces: one 16-byte piece (tokens n0 + 8 * piece0 ..) of rows owner0, owner0 + RPI, ...
+      const bool piece_ok = n0 + 8 * g0.piece < p.Np;  // past the padded tokens: zero-fill, read nothing
+      const char* xt_n = reinterpret_cast<const char*>(xt + (piece_ok ? n0 + 8 * g0.piece : 0));
+      for (int j = 0; j < steps; ++j) {  // step j of the segment: k step kc, ring position pos, stage s
+        const int kc = kbeg + j, pos = done + j, s = pos % S::kStages;
+        if (pos >= S::kStages) sm90::mbar_wait(empty0 + 8 * s, ((pos / S::kStages) - 1) & 1);
+        cp_async_wait<S::kColAhead - 1>();
+        const int col = owns ? static_cast<int>(lds32(ring + (j % S::kColAhead) * S::kRows * 4)) : 0;
+        const uint32_t stage = smem + s * S::kStageBytes;
+        if (loads_a) {  // announced before this thread's own copy arrival below, so the phase cannot end without it
+          const uint32_t a_stage = stage + S::kBlocks * S::kBTileBytes;
+          sm90::mbar_expect_tx(full0 + 8 * s, S::kABytes + S::kEBytes);
+          sm90::tma_load_2d(a_stage, &amap, kc * 64, m0 / 16, full0 + 8 * s);
+          sm90::tma_load_2d(a_stage + S::kABytes, &emap, kc * 16, m0 / 16, full0 + 8 * s);
+        }
+#pragma unroll
+        for (int it = 0; it < S::kGatherIters; ++it) {
+          const int c = __shfl_sync(0xffffffffu, col, owner0 + it * kRowsPerInstr);
+          // One IMAD.WIDE.U32 per piece: c < C, so the row start is inside x^T (mapped even when zero-filling).
+          const char* src = xt_n + static_cast<uint64_t>(static_cast<uint32_t>(c)) * row_bytes;
+          cp_async_ca16(stage + dst_base[it % 2] + (it / 2) * kDstStep, src, piece_ok);
+        }
+        sm90::mbar_arrive_on_copies(full0 + 8 * s);  // fires when this thread's copies so far have landed
+        fetch_col(j + S::kColAhead);  // into the slot just read (`col` is consumed by the shuffles above)
       }
-      sm90::mbar_arrive_on_copies(full0 + 8 * s);  // fires when this thread's copies so far have landed
-      fetch_col(j + S::kColAhead);  // into the slot just read (`col` is consumed by the shuffles above)
+      if (seg.last) break;
+      done += steps;
+      next_segment();
     }
     sm90::cp_async_wait_all();  // no thread leaves with copies in flight
   } else {
@@ -327,23 +344,35 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
     const int cw = wg - 1;
     uint32_t a_off[S::kWgM], e_off[S::kWgM];  // warp's record of m64 tile mi within a stage
     uint32_t b_off[S::kWgM];                  // byte offset of the m64 tile's B tile within a stage
-    bool rows_real[S::kWgM];                  // false past R: TMA wrote zeros, metadata must still be a valid pair
 #pragma unroll
     for (int mi = 0; mi < S::kWgM; ++mi) {
       const int local = cw * S::kWgM + mi;  // m64 tile within the CTA
-      rows_real[mi] = m0 / 16 + local * 4 + warp < p.Rt;
       a_off[mi] = S::kBlocks * S::kBTileBytes + sm90::a_stage_offset(local * 4 + warp, 1, 0, lane);
       e_off[mi] = S::kBlocks * S::kBTileBytes + S::kABytes + sm90::e_stage_offset(local * 4 + warp, 1, 0, lane);
       b_off[mi] = sm90::b_tile_of(local, S::kV, S::kBM) * S::kBTileBytes;
     }
-    // One chunk per stage; B: the m64 tile's V-row block's gathered tile, N-major (transposed).
-    float acc[S::kWgM][S::kAcc];
-    consume_ring<T, S>(
-        acc, steps, smem, S::kStageBytes, full0, empty0, a_off, e_off, rows_real,
-        [&](uint32_t stage, int, int mi) { return sm90::b_desc(stage + b_off[mi], S::kBN); }, lane);
-
-    if (gridDim.y > 1 && !split_k_finish<S::kWgM, S::kAcc, S::kConsumers>(acc, p)) return;  // another slice finishes
-    store_tile<S::kWgM, S::kBN, S::kConsumers, T>(acc, p, smem_raw, smem, m0, n0);
+    // The segment lives in shared memory while the ring runs, so that no register beside the accumulators holds it.
+    for (int done = 0;;) {  // done: k steps consumed so far = the ring position
+      if (tid == 128) current = segment(done);
+      sm90::named_barrier(1, 128 * S::kConsumers);
+      int m0 = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N, current.tile).m0;
+      bool rows_real[S::kWgM];  // false past R: TMA wrote zeros, metadata must still be a valid pair
+#pragma unroll
+      for (int mi = 0; mi < S::kWgM; ++mi) rows_real[mi] = m0 / 16 + (cw * S::kWgM + mi) * 4 + warp < p.Rt;
+      // One chunk per stage; B: the m64 tile's V-row block's gathered tile, N-major (transposed).
+      float acc[S::kWgM][S::kAcc];
+      consume_ring<T, S>(
+          acc, current.steps, done, smem, S::kStageBytes, full0, empty0, a_off, e_off, rows_real,
+          [&](uint32_t stage, int, int mi) { return sm90::b_desc(stage + b_off[mi], S::kBN); }, lane);
+      const sm90::Segment seg = current;  // read again: the ring's barriers and fences ended the earlier reads
+      const sm90::CtaTile tile = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N, seg.tile);
+      // A tile shared with other CTAs is stored by whichever of them arrives last, with the partials summed in k order.
+      if (seg.slices == 1 || split_k_finish<S::kWgM, S::kAcc, S::kConsumers>(acc, p, seg))
+        store_tile<S::kWgM, S::kBN, S::kConsumers, T>(acc, p, smem_raw, smem, tile.m0, tile.n0);
+      if (seg.last) break;
+      done += seg.steps;
+      next_segment();
+    }
   }
 #endif  // VNM_SM90A_ENABLED
 }
@@ -419,9 +448,9 @@ cudaError_t launch_wgmma(const VnmParams& p, cudaStream_t stream) {
   err = a_tensor_maps(p, 1, S::kRowTiles, &amap, &emap);
   if (err != cudaSuccess) return err;
   const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
-  const int ks = p.ksplit > 1 ? p.ksplit : 1;
-  if (ks > 1 && (p.ws == nullptr || p.counters == nullptr)) return cudaErrorInvalidValue;
-  return launch_tiles<vnm_wgmma_kernel<Tile, T>>(dev, tiles, ks, S::kThreads, S::kSmemBytes, stream, p, amap, emap);
+  const long long ctas = p.ctas > 0 ? p.ctas : tiles;  // the binding's sm90::k_schedule; one CTA per tile without
+  if (ctas != tiles && (p.ws == nullptr || p.counters == nullptr)) return cudaErrorInvalidValue;
+  return launch_tiles<vnm_wgmma_kernel<Tile, T>>(dev, ctas, 1, S::kThreads, S::kSmemBytes, stream, p, amap, emap);
 }
 
 }  // namespace vnm

@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
   const int wg = tid / 128;  // 0: producer, 1..CONSUMERS: consumers
   const int warp = (tid / 32) % 4, lane = tid % 32;
   const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
-  const sm90::CtaTile cta = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N);
+  const sm90::CtaTile cta = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N, blockIdx.x);
   const uint32_t smem = cta.smem;
   const int m0 = cta.m0, n0 = cta.n0;
   const int steps = (p.Kc + kRecs - 1) / kRecs;  // 64-column stages
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
     // every m64 tile.
     float acc[S::kWgM][S::kAcc];
     consume_ring<T, S>(
-        acc, p.Kc, smem, S::kStageBytes, full0, empty0, a_off, e_off, rows_real,
+        acc, p.Kc, 0, smem, S::kStageBytes, full0, empty0, a_off, e_off, rows_real,
         [](uint32_t stage, int j, int) { return sm90::bk_desc(stage, 64u * j); }, lane);
 
     store_tile<S::kWgM, S::kBN, S::kConsumers, T>(acc, p, smem_raw, smem, m0, n0);
