@@ -4,10 +4,13 @@
     python bench/serving.py sweep [--shapes ...] [--patterns ...] [--n ...]   # -> bench/results/serving-<gpu>.{json,md,png}
     python bench/serving.py plot  bench/results/serving-<gpu>.json            # the picture again, from the JSON
     python bench/serving.py tables bench/results/serving-<gpu>.json           # -> src/vnmsparse/tables/speed-<gpu>-n*.json
+    python bench/serving.py merge bench/results/serving-<gpu>.json NEW.json   # NEW's cases replace the same cases
 
 `tune` times every compiled kernel that can run a case, at every k-split worth trying (stream-K included: ks0),
 calling the extension
 directly, and writes the fastest per case as the GPU's measured dispatch table (`vnmsparse.ops.tuned`).
+`merge` folds a sweep of some cases (a later run, e.g. after a kernel change) into the full sweep: each record
+keeps the run it came from (its own cuBLAS and 2:4 times are from that same run), and the markdown lists the runs.
 `tables` turns a sweep into the speed tables `vnm select` reads for that GPU, at the token counts of decode, serving
 and prefill: per pattern, the sum of cuBLAS times over the sweep's shapes divided by the sum of ours (so the larger
 layers weigh more, as in a model). `sweep` times the public path (`vnmsparse.ops.linear`: the op, dispatch, kernel) beside cuBLAS dense
@@ -249,14 +252,33 @@ def sweep(args) -> dict:
             "ceilings": ceiling, "records": records}
 
 
+def _run_of(result: dict) -> dict:
+    return {k: result[k] for k in ("date", "command", "torch", "cuda", "ceilings")}
+
+
+def merge(base: dict, new: dict) -> dict:
+    """`base` with every case that `new` measured replaced by new's record; each record names its run."""
+    key = lambda r: (r["R"], r["C"], r["N"], r["pattern"])  # noqa: E731
+    runs = base.get("runs") or [_run_of(base)]
+    fresh = {key(r): {**r, "run": len(runs)} for r in new["records"]}
+    records = [fresh.pop(key(r), {**r, "run": r.get("run", 0)}) for r in base["records"]] + list(fresh.values())
+    return {**base, "runs": [*runs, _run_of(new)], "records": records}
+
+
 def markdown(result: dict) -> str:
     recs = result["records"]
     patterns = list(dict.fromkeys(r["pattern"] for r in recs))
+    runs = result.get("runs") or [_run_of(result)]
     lines = [f"# Serving sweep on {result['gpu']}", "",
-             f"torch {result['torch']} (CUDA {result['cuda']}), bf16, {result['date']}; `{result['command']}`. Speedup = cuBLAS dense "
-             f"time / ours, both in CUDA graphs over weight copies > 2x L2, same run; 2:4 = PyTorch `to_sparse_semi_structured` "
-             f"(cuSPARSELt). Ceilings measured in this run: {result['ceilings']['copy_tbps']} TB/s device copy, "
-             f"{result['ceilings']['cublas_tflops']} TFLOP/s cuBLAS bf16 8192^3.", "", "## Worst case per pattern", "",
+             "Speedup = cuBLAS dense time / ours, both in CUDA graphs over weight copies > 2x L2, same run; 2:4 = PyTorch "
+             "`to_sparse_semi_structured` (cuSPARSELt). bf16. " + ("Runs (each record's dense and 2:4 times are from its own run):"
+                                                                   if len(runs) > 1 else "Run:"), ""]
+    for i, run in enumerate(runs):
+        n = sum(1 for r in recs if r.get("run", 0) == i)
+        lines.append(f"- run {i}: {run['date']}, torch {run['torch']} (CUDA {run['cuda']}), `{run['command']}`; ceilings "
+                     f"{run['ceilings']['copy_tbps']} TB/s device copy, {run['ceilings']['cublas_tflops']} TFLOP/s cuBLAS bf16 "
+                     f"8192^3; {n} records now from it")
+    lines += ["", "## Worst case per pattern", "",
              "| pattern | N range | worst speedup | where | best speedup |", "| --- | --- | ---: | --- | ---: |"]
     for p in patterns:
         for lo, hi in ((1, 16), (17, 1024), (2048, 8192)):
@@ -340,8 +362,9 @@ def speed_tables(result: dict, tokens: list[int], out_dir: Path) -> list[Path]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("tune", "sweep", "plot", "tables"))
-    parser.add_argument("json", nargs="?", type=Path, help="plot, tables: the sweep JSON to read")
+    parser.add_argument("mode", choices=("tune", "sweep", "plot", "tables", "merge"))
+    parser.add_argument("json", nargs="?", type=Path, help="plot, tables, merge: the sweep JSON to read")
+    parser.add_argument("new_json", nargs="?", type=Path, help="merge: the sweep whose cases replace the same cases")
     parser.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")], default=[16, 256, 2048],
                         help="tables: token counts (decode, serving, prefill) to write tables for")
     parser.add_argument("--shapes", type=lambda s: s.split(","), default=LLAMA_SHAPES, help="RxC list, comma-separated")
@@ -355,6 +378,12 @@ def main(argv=None) -> None:
                         help="tune: time only these variants (kind_tag, as in the table's candidates_us, e.g. "
                              "wgmma_v64_c2m1n64s8), e.g. those that won a previous tune; default: every candidate")
     args = parser.parse_args(argv)
+    if args.mode == "merge":
+        if not (args.json and args.json.is_file() and args.new_json and args.new_json.is_file()):
+            parser.error("merge needs two existing sweep JSON files: the full sweep, then the new one")
+        result = merge(json.loads(args.json.read_text()), json.loads(args.new_json.read_text()))
+        _write_sweep(result, args.json)
+        return
     if args.mode in ("plot", "tables"):
         if args.json is None or not args.json.is_file():
             parser.error(f"{args.mode} needs the sweep JSON (an existing file), got {args.json}")
@@ -379,13 +408,16 @@ def main(argv=None) -> None:
         out.write_text(json.dumps(table, indent=1) + "\n")
         print(f"wrote {out} ({len(table['entries'])} cases)")
     else:
-        result = sweep(args)
         out = (args.out or RESULTS) / f"serving-{gpu_slug(gpu)}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(result))
-        plot(result, out.with_suffix(".png"))
-        print(f"wrote {out} (+ .md, .png; {len(result['records'])} records)")
+        _write_sweep(sweep(args), out)
+
+
+def _write_sweep(result: dict, out: Path) -> None:
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} (+ .md, .png; {len(result['records'])} records)")
 
 
 if __name__ == "__main__":
