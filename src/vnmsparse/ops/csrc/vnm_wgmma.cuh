@@ -371,6 +371,7 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
         store_tile<S::kWgM, S::kBN, S::kConsumers, T>(acc, p, smem_raw, smem, tile.m0, tile.n0);
       if (seg.last) break;
       done += seg.steps;
+      sm90::fence_proxy_async();  // the epilogue's shared-memory accesses before the next TMA writes there
       next_segment();
     }
   }
@@ -448,9 +449,10 @@ cudaError_t launch_wgmma(const VnmParams& p, cudaStream_t stream) {
   err = a_tensor_maps(p, 1, S::kRowTiles, &amap, &emap);
   if (err != cudaSuccess) return err;
   const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
-  const long long ctas = p.ctas > 0 ? p.ctas : tiles;  // the binding's sm90::k_schedule; one CTA per tile without
-  if (ctas != tiles && (p.ws == nullptr || p.counters == nullptr)) return cudaErrorInvalidValue;
-  return launch_tiles<vnm_wgmma_kernel<Tile, T>>(dev, ctas, 1, S::kThreads, S::kSmemBytes, stream, p, amap, emap);
+  VnmParams q = p;  // the binding's sm90::k_schedule, or one CTA per tile
+  if (q.ctas <= 0) q.ctas = tiles, q.ksplit = 1;
+  if (q.ctas != tiles && (q.ws == nullptr || q.counters == nullptr)) return cudaErrorInvalidValue;
+  return launch_tiles<vnm_wgmma_kernel<Tile, T>>(dev, q.ctas, 1, S::kThreads, S::kSmemBytes, stream, q, amap, emap);
 }
 
 }  // namespace vnm
