@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +98,19 @@ def test_shipped_table_is_what_dispatch_picks(name):
         expected = by_name[f"{e['kind']}_bf16_{e['tag']}"]
         assert (variants.KERNELS[index], ks) == (expected, e["ksplit"]), e
         assert e["us"] <= min(e["candidates_us"].values()), e
+
+
+def test_committed_sweep_ran_what_dispatch_picks_now():
+    # The H200 serving sweep (bench/results/serving-h200.json) must describe the shipped table: every record's kernel
+    # and k-split are what the dispatcher picks for that case today, so a re-tuned table without a re-sweep fails.
+    path = Path(__file__).resolve().parents[2] / "bench" / "results" / "serving-h200.json"
+    records = json.loads(path.read_text())["records"]
+    dispatch._plan.cache_clear()
+    stale = []
+    for r in records:
+        V, _, M = (int(v) for v in r["pattern"].split(":"))
+        Kc = math.ceil(math.ceil(r["C"] / M) / 8)
+        index, ks = dispatch.plan(r["N"], r["R"], V, Kc, "bf16", 132, H200, 8 * M, "nvidia-h200")
+        if (variants.KERNELS[index].name, ks) != (r["kernel"], r["ksplit"]):
+            stale.append((r["R"], r["C"], r["N"], r["pattern"], r["kernel"], r["ksplit"], variants.KERNELS[index].name, ks))
+    assert not stale, stale[:5]
