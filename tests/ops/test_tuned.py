@@ -79,6 +79,22 @@ def test_a_table_with_an_impossible_split_is_refused(entry):
         tuned.parse({"entries": [entry]})
 
 
+def test_a_two_four_copy_call_runs_the_window_kernel_whenever_the_copy_is_taken():
+    # The copy (an unpermuted V:2:8 weight as V:2:4, pack window 32) is taken where the rules would run the window
+    # kernel on it. The H200 table measured no window-32 pack, so its choices (gather kernels timed on the V:2:8
+    # packs) must not run the copy: the gather on the copy reads twice the values and twice the rows of x^T.
+    dispatch._plan.cache_clear()
+    taken = 0
+    for R, C in ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)):
+        for N in (64, 128, 256, 384, 512, 768, 1024, 2048, 8192):
+            if not dispatch.uses_two_four_copy(N, R, 64, 8, 64, "bf16", 132, H200):
+                continue
+            taken += 1
+            index, ks = dispatch.plan(N, R, 64, C // 32, "bf16", 132, H200, 32, "nvidia-h200")
+            assert variants.KERNELS[index].variant.kind == "wgmma_window" and ks == 1, (R, C, N, variants.KERNELS[index].name)
+    assert taken >= 10
+
+
 def test_stream_k_constant_matches_the_kernel_header():
     header = (resources.files("vnmsparse") / "ops" / "csrc" / "vnm_sm90_layout.h").read_text()
     assert f"constexpr int kStreamK = {variants.STREAM_K};" in header

@@ -23,6 +23,7 @@ from .config import OpsConfig, config
 from .variants import DECODE_MAX_N, KERNELS, STREAM_K, Decode, Gemm, Kernel, Wgmma, WgmmaWindow
 
 _BY_NAME = {k.name: k for k in KERNELS}
+_WINDOW_KERNEL_WINDOWS = frozenset(k.window for k in KERNELS if isinstance(k.variant, WgmmaWindow))
 
 WGMMA_MIN_N = 256  # below it the mma.sp gemm kept every H100 case the rules see (the H200 has a measured table)
 WGMMA_MIN_WAVES = 0.5  # sparse wgmma only where its tiles fill half a wave
@@ -133,8 +134,13 @@ def _plan(N: int, R: int, V: int, Kc: int, dtype: str, sm_count: int, arch, cfg:
 
 
 def _measured(N: int, R: int, V: int, Kc: int, dtype: str, arch, wgmma: bool, window: int, gpu: str) -> tuple[int, int] | None:
-    """The measured table's (kernel index, k-split) for this call, if it has one that can run here."""
-    choice = tuned.lookup(tuned.load(gpu), N, R, V, Kc, window > 0)
+    """The measured table's (kernel index, k-split) for this call, if it has one that can run here. A pack that a
+    window kernel takes (the 2:4 copy) uses the table only where the table measured packs of its window: choices
+    timed on other packs never had the window kernel among their candidates."""
+    table = tuned.load(gpu)
+    if window in _WINDOW_KERNEL_WINDOWS and not any(c.window == window for c in table):
+        return None
+    choice = tuned.lookup(table, N, R, V, Kc, window > 0)
     if choice is None:
         return None
     kernel = _BY_NAME.get(choice.kernel_name(dtype))

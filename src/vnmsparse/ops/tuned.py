@@ -31,11 +31,16 @@ class Choice:
     V: int
     R: int
     Kc: int  # k chunks of 8 groups: ceil(ceil(C / M) / 8)
-    windowed: bool  # pack window > 0 (no folded input permutation)
+    window: int  # the pack's window (8M with no folded input permutation, else 0)
     N: int
     kind: str  # variants kind, e.g. "gemm"
     tag: str  # the variant's tag, e.g. "v64_m64n64w2x2s4"
     ksplit: int  # CTAs per output tile, or variants.STREAM_K (0)
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the measured pack kept its columns in their own groups (no folded input permutation)."""
+        return self.window > 0
 
     def kernel_name(self, dtype: str) -> str:
         return f"{self.kind}_{dtype}_{self.tag}"
@@ -58,7 +63,7 @@ def parse(record: dict) -> tuple[Choice, ...]:
     """Choices from a table's JSON record ({"entries": [...]}, as bench/tune_dispatch.py writes it)."""
     out = []
     for e in record["entries"]:
-        c = Choice(V=int(e["V"]), R=int(e["R"]), Kc=int(e["Kc"]), windowed=bool(e["window"]), N=int(e["N"]),
+        c = Choice(V=int(e["V"]), R=int(e["R"]), Kc=int(e["Kc"]), window=int(e["window"]), N=int(e["N"]),
                    kind=str(e["kind"]), tag=str(e["tag"]), ksplit=int(e["ksplit"]))
         if c.ksplit < 0 or (c.ksplit == STREAM_K and c.kind != "wgmma"):
             raise ValueError(f"dispatch table entry {e}: ksplit must be >= 1, or {STREAM_K} (stream-K) for a wgmma kernel")
