@@ -179,8 +179,8 @@ using vnm::cp_async_cg16;
 using vnm::cp_async_commit;
 using vnm::cp_async_wait;
 using vnm::ldmatrix_x4_trans;
-using vnm::lds128;
 using vnm::lds32;
+using vnm::lds_a_fragments;
 using vnm::prefetch_l2_range;
 using vnm::smem_addr;
 // d += A(16x32, 2:4) * B(32x8), bf16 in, fp32 accumulate; fragment layouts in vnm_common.cuh (MmaSp).
@@ -235,13 +235,7 @@ __global__ void __launch_bounds__(S::kThreads, S::MIN_CTAS) probe_kernel(const P
   // per-n-tile address step (window: +16 bytes; gather: recomputed, it is XOR-swizzled).
   auto compute = [&](int s, auto b_addr) {
     uint32_t a[S::kMT][4], e[S::kMT];
-#pragma unroll
-    for (int mi = 0; mi < S::kMT; ++mi) {
-      const int rec = wm * S::kMT + mi;
-      const uint4 v = lds128(stage_a(s) + (rec * 32 + lane) * 16);
-      a[mi][0] = v.x; a[mi][1] = v.y; a[mi][2] = v.z; a[mi][3] = v.w;
-      e[mi] = lds32(stage_e(s) + (rec * 16 + gid * 2 + (t & 1)) * 4);
-    }
+    lds_a_fragments<S::kMT>(a, e, stage_a(s), stage_e(s), wm * S::kMT, lane);
 #pragma unroll
     for (int ni = 0; ni < S::kNT; ++ni) {
       uint32_t b[4];

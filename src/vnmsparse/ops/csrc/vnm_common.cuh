@@ -207,4 +207,19 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   return r;
 }
 
+// This lane's mma.sp A fragments and metadata words of kMT consecutive packed 16-row records, from a stage's
+// records (`a_base`: 512 bytes each, pack.py's lane order) and metadata (`e_base`: 16 words each, lane 4*gid + t
+// takes word 2*gid + (t & 1)), starting at record `first`.
+template <int kMT>
+__device__ __forceinline__ void lds_a_fragments(uint32_t (&a)[kMT][4], uint32_t (&e)[kMT], uint32_t a_base, uint32_t e_base,
+                                                int first, int lane) {
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi) {
+    const int rec = first + mi;
+    const uint4 v = lds128(a_base + (rec * 32 + lane) * 16);
+    a[mi][0] = v.x; a[mi][1] = v.y; a[mi][2] = v.z; a[mi][3] = v.w;
+    e[mi] = lds32(e_base + (rec * 16 + (lane >> 2) * 2 + (lane & 1)) * 4);
+  }
+}
+
 }  // namespace vnm

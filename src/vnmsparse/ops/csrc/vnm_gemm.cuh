@@ -198,13 +198,7 @@ __global__ void __launch_bounds__(GemmShape<Tile>::kThreads, GemmShape<Tile>::kM
 
     const int s = (kc - kbeg) % S::kStages;
     uint32_t a[S::kMT][4], e[S::kMT];
-#pragma unroll
-    for (int mi = 0; mi < S::kMT; ++mi) {
-      const int rec = wm * S::kMT + mi;
-      const uint4 v = lds128(stage_a(s) + (rec * 32 + lane) * 16);
-      a[mi][0] = v.x; a[mi][1] = v.y; a[mi][2] = v.z; a[mi][3] = v.w;
-      e[mi] = lds32(stage_e(s) + (rec * 16 + gid * 2 + (t & 1)) * 4);
-    }
+    lds_a_fragments<S::kMT>(a, e, stage_a(s), stage_e(s), wm * S::kMT, lane);
 #pragma unroll
     for (int mb = 0; mb < S::kMT; mb += S::kMTPerBlock) {
       const int blk_l = S::kBlocks == 1 ? 0 : (wm * S::kWM + mb * 16) / S::kV;
