@@ -38,7 +38,7 @@ import torch
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import dispatch, packed_layout, variants
+from vnmsparse.ops import dispatch, packed_layout, tuned, variants
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "8192x8192", "28672x8192", "768x768", "3072x768", "768x3072"]
 NS = [1, 16, 128, 1024, 2048, 4096, 8192]
@@ -174,7 +174,8 @@ def run(args) -> list[dict]:
             ts = None
             for N, x in xs.items():
                 window = packed.window
-                if copy and dispatch.uses_two_four_copy(N, R, t.pattern.V, M, window, args.dtype, props.multi_processor_count, arch):
+                if copy and dispatch.uses_two_four_copy(N, R, C, t.pattern.V, M, window, args.dtype, props.multi_processor_count,
+                                                        arch, tuned.gpu_slug(props.name)):
                     window = 32  # ops.linear runs the weight's 2:4 copy (--two-four-copy)
                 kernel = dispatch.choose(N, R, t.pattern.V, args.dtype, props.multi_processor_count, arch, window)
                 vnm = functools.partial(ops.linear, x, t, two_four_copy=copy)  # the call every timing below makes

@@ -7,8 +7,11 @@
     python bench/serving.py merge bench/results/serving-<gpu>.json NEW.json   # NEW's cases replace the same cases
 
 `tune` times every compiled kernel that can run a case, at every k-split worth trying (stream-K included: ks0),
-calling the extension
-directly, and writes the fastest per case as the GPU's measured dispatch table (`vnmsparse.ops.tuned`).
+calling the extension directly, and writes the fastest per case as the GPU's measured dispatch table
+(`vnmsparse.ops.tuned`). A pattern written `64:2:8+copy` stands for the weight's per-layer 2:4 copy: `tune` times
+the window kernels on the copy's pack (the table then says, case by case, whether the copy beats the weight's own
+pack: `dispatch.uses_two_four_copy`), `sweep` times `ops.linear(..., two_four_copy=True)` and records which layout
+ran.
 `merge` folds a sweep of some cases (a later run, e.g. after a kernel change) into the full sweep: each record
 keeps the run it came from (its own cuBLAS and 2:4 times are from that same run), and the markdown lists the runs.
 `tables` turns a sweep into the speed tables `vnm select` reads for that GPU, at the token counts of decode, serving
@@ -70,15 +73,20 @@ def ceilings() -> dict:
     return {"copy_tbps": round(2 * src.numel() * 2 / (copy * 1e-6) / 1e12, 2), "cublas_tflops": round(2 * 8192**3 / (mm * 1e-6) / 1e12, 1)}
 
 
+COPY = "+copy"  # pattern suffix: the weight's per-layer 2:4 copy (`ops.linear(..., two_four_copy=True)`)
+
+
 class Case:
-    """One weight shape and pattern on the GPU: the compressed weight, its packed copies, a float64 dense reference."""
+    """One weight shape and pattern on the GPU: the compressed weight, its packed copies (of the 2:4 copy's pack
+    for a `+copy` pattern), a float64 dense reference."""
 
     def __init__(self, R: int, C: int, pattern: str, gen: torch.Generator):
         self.R, self.C = R, C
+        self.two_four = pattern.endswith(COPY)
         W = (torch.randn(R, C, device="cuda", generator=gen) + 0.1).to(torch.bfloat16)
-        self.tensor = vs.compress(W, pattern)
+        self.tensor = vs.compress(W, pattern.removesuffix(COPY))
         self.pattern = self.tensor.pattern
-        self.packed = packed_layout(self.tensor, torch.device("cuda"))
+        self.packed = packed_layout(self.tensor, torch.device("cuda"), two_four=self.two_four)
         self.copies = [self.packed] + [
             type(self.packed)(self.packed.a_vals.clone(), self.packed.a_meta.clone(), self.packed.cols.clone(),
                               self.packed.shape, self.packed.V, self.packed.M, self.packed.window)
@@ -112,10 +120,8 @@ def ksplits(kernel: variants.Kernel, N: int, R: int, Kc: int, sms: int) -> list[
     """The k-splits worth timing for a kernel: 1, its dispatch default, powers of two while the previous split
     left fewer than two waves of CTAs (beyond that a split only adds partial sums), and stream-K where the kernel
     has it (`variants.STREAM_K`, listed first)."""
-    if not kernel.splits_k:
-        return [1]
     stages = getattr(kernel.variant, "stages", 1)
-    most = max(1, Kc // (2 * (kernel.variant.warps if kernel.variant.kind == "decode" else stages)))
+    most = max(1, kernel.k_steps(Kc) // (2 * (kernel.variant.warps if kernel.variant.kind == "decode" else stages)))
     tile_m, tile_n = kernel.tile
     tiles = -(-R // tile_m) * -(-N // tile_n)
     found = {1, min(dispatch.ksplit(kernel, N, R, Kc, sms), most)}
@@ -148,6 +154,8 @@ def tune(args) -> dict:
                 for kernel in dispatch.candidates(N, case.pattern.V, "bf16", arch, case.packed.window):
                     if kernel.variant.kind.startswith("wgmma") and N < kernel.variant.BN // 2:
                         continue  # a tile more than half empty: never competitive
+                    if case.two_four and not kernel.window:
+                        continue  # the copy serves the window kernel; elsewhere the weight's own pack runs
                     if args.kernels and f"{kernel.variant.kind}_{kernel.variant.tag}" not in args.kernels:
                         continue
                     for ks in ksplits(kernel, N, R, Kc, sms):
@@ -226,19 +234,23 @@ def sweep(args) -> dict:
             s24, s24_note = (None, why24) if sparse24 is None else _time_or_none(
                 [lambda Si=Si: F.linear(x, Si) for Si in s24_copies], lambda: F.linear(x, sparse24))
             for pattern, case in cases.items():
-                y = ops.linear(x, case.tensor)
+                y = ops.linear(x, case.tensor, two_four_copy=case.two_four)
                 err = case.rel_err(x, y)
                 if not err <= TOL:
                     raise SystemExit(f"WRONG {shape} {pattern} N={N}: rel err {err:.2e}")
-                us = graph_us([lambda t=t: ops.linear(x, t) for t in tensors[pattern]])
-                kernel_index, ks = dispatch.plan(N, R, case.pattern.V, case.packed.a_vals.shape[1], "bf16",
-                                                 props.multi_processor_count, (props.major, props.minor), case.packed.window,
-                                                 tuned.gpu_slug(props.name))
-                moved = case.packed.nbytes + 2 * N * (C + R)
+                us = graph_us([lambda t=t: ops.linear(x, t, two_four_copy=case.two_four) for t in tensors[pattern]])
+                arch, sms, gpu = (props.major, props.minor), props.multi_processor_count, tuned.gpu_slug(props.name)
+                own = packed_layout(case.tensor, torch.device("cuda"))
+                on_copy = case.two_four and dispatch.uses_two_four_copy(N, R, C, case.pattern.V, case.pattern.M, own.window,
+                                                                         "bf16", sms, arch, gpu)
+                ran = case.packed if on_copy else own
+                kernel_index, ks = dispatch.plan(N, R, case.pattern.V, ran.a_vals.shape[1], "bf16", sms, arch, ran.window, gpu)
+                moved = ran.nbytes + 2 * N * (C + R)
                 rec = {"R": R, "C": C, "N": N, "pattern": pattern, "dense_us": round(dense, 2), "vnm_us": round(us, 2),
                        "speedup": round(dense / us, 3), "s24_us": None if s24 is None else round(s24, 2),
                        "s24_speedup": None if s24 is None else round(dense / s24, 3), "s24_note": s24_note,
-                       "kernel": variants.KERNELS[kernel_index].name, "ksplit": ks, "rel_err": float(f"{err:.2e}"),
+                       "kernel": variants.KERNELS[kernel_index].name, "ksplit": ks, "layout": "two_four" if on_copy else "vnm",
+                       "rel_err": float(f"{err:.2e}"),
                        "vnm_tbps": round(moved / (us * 1e-6) / 1e12, 2), "dense_tbps": round(2 * (R * C + N * (C + R)) / (dense * 1e-6) / 1e12, 2),
                        "dense_equiv_tflops": round(2 * R * C * N / (us * 1e-6) / 1e12, 1)}
                 rec["pct_of_copy_bw"] = round(100 * rec["vnm_tbps"] / ceiling["copy_tbps"], 1)
@@ -340,7 +352,7 @@ def speed_tables(result: dict, tokens: list[int], out_dir: Path) -> list[Path]:
     """`vnm select` tables (`select.SpeedTable` JSON) from a sweep, one per token count that the sweep measured."""
     written = []
     for n in tokens:
-        recs = [r for r in result["records"] if r["N"] == n]
+        recs = [r for r in result["records"] if r["N"] == n and not r["pattern"].endswith(COPY)]  # patterns only
         if not recs:
             raise SystemExit(f"--tokens: the sweep has no N = {n}")
         patterns = sorted({r["pattern"] for r in recs})

@@ -26,9 +26,11 @@ def wgmma_on_small(monkeypatch):
         monkeypatch.setattr(dispatch, "WGMMA_MIN_WAVES", 0.0)
         dispatch._choose.cache_clear()
         dispatch._plan.cache_clear()
+        dispatch._uses_two_four_copy.cache_clear()
         yield
     dispatch._choose.cache_clear()
     dispatch._plan.cache_clear()
+    dispatch._uses_two_four_copy.cache_clear()
 
 
 @pytest.fixture

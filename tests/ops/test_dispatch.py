@@ -71,17 +71,17 @@ def test_unpermuted_m4_takes_the_window_kernel_on_sm90_only(wgmma_on, V):
 def test_two_four_copy_only_where_it_pays(wgmma_on):
     # (N, R, V, M, window, dtype, SMs, arch): unpermuted V:2:8 with V <= 64, where the window kernel runs.
     use = dispatch.uses_two_four_copy
-    assert use(2048, 4096, 64, 8, 64, "bf16", 132, H100)
-    assert use(2048, 4096, 16, 8, 64, "fp16", 132, H100)
-    assert not use(16, 4096, 64, 8, 64, "bf16", 132, H100)  # decode: the V:2:8 layout moves half the bytes
-    assert not use(2048, 4096, 64, 8, 0, "bf16", 132, H100)  # permuted: kept columns anywhere, not 2:4
-    assert not use(2048, 4096, 128, 8, 64, "bf16", 132, H100)  # V = 128: the gather is as fast on large shapes
-    assert not use(2048, 4096, 64, 16, 128, "bf16", 132, H100)  # M = 16: the gather is faster, the copy 4x
-    assert not use(2048, 4096, 64, 5, 40, "bf16", 132, H100)  # M = 5: not 2:4
-    assert not use(2048, 4096, 64, 8, 64, "bf16", 108, (8, 0))  # no window kernel before sm_90
-    assert not use(256, 64, 64, 8, 64, "bf16", 132, H100)  # below half a wave of window tiles
+    assert use(2048, 4096, 4096, 64, 8, 64, "bf16", 132, H100)
+    assert use(2048, 4096, 4096, 16, 8, 64, "fp16", 132, H100)
+    assert not use(16, 4096, 4096, 64, 8, 64, "bf16", 132, H100)  # decode: the V:2:8 layout moves half the bytes
+    assert not use(2048, 4096, 4096, 64, 8, 0, "bf16", 132, H100)  # permuted: kept columns anywhere, not 2:4
+    assert not use(2048, 4096, 4096, 128, 8, 64, "bf16", 132, H100)  # V = 128: the gather is as fast on large shapes
+    assert not use(2048, 4096, 4096, 64, 16, 128, "bf16", 132, H100)  # M = 16: the gather is faster, the copy 4x
+    assert not use(2048, 4096, 4096, 64, 5, 40, "bf16", 132, H100)  # M = 5: not 2:4
+    assert not use(2048, 4096, 4096, 64, 8, 64, "bf16", 108, (8, 0))  # no window kernel before sm_90
+    assert not use(256, 64, 4096, 64, 8, 64, "bf16", 132, H100)  # below half a wave of window tiles
     with configure(wgmma=False):
-        assert not use(2048, 4096, 64, 8, 64, "bf16", 132, H100)  # the window kernel is a sparse-wgmma kernel
+        assert not use(2048, 4096, 4096, 64, 8, 64, "bf16", 132, H100)  # the window kernel is a sparse-wgmma kernel
 
 
 @pytest.mark.parametrize("V", limits.SUPPORTED_V)
@@ -93,7 +93,7 @@ def test_the_two_four_copy_rule_is_the_one_the_dispatch_reads(wgmma_on, V, M, wi
     refusal = dispatch.two_four_copy_refusal(V, M, window)
     assert (refusal is None) == (M == 8 and V <= 64 and window in (None, 64))
     if window is not None:
-        assert dispatch.uses_two_four_copy(8192, 8192, V, M, window, "bf16", 132, H100) == (refusal is None)
+        assert dispatch.uses_two_four_copy(8192, 8192, 8192, V, M, window, "bf16", 132, H100) == (refusal is None)
     if refusal is not None:
         assert (f"not {V}:2:{M}" in refusal) or "unpermuted" in refusal
 

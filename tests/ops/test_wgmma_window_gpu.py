@@ -5,9 +5,10 @@ Every compiled `WgmmaWindow` variant runs directly (by its table index) over odd
 kernel takes any), R not a multiple of the tile nor of 16, C not a multiple of 4, of 8 or of 64 (padding slots,
 the zero-filled TMA tail, a last stage with one chunk), N = 1, 3, 17, 100, 257, 4095, one stage to many (ring
 wrap-around), bias or not, both dtypes, x as it comes and x that TMA cannot read in place (a column-offset view:
-the binding copies it). Then the public path: unpermuted M = 4 weights take the window kernel, permuted ones and
-M = 8 the gathering kernel (or, asked for, their 2:4 copy: per call and per layer); leading dims, CUDA-graph replay, bitwise repeatability,
-and the refusal of a pack without the window. Skipped unless the GPU is sm_90 (tools/gpu_check.sh runs them, once under compute-sanitizer).
+the binding copies it), split-k (3 slices, more than some shapes' stages) and stream-K. Then stream-K's
+determinism, also under CUDA-graph replay. Then the public path: unpermuted M = 4 weights take the window kernel,
+permuted ones and M = 8 the gathering kernel (or, asked for, their 2:4 copy: per call and per layer); leading dims,
+CUDA-graph replay, bitwise repeatability, and the refusal of a pack without the window. Skipped unless the GPU is sm_90 (tools/gpu_check.sh runs them, once under compute-sanitizer).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, run_kernel
 
 from vnmsparse import ops
-from vnmsparse.ops import dispatch, packed_layout, variants
+from vnmsparse.ops import dispatch, packed_layout, tuned, variants
+from vnmsparse.ops.variants import STREAM_K
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 (Hopper) GPU")]
@@ -49,8 +51,36 @@ def test_window_kernel(ext, kernel):
             else:
                 x = torch.randn(N, C, device="cuda").to(dtype)
             bias = torch.randn(R, device="cuda").to(dtype) if (s + i) % 2 == 0 else None
-            y = run_kernel(ext, kernel, t, x, bias)
-            check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} V={V} N={N}")
+            # Split-k in 64-column stages (3 slices: uneven, or more than the stages of a short C), and stream-K.
+            for ksplit in (1, 3, STREAM_K) if i == 0 else (1, STREAM_K):
+                y = run_kernel(ext, kernel, t, x, bias, ksplit)
+                check(y, fp64_reference(x, t, bias), dtype, f"{kernel.name} R={R} C={C} V={V} N={N} ksplit={ksplit}")
+
+
+@pytest.mark.parametrize("R,N", [(6144, 384), (4096, 128), (1000, 4095)])
+def test_window_stream_k_is_deterministic_and_matches(ext, R, N):
+    # Stream-K over the SMs: tiles split at uneven stages (96 tiles of 128 x 256 or 192 of 128 x 128 at 6144 x 384;
+    # 32 tiles at 4096 x 128, up to five CTAs a tile) and many tiles per CTA (N = 4095). The partials meet in k
+    # order, so two runs agree bit for bit, also replayed in a CUDA graph.
+    for kernel in WINDOW_KERNELS:
+        dtype = DTYPES[kernel.dtype]
+        t = random_vnm(R, 4096, "64:2:4", dtype=dtype, device="cuda", seed=R + N)
+        x = torch.randn(N, 4096, device="cuda").to(dtype)
+        y1, y2 = run_kernel(ext, kernel, t, x, ksplit=STREAM_K), run_kernel(ext, kernel, t, x, ksplit=STREAM_K)
+        assert torch.equal(y1, y2), kernel.name
+        check(y1, fp64_reference(x, t), dtype, f"{kernel.name} stream-K R={R} N={N}")
+    p = packed_layout(t, x.device)
+    graph, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ext.run(x, p.a_vals, p.a_meta, p.cols, None, R, 4096, 64, kernel.index, STREAM_K, None, p.window)  # warm-up
+        with torch.cuda.graph(graph, stream=s):
+            y_graph = ext.run(x, p.a_vals, p.a_meta, p.cols, None, R, 4096, 64, kernel.index, STREAM_K, None, p.window)
+    for _ in range(2):
+        y_graph.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_graph, y1), f"{kernel.name} stream-K graph replay R={R} N={N}"
 
 
 def test_window_kernel_refuses_a_pack_without_the_window(ext):
@@ -68,7 +98,7 @@ def test_window_is_repeatable_and_matches_the_gather(ext):
     t = random_vnm(1024, 2048, f"64:2:{M}", device="cuda", seed=3)
     x = torch.randn(1024, 2048, device="cuda").to(torch.bfloat16)
     y1, y2 = run_kernel(ext, kernel, t, x), run_kernel(ext, kernel, t, x)
-    assert torch.equal(y1, y2)  # no split-k, no atomics: bitwise repeatable
+    assert torch.equal(y1, y2)  # no atomics: bitwise repeatable
     ref = fp64_reference(x, t)
     check(y1, ref, torch.bfloat16, f"window 1024x2048 N=1024 M={M}")
     # Same products, fp32 sums in another order: as close to the gather kernel as to the reference.
@@ -97,15 +127,21 @@ def test_cuda_graph_replay_with_the_window_kernel(wgmma_on_small):
 
 @pytest.mark.parametrize("pattern", ["64:2:8", "16:2:8"])
 def test_public_linear_on_the_two_four_copy(wgmma_on_small, pattern):
-    # ops.linear(..., two_four_copy=True): large-N calls on unpermuted V:2:8 weights run the window kernel on the
-    # weight's 2:4 copy (built on first use, cached beside the V:2:8 layout); decode calls keep the V:2:8 layout.
+    # ops.linear(..., two_four_copy=True): calls that the dispatch gives the copy (serving N where the GPU's table
+    # measured it faster, large N beyond the table) run the window kernel on the weight's 2:4 copy (built on first
+    # use, cached beside the V:2:8 layout); decode calls keep the V:2:8 layout.
     t = random_vnm(1000, 1001, pattern, device="cuda", seed=4)  # C % 8 != 0: a partial group and a short last quad
     bias = torch.randn(1000, device="cuda").to(torch.bfloat16)
-    for N in (1, 300):
+    props = torch.cuda.get_device_properties(0)
+    built = False
+    for N in (1, 300, 2048):
         x = torch.randn(N, 1001, device="cuda").to(torch.bfloat16)
         y = ops.linear(x, t, bias, two_four_copy=True)
         check(y, fp64_reference(x, t, bias), torch.bfloat16, f"{pattern} two-four copy N={N}")
-        assert ((x.device, "2:4") in t.layouts) == (N > 16)
+        built |= dispatch.uses_two_four_copy(N, 1000, 1001, t.pattern.V, 8, 64, "bf16", props.multi_processor_count,
+                                             (9, 0), tuned.gpu_slug(props.name))
+        assert ((x.device, "2:4") in t.layouts) == built
+        assert built == (N > 16) or N == 300  # decode never; beyond the table (2048) the rules' window kernel
     plain = random_vnm(1000, 1001, pattern, device="cuda", seed=5)
     ops.linear(x, plain)  # without the flag: no copy, whatever the size
     assert (x.device, "2:4") not in plain.layouts

@@ -10,7 +10,9 @@ Rules. Decode (N <= DECODE_MAX_N): the memory-bound kernel with the fewest 8-tok
 half a wave; for weights whose kept columns stay in their own groups of M = 4 (pack `window` = 32) the window
 kernel, which reads x's tiles by TMA. Otherwise the mma.sp gemm tile of best `rank`, or the smallest tile when
 that would not fill one wave. `rank`, tile sizes and everything else about a kernel come from `variants`.
-Unpermuted V:2:8 weights (V <= 64) that hold a 2:4 copy take the window kernel on it at large N (`uses_two_four_copy`).
+Unpermuted V:2:8 weights (V <= 64) that hold a 2:4 copy run on it where the window kernel on the copy was
+measured faster than the weight's own pack, or without a measurement where the rules run the window kernel
+(`uses_two_four_copy`). The rules never split the window kernel's k range (unmeasured on GPUs without a table).
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from .config import OpsConfig, config
 from .variants import DECODE_MAX_N, KERNELS, STREAM_K, Decode, Gemm, Kernel, Wgmma, WgmmaWindow
 
 _BY_NAME = {k.name: k for k in KERNELS}
-_WINDOW_KERNEL_WINDOWS = frozenset(k.window for k in KERNELS if isinstance(k.variant, WgmmaWindow))
 
 WGMMA_MIN_N = 256  # below it the mma.sp gemm kept every H100 case the rules see (the H200 has a measured table)
 WGMMA_MIN_WAVES = 0.5  # sparse wgmma only where its tiles fill half a wave
 SMALL_BELOW_WAVES = 1.0  # the smallest gemm tile where the preferred one would not fill a wave
 TWO_FOUR_COPY_M = 8  # the 2:4 copy pays for M = 8 only: at M = 16 it would hold 4x the values
 TWO_FOUR_COPY_MAX_V = 64  # V = 128's gather is as fast on large shapes
+TWO_FOUR_WINDOW = 32  # the copy's pack window: V:2:4, every kept column in its own group of 4
 
 
 def two_four_copy_refusal(V: int, M: int, window: int | None) -> str | None:
@@ -43,13 +45,33 @@ def two_four_copy_refusal(V: int, M: int, window: int | None) -> str | None:
     return None
 
 
-def uses_two_four_copy(N: int, R: int, V: int, M: int, window: int, dtype: str, sm_count: int, arch) -> bool:
+def uses_two_four_copy(N: int, R: int, C: int, V: int, M: int, window: int, dtype: str, sm_count: int, arch,
+                       gpu: str = "") -> bool:
     """Whether a call on a weight with a 2:4 copy should run on it: a weight that can have one
-    (`two_four_copy_refusal`) and a problem the window kernel would take (sm_90, N >= WGMMA_MIN_N, half a wave)."""
+    (`two_four_copy_refusal`), and where the GPU's measured table (`gpu`: its `tuned.gpu_slug`) timed both packs
+    for this case, the copy's (window kernel) measured faster than the weight's own; elsewhere where the rules
+    would run the window kernel on it (sm_90, N >= WGMMA_MIN_N, half a wave)."""
+    return _uses_two_four_copy(N, R, C, V, M, window, dtype, sm_count, None if arch is None else tuple(arch), config(), gpu)
+
+
+@functools.lru_cache(maxsize=4096)  # asked on every call of a layer that holds a copy
+def _uses_two_four_copy(N: int, R: int, C: int, V: int, M: int, window: int, dtype: str, sm_count: int, arch,
+                        cfg: OpsConfig, gpu: str) -> bool:
     if two_four_copy_refusal(V, M, window) is not None:
         return False
-    kernel = _choose(N, R, V, dtype, sm_count, None if arch is None else tuple(arch), config(), 32)
+    if cfg.wgmma and arch == (9, 0):
+        table = tuned.load(gpu)
+        copy = tuned.lookup(table, N, R, V, _chunks(C, 4), TWO_FOUR_WINDOW)
+        own = tuned.lookup(table, N, R, V, _chunks(C, M), window)
+        if copy is not None and own is not None:
+            return copy.us < own.us
+    kernel = _choose(N, R, V, dtype, sm_count, arch, cfg, TWO_FOUR_WINDOW)
     return isinstance(kernel.variant, WgmmaWindow)
+
+
+def _chunks(C: int, M: int) -> int:
+    """Packed chunks (k = 32 kept columns: 8 groups of M) of C input columns."""
+    return math.ceil(math.ceil(C / M) / 8)
 
 
 def candidates(N: int, V: int, dtype: str, arch: tuple[int, int] | None = None, window: int = 0) -> list[Kernel]:
@@ -134,13 +156,8 @@ def _plan(N: int, R: int, V: int, Kc: int, dtype: str, sm_count: int, arch, cfg:
 
 
 def _measured(N: int, R: int, V: int, Kc: int, dtype: str, arch, wgmma: bool, window: int, gpu: str) -> tuple[int, int] | None:
-    """The measured table's (kernel index, k-split) for this call, if it has one that can run here. A pack that a
-    window kernel takes (the 2:4 copy) uses the table only where the table measured packs of its window: choices
-    timed on other packs never had the window kernel among their candidates."""
-    table = tuned.load(gpu)
-    if window in _WINDOW_KERNEL_WINDOWS and not any(c.window == window for c in table):
-        return None
-    choice = tuned.lookup(table, N, R, V, Kc, window > 0)
+    """The measured table's (kernel index, k-split) for this call, if it has one that can run here."""
+    choice = tuned.lookup(tuned.load(gpu), N, R, V, Kc, window)
     if choice is None:
         return None
     kernel = _BY_NAME.get(choice.kernel_name(dtype))
@@ -150,15 +167,16 @@ def _measured(N: int, R: int, V: int, Kc: int, dtype: str, arch, wgmma: bool, wi
         return None
     if choice.ksplit == STREAM_K:
         return (kernel.index, STREAM_K) if kernel.streams_k else None
-    return kernel.index, min(choice.ksplit, max(Kc, 1)) if kernel.splits_k else 1
+    return kernel.index, min(choice.ksplit, max(kernel.k_steps(Kc), 1))
 
 
 def ksplit(kernel: Kernel, N: int, R: int, Kc: int, sm_count: int) -> int:
-    """k slices for a kernel without a measured choice: `decode_ksplit`'s model for decode; for the tensor-core
-    kernels the fewest slices that give one wave of CTAs, keeping at least 2 x STAGES chunks per slice."""
+    """k slices for a kernel without a measured choice: `decode_ksplit`'s model for decode; none for the window
+    kernel; for the other tensor-core kernels the fewest slices that give one wave of CTAs, keeping at least
+    2 x STAGES chunks per slice."""
     if isinstance(kernel.variant, Decode):
         return decode_ksplit(kernel, R, Kc, sm_count)
-    if not kernel.splits_k:
+    if isinstance(kernel.variant, WgmmaWindow):
         return 1
     v = kernel.variant
     tiles = math.ceil(R / v.BM) * math.ceil(N / v.BN)

@@ -131,8 +131,8 @@ def _wants_two_four_copy(x: torch.Tensor, R: int, C: int, V: int, M: int, window
     N = x.numel() // C
     if not isinstance(N, int):  # symbolic under torch.compile's dynamic shapes: keep the V:2:M layout
         return False
-    _, _, sms, arch, _ = _device_info(x.get_device())
-    return dispatch.uses_two_four_copy(N, R, V, M, window, _DTYPE_TAGS[x.dtype], sms, arch)
+    _, _, sms, arch, gpu = _device_info(x.get_device())
+    return dispatch.uses_two_four_copy(N, R, C, V, M, window, _DTYPE_TAGS[x.dtype], sms, arch, gpu)
 
 
 def two_four_copy_pays(packed: PackedVNM) -> bool:
@@ -140,9 +140,9 @@ def two_four_copy_pays(packed: PackedVNM) -> bool:
     `VNMLinear` asked for one builds it only then, when it packs, never inside a forward."""
     if packed.device.type != "cuda" or packed.dtype not in _DTYPE_TAGS:
         return False
-    _, _, sms, arch, _ = _device_info(packed.device.index if packed.device.index is not None else torch.cuda.current_device())
-    R, _ = packed.shape
-    return dispatch.uses_two_four_copy(1 << 16, R, packed.V, packed.M, packed.window, _DTYPE_TAGS[packed.dtype], sms, arch)
+    _, _, sms, arch, gpu = _device_info(packed.device.index if packed.device.index is not None else torch.cuda.current_device())
+    R, C = packed.shape
+    return dispatch.uses_two_four_copy(1 << 16, R, C, packed.V, packed.M, packed.window, _DTYPE_TAGS[packed.dtype], sms, arch, gpu)
 
 
 def check_two_four_copy(flag: object, weight: VNMTensor | PackedVNM) -> None:

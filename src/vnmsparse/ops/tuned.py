@@ -2,9 +2,10 @@
 
 A table (`vnmsparse/tables/dispatch-<gpu_slug>.json`, written by `bench/serving.py tune` on that GPU) lists, per
 measured case (V, M, R, C, N, pack window), the kernel and k-split that ran fastest in CUDA graphs with the
-weights rotated beyond L2. A call is matched to the nearest measured shape of the same V and pack kind (log
-distance over rows R and k chunks Kc) and to the smallest measured N at or above its own; calls beyond the
-largest measured N, or on GPUs without a table, go to the rules in `dispatch`.
+weights rotated beyond L2, and its time. A call is matched to the nearest measured shape of the same V and pack
+kind (log distance over rows R and k chunks Kc) and to the smallest measured N at or above its own; calls beyond
+the largest measured N, or on GPUs without a table, go to the rules in `dispatch`. Packs that a window kernel
+takes (the 2:4 copy: window 32) and the others are never matched to each other's entries: their candidates differ.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from .variants import STREAM_K
+from .variants import KERNELS, STREAM_K, WgmmaWindow
+
+WINDOW_KERNEL_WINDOWS = frozenset(k.window for k in KERNELS if isinstance(k.variant, WgmmaWindow))
 
 
 def gpu_slug(name: str) -> str:
@@ -36,6 +39,7 @@ class Choice:
     kind: str  # variants kind, e.g. "gemm"
     tag: str  # the variant's tag, e.g. "v64_m64n64w2x2s4"
     ksplit: int  # CTAs per output tile, or variants.STREAM_K (0)
+    us: float  # its time per call, as tuned (CUDA graphs, weights beyond L2)
 
     @property
     def windowed(self) -> bool:
@@ -64,17 +68,22 @@ def parse(record: dict) -> tuple[Choice, ...]:
     out = []
     for e in record["entries"]:
         c = Choice(V=int(e["V"]), R=int(e["R"]), Kc=int(e["Kc"]), window=int(e["window"]), N=int(e["N"]),
-                   kind=str(e["kind"]), tag=str(e["tag"]), ksplit=int(e["ksplit"]))
-        if c.ksplit < 0 or (c.ksplit == STREAM_K and c.kind != "wgmma"):
-            raise ValueError(f"dispatch table entry {e}: ksplit must be >= 1, or {STREAM_K} (stream-K) for a wgmma kernel")
+                   kind=str(e["kind"]), tag=str(e["tag"]), ksplit=int(e["ksplit"]), us=float(e["us"]))
+        if c.ksplit < 0 or (c.ksplit == STREAM_K and c.kind not in ("wgmma", "wgmma_window")):
+            raise ValueError(f"dispatch table entry {e}: ksplit must be >= 1, or {STREAM_K} (stream-K) for a sparse-wgmma kernel")
         out.append(c)
     return tuple(out)
 
 
-def lookup(choices: tuple[Choice, ...], N: int, R: int, V: int, Kc: int, windowed: bool) -> Choice | None:
-    """The measured choice for this call: nearest shape of the same V and pack kind, then the smallest measured
-    N >= this N (None beyond the largest measured N or without a same-V entry)."""
-    same = [c for c in choices if c.V == V and c.windowed == windowed] or [c for c in choices if c.V == V]
+def lookup(choices: tuple[Choice, ...], N: int, R: int, V: int, Kc: int, window: int) -> Choice | None:
+    """The measured choice for a call on a pack of this `window`: nearest shape among the same V's entries of the
+    same pack window (else of the same pack kind, windowed or not, else any), then the smallest measured N >= this N
+    (None beyond the largest measured N or without such an entry). A pack a window kernel takes matches entries of
+    its own window only, and no other pack matches those."""
+    takes_window_kernel = window in WINDOW_KERNEL_WINDOWS
+    pool = [c for c in choices if c.V == V and (c.window in WINDOW_KERNEL_WINDOWS) == takes_window_kernel]
+    same = ([c for c in pool if c.window == window] or [c for c in pool if c.windowed == (window > 0)]
+            or (pool if not takes_window_kernel else []))
     if not same:
         return None
     dist = lambda c: (math.log(c.R / R) ** 2 + math.log(c.Kc / max(Kc, 1)) ** 2, c.R, c.Kc)  # noqa: E731

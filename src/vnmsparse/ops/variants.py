@@ -212,10 +212,17 @@ class WgmmaWindow(_Generated):
 
 
 def _wgmma_window_variants() -> list[WgmmaWindow]:
-    # The 128 x 256 tile with 4 stages: as fast or faster than 5 stages or 256 x 128 on every case measured
-    # (history/kernel-h100-window-smem.json); M = 8 (records expanded in registers) and 2-CTA clusters sharing x
-    # were slower (docs/kernels.md).
-    return [WgmmaWindow(M=4, consumers=2, wg_m=1, BN=256, stages=4)]
+    # The 128 x 256 tile with 4 stages: as fast or faster than 5 stages or 256 x 128 on every case measured at large
+    # N (history/kernel-h100-window-smem.json). Serving batches (N = 48..1024) get narrower tiles with the work split
+    # (split-k, stream-K): 256 x 128 reads x once for four m64 tiles (the fewest x bytes per FLOP), 128 x 128 and
+    # 128 x 64 give more CTAs; their stages are small, so more of them are in flight. M = 8 (records expanded in
+    # registers) and 2-CTA clusters sharing x were slower (docs/kernels.md).
+    return [
+        WgmmaWindow(M=4, consumers=2, wg_m=1, BN=256, stages=4, rank=0),
+        WgmmaWindow(M=4, consumers=2, wg_m=2, BN=128, stages=5, rank=1),
+        WgmmaWindow(M=4, consumers=2, wg_m=1, BN=128, stages=6, rank=2),
+        WgmmaWindow(M=4, consumers=2, wg_m=1, BN=64, stages=8, rank=3),
+    ]
 
 
 def _wgmma_variants() -> list[Wgmma]:
@@ -296,15 +303,18 @@ class Kernel:
         return self.variant.BM, self.variant.BN
 
     @property
-    def splits_k(self) -> bool:
-        """Whether the kernel can split its k chunks over CTAs (`ksplit` > 1): all but the window kernel."""
-        return isinstance(self.variant, (Decode, Gemm, Wgmma))
-
-    @property
     def streams_k(self) -> bool:
         """Whether the kernel takes `ksplit` = STREAM_K: one CTA per SM, each an equal share of all tiles' k steps
-        (`sm90::k_schedule`), so the last wave is not left part-empty. The gathering sparse-wgmma kernel."""
-        return isinstance(self.variant, Wgmma)
+        (`sm90::k_schedule`), so the last wave is not left part-empty. The sparse-wgmma kernels (gather, window).
+        Every kernel takes `ksplit` > 1 (k slices per output tile)."""
+        return isinstance(self.variant, (Wgmma, WgmmaWindow))
+
+    def k_steps(self, Kc: int) -> int:
+        """k steps of one output tile over `Kc` packed chunks (what `ksplit` divides): chunks, or for the window
+        kernel its stages of 64 columns of x (64 / window chunks each)."""
+        if isinstance(self.variant, WgmmaWindow):
+            return -(-Kc // (64 // self.window))
+        return Kc
 
 
 KERNELS: tuple[Kernel, ...] = tuple(

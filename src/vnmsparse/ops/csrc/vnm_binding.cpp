@@ -142,7 +142,8 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   VNM_CHECK(N <= entry.max_n, kOp, ": kernel ", entry.name, " takes at most N=", entry.max_n, " tokens, got ", N);
   VNM_CHECK(entry.rows * 16 <= V, kOp, ": kernel ", entry.name, " needs V >= ", entry.rows * 16, ", got V=", V);
   VNM_CHECK(ksplit >= 0 && ksplit <= 4096, kOp, ": ksplit must be in 1..4096, or 0 (stream-K), got ", ksplit);
-  VNM_CHECK(ksplit != vnm::sm90::kStreamK || entry.kind == vnm::KernelKind::kWgmma, kOp,
+  const bool sm90_kernel = entry.kind == vnm::KernelKind::kWgmma || entry.kind == vnm::KernelKind::kWgmmaWindow;
+  VNM_CHECK(ksplit != vnm::sm90::kStreamK || sm90_kernel, kOp,
             ": ksplit=0 (stream-K) is for the sparse-wgmma kernels only, not ", entry.name);
   VNM_CHECK(window == 0 || (window % 8 == 0 && window >= 32 && window <= 256), kOp,
             ": window must be 0 or 8*M for M in 4..32 (what pack_for_device computed), got ", window);
@@ -200,16 +201,19 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   p.ksplit = 1;
   const int64_t tiles = ((R + entry.tile_m - 1) / entry.tile_m) * ((N + entry.tile_n - 1) / entry.tile_n);
   int64_t shared_slices = 1;  // k slices of an output tile that more than one CTA computes (1: none)
-  if (entry.kind == vnm::KernelKind::kWgmma) {
+  if (sm90_kernel) {
+    // Scheduled in ring steps: one chunk (gather), or a 64-column stage of 64 / window chunks (window kernel).
+    const int64_t per_step = entry.kind == vnm::KernelKind::kWgmmaWindow ? vnm::sm90::kWindowCols / entry.window : 1;
+    const int64_t steps = (Kc + per_step - 1) / per_step;
     const int sms = vnm::sm_count(x.device().index());
     VNM_CHECK(sms > 0, kOp, ": cannot read the SM count of ", x.device());
-    const vnm::sm90::KSchedule sched = vnm::sm90::k_schedule(tiles, static_cast<int>(Kc), static_cast<int>(ksplit), sms);
+    const vnm::sm90::KSchedule sched = vnm::sm90::k_schedule(tiles, static_cast<int>(steps), static_cast<int>(ksplit), sms);
     // The kernel's share arithmetic multiplies a step index by the CTA count in 64 bits.
-    VNM_CHECK(sched.ctas <= (int64_t(1) << 62) / (tiles * Kc + 1), kOp, ": sizes too large");
+    VNM_CHECK(sched.ctas <= (int64_t(1) << 62) / (tiles * steps + 1), kOp, ": sizes too large");
     p.ctas = sched.ctas;
     p.ksplit = sched.slices;
     if (sched.ctas != tiles) shared_slices = sched.slices;
-  } else if (entry.kind != vnm::KernelKind::kWgmmaWindow && ksplit > 1) {
+  } else if (ksplit > 1) {
     p.ksplit = static_cast<int>(ksplit);
     shared_slices = ksplit;
   }

@@ -31,8 +31,9 @@ struct VnmParams {
   int64_t ldx;            // row stride of x in elements (>= C)
   int64_t ldy;            // row stride of y in elements (>= R)
   int ksplit;             // CTAs splitting the k chunks of one output tile (decode: gridDim.y; mma.sp gemm:
-                          // gridDim.z); sparse wgmma: the most CTAs sharing one tile (sm90::k_schedule); window: 1
-  int64_t ctas;           // sparse wgmma: grid size (sm90::k_schedule); 0 for the other kernels
+                          // gridDim.z); sparse wgmma (gather and window): the most CTAs sharing one tile
+                          // (sm90::k_schedule)
+  int64_t ctas;           // sparse wgmma (gather and window): grid size (sm90::k_schedule); 0 for the others
   float* ws;              // tiles can be shared: (output tiles, ksplit, TILE_M x TILE_N) fp32 partial sums
   int* counters;          // with ws: one arrival counter per output tile, zero between launches
   int window;             // 8*M if every group's kept columns lie in its own M columns of x (pack.py), else 0.

@@ -149,7 +149,8 @@ VNM_HD constexpr TileCoord tile_coord(int id, int tiles_m, int tiles_n, int grou
   return TileCoord{first_m + in_group % rows, in_group / rows};
 }
 
-// ---- how the gathering kernel's CTAs share the work ------------------------------------------------------
+// ---- how the sparse-wgmma kernels' CTAs share the work ----------------------------------------------------
+// A k step here is one ring step: one chunk for the gathering kernel, one 64-column stage for the window kernel.
 // The k steps of all output tiles laid end to end (tile t owns steps [t*kc, (t+1)*kc)) are split evenly over
 // the CTAs: CTA c multiplies steps [share_begin(c), share_begin(c + 1)), one tile's part (a segment) at a time.
 // With tiles x ksplit CTAs each CTA gets one k slice of one tile (split-k). With one CTA per SM (stream-K) a CTA

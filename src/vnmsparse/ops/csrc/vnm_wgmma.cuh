@@ -183,6 +183,52 @@ __device__ __forceinline__ bool split_k_finish(float (&acc)[kWgM][kAcc], const V
   return split_k_meet(reinterpret_cast<float(&)[kFloats]>(acc), ws, seg.slice, seg.slices, threadIdx.x - 128, kThreads,
                       p.counters + seg.tile, [] { sm90::named_barrier(2, kThreads); });
 }
+
+// The segment `done` ring steps into this CTA's share (sm90::k_schedule over every output tile's ring steps; a ring
+// step is S::kRingRecs chunks), for both sparse-wgmma kernels. Registers are scarce on both sides (the producer has
+// 40, the consumers hold accumulators), so a segment is recomputed from the launch when needed, from a fresh read of
+// the CTA id that the compiler cannot hoist (else it holds the share's 64-bit bounds through the loop and spills).
+template <typename S>
+__device__ __forceinline__ sm90::Segment share_segment(const VnmParams& p, int done) {
+  const int kc = (p.Kc + S::kRingRecs - 1) / S::kRingRecs;
+  const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
+  return sm90::segment_at(sm90::cta_id_volatile(), done, kc, tiles * kc, p.ctas);
+}
+
+// Between segments the consumers' epilogue borrows the ring's memory: the whole CTA meets here before the
+// producer refills it.
+template <typename S> __device__ __forceinline__ void next_segment() { sm90::named_barrier(3, S::kThreads); }
+
+// The consumer warpgroups' side of a CTA's share, both sparse-wgmma kernels: per segment, the ring over its ring
+// steps (consume_ring, B from b_desc), then the tile's store by whichever CTA sharing it finishes last
+// (split_k_finish; the partials summed in k order), then the meeting with the producer (next_segment). The segment
+// lives in `current` (shared memory) while the ring runs, so that no register beside the accumulators holds it.
+template <typename T, typename S, typename BDesc>
+__device__ __forceinline__ void consume_share(const VnmParams& p, unsigned char* smem_raw, uint32_t smem, uint32_t full0,
+                                              uint32_t empty0, sm90::Segment& current, const uint32_t (&a_off)[S::kWgM],
+                                              const uint32_t (&e_off)[S::kWgM], BDesc b_desc) {
+  const int tid = threadIdx.x, cw = tid / 128 - 1, warp = (tid / 32) % 4, lane = tid % 32;
+  for (int done = 0;;) {  // done: ring steps consumed so far = the ring position
+    if (tid == 128) current = share_segment<S>(p, done);
+    sm90::named_barrier(1, 128 * S::kConsumers);
+    const int m0 = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N, current.tile).m0;
+    bool rows_real[S::kWgM];  // false past R: TMA wrote zeros, metadata must still be a valid pair
+#pragma unroll
+    for (int mi = 0; mi < S::kWgM; ++mi) rows_real[mi] = m0 / 16 + (cw * S::kWgM + mi) * 4 + warp < p.Rt;
+    // The segment's chunks: its last ring step may reach past the last chunk (window kernel: two chunks a step).
+    const int chunks = min(current.steps * S::kRingRecs, p.Kc - current.kbeg * S::kRingRecs);
+    float acc[S::kWgM][S::kAcc];
+    consume_ring<T, S>(acc, chunks, done, smem, S::kStageBytes, full0, empty0, a_off, e_off, rows_real, b_desc, lane);
+    const sm90::Segment seg = current;  // read again: the ring's barriers and fences ended the earlier reads
+    const sm90::CtaTile tile = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N, seg.tile);
+    if (seg.slices == 1 || split_k_finish<S::kWgM, S::kAcc, S::kConsumers>(acc, p, seg))
+      store_tile<S::kWgM, S::kBN, S::kConsumers, T>(acc, p, smem_raw, smem, tile.m0, tile.n0);
+    if (seg.last) break;
+    done += seg.steps;
+    sm90::fence_proxy_async();  // the epilogue's shared-memory accesses before the next TMA writes there
+    next_segment<S>();
+  }
+}
 #endif  // VNM_SM90A_ENABLED
 
 // Checks and derived constants for a sparse-wgmma tile traits struct (generated from ops/variants.py by ops/codegen.py):
@@ -256,16 +302,8 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
   const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
   const uint32_t smem = sm90::aligned_smem(smem_raw);
   // This CTA's share of all tiles' k steps (sm90::k_schedule: one slice of one tile, or stream-K), run one
-  // segment (one tile's part) at a time; producer and consumers walk the same segments through one ring.
-  // Registers are scarce on both sides (the producer has 40, the consumers hold accumulators), so only the steps
-  // done stay live: each segment is recomputed from the launch, from a fresh read of the CTA id that the compiler
-  // cannot hoist (else it holds the share's 64-bit bounds through the loop, and the producer spills).
-  auto segment = [&p](int done) {  // the segment `done` steps into this CTA's share
-    const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
-    return sm90::segment_at(sm90::cta_id_volatile(), done, p.Kc, tiles * p.Kc, p.ctas);
-  };
-  // Between segments the consumers' epilogue borrows the ring's memory: the producer waits for it here.
-  auto next_segment = [&] { sm90::named_barrier(3, S::kThreads); };
+  // segment (one tile's part) at a time (share_segment); producer and consumers walk the same segments through
+  // one ring.
 
   // full: every producer thread, on its copies landing; empty: one lane per consumer warp.
   init_ring<S::kStages>(full0, empty0, 128, 4 * S::kConsumers);
@@ -289,7 +327,7 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
       sm90::prefetch_tensormap(&emap);
     }
     for (int done = 0;;) {  // done: k steps gathered so far = the ring position
-      const sm90::Segment seg = segment(done);
+      const sm90::Segment seg = share_segment<S>(p, done);
       const sm90::CtaTile tile = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N, seg.tile);
       const int m0 = tile.m0, n0 = tile.n0, kbeg = seg.kbeg, steps = seg.steps;
       const int blk0 = m0 / S::kV;  // first V-row block of the tile (it may hold part of one when V > BM)
@@ -335,7 +373,7 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
       }
       if (seg.last) break;
       done += steps;
-      next_segment();
+      next_segment<S>();
     }
     sm90::cp_async_wait_all();  // no thread leaves with copies in flight
   } else {
@@ -351,29 +389,9 @@ __global__ void __launch_bounds__(WgmmaShape<Tile>::kThreads, 1)
       e_off[mi] = S::kBlocks * S::kBTileBytes + S::kABytes + sm90::e_stage_offset(local * 4 + warp, 1, 0, lane);
       b_off[mi] = sm90::b_tile_of(local, S::kV, S::kBM) * S::kBTileBytes;
     }
-    // The segment lives in shared memory while the ring runs, so that no register beside the accumulators holds it.
-    for (int done = 0;;) {  // done: k steps consumed so far = the ring position
-      if (tid == 128) current = segment(done);
-      sm90::named_barrier(1, 128 * S::kConsumers);
-      int m0 = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N, current.tile).m0;
-      bool rows_real[S::kWgM];  // false past R: TMA wrote zeros, metadata must still be a valid pair
-#pragma unroll
-      for (int mi = 0; mi < S::kWgM; ++mi) rows_real[mi] = m0 / 16 + (cw * S::kWgM + mi) * 4 + warp < p.Rt;
-      // One chunk per stage; B: the m64 tile's V-row block's gathered tile, N-major (transposed).
-      float acc[S::kWgM][S::kAcc];
-      consume_ring<T, S>(
-          acc, current.steps, done, smem, S::kStageBytes, full0, empty0, a_off, e_off, rows_real,
-          [&](uint32_t stage, int, int mi) { return sm90::b_desc(stage + b_off[mi], S::kBN); }, lane);
-      const sm90::Segment seg = current;  // read again: the ring's barriers and fences ended the earlier reads
-      const sm90::CtaTile tile = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N, seg.tile);
-      // A tile shared with other CTAs is stored by whichever of them arrives last, with the partials summed in k order.
-      if (seg.slices == 1 || split_k_finish<S::kWgM, S::kAcc, S::kConsumers>(acc, p, seg))
-        store_tile<S::kWgM, S::kBN, S::kConsumers, T>(acc, p, smem_raw, smem, tile.m0, tile.n0);
-      if (seg.last) break;
-      done += seg.steps;
-      sm90::fence_proxy_async();  // the epilogue's shared-memory accesses before the next TMA writes there
-      next_segment();
-    }
+    // One chunk per stage; B: the m64 tile's V-row block's gathered tile, N-major (transposed).
+    consume_share<T, S>(p, smem_raw, smem, full0, empty0, current, a_off, e_off,
+                        [&](uint32_t stage, int, int mi) { return sm90::b_desc(stage + b_off[mi], S::kBN); });
   }
 #endif  // VNM_SM90A_ENABLED
 }

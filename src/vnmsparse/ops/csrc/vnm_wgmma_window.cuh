@@ -9,7 +9,7 @@
 // and 2-CTA clusters sharing x tiles by multicast.
 //
 //   producer warpgroup: one thread issues three TMA boxes per 64-column stage into a STAGES-deep ring: the x tile,
-//       and the CTA's 8 row tiles' packed records and metadata words of the stage's two chunks (A comes through
+//       and the CTA's BM / 16 row tiles' packed records and metadata words of the stage's two chunks (A comes through
 //       shared memory: a global load into registers held ahead of the wgmma made every wgmma.fence wait for it,
 //       ncu: long-scoreboard stalls 9 of 16 cycles per instruction, whatever the depth of the register ring).
 //       The boxes' bytes complete the stage's `full` mbarrier; parts past R or past the last chunk read as zeros.
@@ -17,6 +17,8 @@
 //       from shared memory (double-buffered registers: a wgmma reads them asynchronously), two wgmma.sp per m64
 //       tile.
 //   epilogue: store_tile (vnm_wgmma.cuh).
+//   work split: the gathering kernel's (consume_share, share_segment): a CTA runs its share of all tiles'
+//       64-column stages (one tile, a k slice of one, or stream-K) one tile segment at a time through the ring.
 #pragma once
 
 #include "vnm_wgmma.cuh"
@@ -72,35 +74,45 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[S::kStages];
   __shared__ __align__(8) uint64_t empty_bar[S::kStages];
+  __shared__ sm90::Segment current;  // the consumers' present segment
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;  // 0: producer, 1..CONSUMERS: consumers
   const int warp = (tid / 32) % 4, lane = tid % 32;
   const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
-  const sm90::CtaTile cta = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N, blockIdx.x);
-  const uint32_t smem = cta.smem;
-  const int m0 = cta.m0, n0 = cta.n0;
-  const int steps = (p.Kc + kRecs - 1) / kRecs;  // 64-column stages
+  const uint32_t smem = sm90::aligned_smem(smem_raw);
+  // This CTA's share of all tiles' 64-column stages (sm90::k_schedule: the whole tile, one k slice of it, or
+  // stream-K), one segment at a time, as in the gathering kernel (share_segment).
 
   // full: the producer's arrival (TMA completes the bytes); empty: one lane per consumer warp.
   init_ring<S::kStages>(full0, empty0, 1, 4 * S::kConsumers);
 
   if (wg == 0) {
-    // ------------------------------------------------------------------ producer: one TMA box per stage
+    // ------------------------------------------------------------------ producer: three TMA boxes per stage
     sm90::setmaxnreg_dec<S::kProducerRegs>();
-    if (warp == 0 && lane == 0) {
+    const bool issues = tid == 0;  // the rest of the warpgroup only meets the consumers between segments
+    if (issues) {
       sm90::prefetch_tensormap(&xmap);
       sm90::prefetch_tensormap(&amap);
       sm90::prefetch_tensormap(&emap);
-      for (int ks = 0; ks < steps; ++ks) {
-        const int s = ks % S::kStages;
-        if (ks >= S::kStages) sm90::mbar_wait(empty0 + 8 * s, ((ks / S::kStages) - 1) & 1);
-        const uint32_t stage = smem + s * S::kStageBytes;
-        sm90::mbar_arrive_expect_tx(full0 + 8 * s, S::kStageBytes);  // boxes count whole, zero-filled parts too
-        sm90::tma_load_2d(stage, &xmap, ks * sm90::kWindowCols, n0, full0 + 8 * s);
-        sm90::tma_load_2d(stage + S::kXBytes, &amap, ks * kRecs * 64, m0 / 16, full0 + 8 * s);
-        sm90::tma_load_2d(stage + S::kXBytes + S::kABytes, &emap, ks * kRecs * 16, m0 / 16, full0 + 8 * s);
+    }
+    for (int done = 0;;) {  // done: stages loaded so far = the ring position
+      const sm90::Segment seg = share_segment<S>(p, done);
+      if (issues) {
+        const sm90::CtaTile tile = sm90::cta_tile<S::kBM, S::kBN, S::kGroupM>(smem_raw, p.R, p.N, seg.tile);
+        for (int j = 0; j < seg.steps; ++j) {  // stage ks of the tile, ring position pos
+          const int ks = seg.kbeg + j, pos = done + j, s = pos % S::kStages;
+          if (pos >= S::kStages) sm90::mbar_wait(empty0 + 8 * s, ((pos / S::kStages) - 1) & 1);
+          const uint32_t stage = smem + s * S::kStageBytes;
+          sm90::mbar_arrive_expect_tx(full0 + 8 * s, S::kStageBytes);  // boxes count whole, zero-filled parts too
+          sm90::tma_load_2d(stage, &xmap, ks * sm90::kWindowCols, tile.n0, full0 + 8 * s);
+          sm90::tma_load_2d(stage + S::kXBytes, &amap, ks * kRecs * 64, tile.m0 / 16, full0 + 8 * s);
+          sm90::tma_load_2d(stage + S::kXBytes + S::kABytes, &emap, ks * kRecs * 16, tile.m0 / 16, full0 + 8 * s);
+        }
       }
+      if (seg.last) break;
+      done += seg.steps;
+      next_segment<S>();
     }
   } else {
     // ------------------------------------------------------------------ consumers: sparse wgmma
@@ -108,22 +120,16 @@ __global__ void __launch_bounds__(WgmmaWindowShape<Tile>::kThreads, 1)
     const int cw = wg - 1;
     // This warp's record of m64 tile mi within a stage: row tile (cw * WG_M + mi) * 4 + warp of the CTA.
     uint32_t a_off[S::kWgM], e_off[S::kWgM];
-    bool rows_real[S::kWgM];  // false past R: TMA wrote zeros, metadata must still be a valid pair
 #pragma unroll
     for (int mi = 0; mi < S::kWgM; ++mi) {
       const int rt = (cw * S::kWgM + mi) * 4 + warp;
-      rows_real[mi] = m0 / 16 + rt < p.Rt;
       a_off[mi] = S::kXBytes + sm90::a_stage_offset(rt, kRecs, 0, lane);
       e_off[mi] = S::kXBytes + S::kABytes + sm90::e_stage_offset(rt, kRecs, 0, lane);
     }
     // Two chunks per stage; B for chunk j: columns 32j.. of the stage's x tile (64 bytes in), K-major, shared by
     // every m64 tile.
-    float acc[S::kWgM][S::kAcc];
-    consume_ring<T, S>(
-        acc, p.Kc, 0, smem, S::kStageBytes, full0, empty0, a_off, e_off, rows_real,
-        [](uint32_t stage, int j, int) { return sm90::bk_desc(stage, 64u * j); }, lane);
-
-    store_tile<S::kWgM, S::kBN, S::kConsumers, T>(acc, p, smem_raw, smem, m0, n0);
+    consume_share<T, S>(p, smem_raw, smem, full0, empty0, current, a_off, e_off,
+                        [](uint32_t stage, int j, int) { return sm90::bk_desc(stage, 64u * j); });
   }
 #endif  // VNM_SM90A_ENABLED
 }
@@ -159,7 +165,10 @@ cudaError_t launch_wgmma_window(const VnmParams& p, cudaStream_t stream) {
   if (err == cudaSuccess) err = a_tensor_maps(p, kRecs, S::kRowTiles, &amap, &emap);
   if (err != cudaSuccess) return err;
   const long long tiles = static_cast<long long>((p.R + S::kBM - 1) / S::kBM) * ((p.N + S::kBN - 1) / S::kBN);
-  return launch_tiles<vnm_wgmma_window_kernel<Tile, T>>(dev, tiles, 1, S::kThreads, S::kSmemBytes, stream, p, map, amap, emap);
+  VnmParams q = p;  // the binding's sm90::k_schedule over 64-column stages, or one CTA per tile
+  if (q.ctas <= 0) q.ctas = tiles, q.ksplit = 1;
+  if (q.ctas != tiles && (q.ws == nullptr || q.counters == nullptr)) return cudaErrorInvalidValue;
+  return launch_tiles<vnm_wgmma_window_kernel<Tile, T>>(dev, q.ctas, 1, S::kThreads, S::kSmemBytes, stream, q, map, amap, emap);
 }
 
 }  // namespace vnm
