@@ -98,6 +98,7 @@ def test_the_copy_is_taken_where_it_was_measured_faster(monkeypatch):
     # With both packs measured for a case, the copy runs exactly where its window kernel beat the weight's own pack;
     # beyond the measured N the rules decide (the window kernel at large N).
     table = tuned.parse({"entries": [
+        _entry(N=32, kind="decode", tag="nt4r2w8u1s1", ksplit=2, us=9.0),
         _entry(N=128, kind="wgmma", tag="v64_c2m1n128s8", ksplit=2, us=20.0),
         _entry(N=512, kind="wgmma", tag="v64_c2m1n256s4", ksplit=1, us=60.0),
         _entry(Kc=128, window=32, N=128, kind="wgmma_window", tag="m4_c2m1n64s8", ksplit=2, us=25.0),
@@ -107,6 +108,7 @@ def test_the_copy_is_taken_where_it_was_measured_faster(monkeypatch):
     dispatch._uses_two_four_copy.cache_clear()
     try:
         use = lambda N, window=64: dispatch.uses_two_four_copy(N, 4096, 4096, 64, 8, window, "bf16", 132, H200, "fake")  # noqa: E731
+        assert not use(24)  # the copy's first measurement (N = 128) is not this call's (N = 32): the rules, no copy
         assert not use(100)  # 25 us on the copy against 20 on its own pack
         assert use(300) and use(512)  # 40 against 60
         assert use(8192)  # beyond the table: the rules' window kernel
@@ -168,11 +170,15 @@ def test_committed_sweep_ran_what_dispatch_picks_now():
     path = Path(__file__).resolve().parents[2] / "bench" / "results" / "serving-h200.json"
     records = json.loads(path.read_text())["records"]
     dispatch._plan.cache_clear()
+    dispatch._uses_two_four_copy.cache_clear()
     stale = []
     for r in records:
         V, _, M = (int(v) for v in r["pattern"].removesuffix("+copy").split(":"))
-        if r.get("layout") == "two_four":  # the call ran on the weight's 2:4 copy (a V:2:4 pack)
-            M = 4
+        if r["pattern"].endswith("+copy"):  # the layer holds a 2:4 copy: the record says which pack the call ran
+            on_copy = dispatch.uses_two_four_copy(r["N"], r["R"], r["C"], V, M, 8 * M, "bf16", 132, H200, "nvidia-h200")
+            if on_copy != (r["layout"] == "two_four"):
+                stale.append((r["R"], r["C"], r["N"], r["pattern"], r["layout"], "copy now" if on_copy else "own pack now"))
+            M = 4 if on_copy else M
         Kc = math.ceil(math.ceil(r["C"] / M) / 8)
         index, ks = dispatch.plan(r["N"], r["R"], V, Kc, "bf16", 132, H200, 8 * M, "nvidia-h200")
         if (variants.KERNELS[index].name, ks) != (r["kernel"], r["ksplit"]):

@@ -49,8 +49,8 @@ def uses_two_four_copy(N: int, R: int, C: int, V: int, M: int, window: int, dtyp
                        gpu: str = "") -> bool:
     """Whether a call on a weight with a 2:4 copy should run on it: a weight that can have one
     (`two_four_copy_refusal`), and where the GPU's measured table (`gpu`: its `tuned.gpu_slug`) timed both packs
-    for this case, the copy's (window kernel) measured faster than the weight's own; elsewhere where the rules
-    would run the window kernel on it (sm_90, N >= WGMMA_MIN_N, half a wave)."""
+    at the measured N this call is matched to, the copy's (window kernel) measured faster than the weight's own;
+    elsewhere where the rules would run the window kernel on it (sm_90, N >= WGMMA_MIN_N, half a wave)."""
     return _uses_two_four_copy(N, R, C, V, M, window, dtype, sm_count, None if arch is None else tuple(arch), config(), gpu)
 
 
@@ -63,7 +63,7 @@ def _uses_two_four_copy(N: int, R: int, C: int, V: int, M: int, window: int, dty
         table = tuned.load(gpu)
         copy = tuned.lookup(table, N, R, V, _chunks(C, 4), TWO_FOUR_WINDOW)
         own = tuned.lookup(table, N, R, V, _chunks(C, M), window)
-        if copy is not None and own is not None:
+        if copy is not None and own is not None and copy.N == own.N:  # both timed at the token count this call is given
             return copy.us < own.us
     kernel = _choose(N, R, V, dtype, sm_count, arch, cfg, TWO_FOUR_WINDOW)
     return isinstance(kernel.variant, WgmmaWindow)
