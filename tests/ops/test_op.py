@@ -16,7 +16,7 @@ from opshelp import fp64_reference, random_vnm, rel_err
 
 import vnmsparse as vs
 from vnmsparse import ops
-from vnmsparse.ops import op, pack_window, packed_layout
+from vnmsparse.ops import dispatch, op, pack_window, packed_layout
 
 
 def test_importing_needs_no_compiler_or_gpu():
@@ -86,6 +86,28 @@ def test_torch_compile_fullgraph():
     x = torch.randn(6, 50).to(torch.bfloat16)
     f = torch.compile(lambda x: torch.ops.vnmsparse.linear(x, p.a_vals, p.a_meta, p.cols, None, 40, 50, 16), fullgraph=True)
     assert torch.equal(f(x), vs.vnm_linear(x, t))
+
+
+def test_the_two_four_copy_decision_is_a_constant_to_torch_compile(monkeypatch):
+    # A layer holding a 2:4 copy asks per call whether to run on it, which reads device properties and the measured
+    # table: dynamo cannot trace that. Traced, each layer broke the graph and a compiled LLaMA recompiled per layer
+    # until dynamo's limit. It must be evaluated once while tracing and folded, with the sizes the graph specializes on.
+    asked = []
+
+    def decide(N, R, C, V, M, window, dtype, sms, arch, gpu):
+        torch._dynamo.graph_break()  # untraceable, as reading the table is; fullgraph fails if dynamo traces this
+        asked.append((N, R, C, dtype, gpu))
+        return N >= 256
+
+    monkeypatch.setattr(op, "_device_info", lambda index: (None, None, 132, (9, 0), "fake-gpu"))
+    monkeypatch.setattr(dispatch, "uses_two_four_copy", decide)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x + 1 if op._wants_two_four_copy(x, 40, 50, 64, 8, 64) else x - 1,
+                      fullgraph=True, backend="eager", dynamic=False)
+    for N in (300, 300, 16):
+        x = torch.randn(N, 50).to(torch.bfloat16)
+        assert torch.equal(f(x), x + 1 if N >= 256 else x - 1)
+    assert asked == [(300, 40, 50, "bf16", "fake-gpu"), (16, 40, 50, "bf16", "fake-gpu")]  # once per specialization
 
 
 def test_wrong_inputs_raise():

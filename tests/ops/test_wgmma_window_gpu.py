@@ -178,3 +178,17 @@ def test_layer_with_the_two_four_copy(wgmma_on_small):
     assert layer.holds_two_four_copy
     with torch.no_grad():
         check(layer(x), fp64_reference(x, t, bias), torch.bfloat16, "VNMLinear two-four copy after a round trip")
+
+
+def test_layer_with_the_two_four_copy_compiles_whole(wgmma_on_small):
+    # torch.compile(fullgraph=True) of a layer holding the copy: the per-call choice of pack is folded while tracing
+    # (no graph break), and the compiled layer runs the same pack as eager at decode and serving N.
+    from vnmsparse.nn import VNMLinear
+
+    t = random_vnm(1000, 1001, "64:2:8", device="cuda", seed=7)
+    layer = VNMLinear(t, None, two_four_copy=True)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    for N in (1, 300, 2048):
+        x = torch.randn(N, 1001, device="cuda").to(torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(compiled(x), layer(x)), N

@@ -131,8 +131,16 @@ def _wants_two_four_copy(x: torch.Tensor, R: int, C: int, V: int, M: int, window
     N = x.numel() // C
     if not isinstance(N, int):  # symbolic under torch.compile's dynamic shapes: keep the V:2:M layout
         return False
-    _, _, sms, arch, gpu = _device_info(x.get_device())
-    return dispatch.uses_two_four_copy(N, R, C, V, M, window, _DTYPE_TAGS[x.dtype], sms, arch, gpu)
+    return _copy_taken(N, R, C, V, M, window, _DTYPE_TAGS[x.dtype], x.get_device())
+
+
+@torch.compiler.assume_constant_result
+def _copy_taken(N: int, R: int, C: int, V: int, M: int, window: int, dtype: str, device_index: int) -> bool:
+    """`dispatch.uses_two_four_copy` for this device. A constant to torch.compile, which calls it while tracing:
+    it reads device properties and the measured table, which dynamo cannot trace (each layer would break the graph,
+    and the model's per-layer recompiles would hit dynamo's limit), and its inputs are sizes the graph is specialized to."""
+    _, _, sms, arch, gpu = _device_info(device_index)
+    return dispatch.uses_two_four_copy(N, R, C, V, M, window, dtype, sms, arch, gpu)
 
 
 def two_four_copy_pays(packed: PackedVNM) -> bool:
