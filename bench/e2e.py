@@ -537,7 +537,8 @@ def markdown(data: dict) -> str:
              f"{env['dtype']}, random-init weights, magnitude masks; block linears swapped, heads and embeddings dense. "
              "Commands (each entry's is in the JSON): "
              + ", ".join(f"`{c}`" for c in dict.fromkeys(e.get("command", "python bench/e2e.py") for e in data["entries"].values()))
-             + ".", "", f"Targets: {TARGETS}.", ""]
+             + ". Speedups are over the dense model timed in the same run (`dense_throughput` in an entry; the dense "
+             "column shows the latest dense run).", "", f"Targets: {TARGETS}.", ""]
     entries = [e for e in data["entries"].values() if e["phase"] not in ("check", "error")]
     groups = sorted({(e["model"], e["phase"]) for e in entries})
     for model, phase in groups:
@@ -555,7 +556,8 @@ def markdown(data: dict) -> str:
                 if e is None:
                     cells.append("-")
                     continue
-                speedup = f" ({e['throughput'] / base['throughput']:.2f}x)" if base else ""
+                dense = e.get("dense_throughput") or (base["throughput"] if base else None)
+                speedup = f" ({e['throughput'] / dense:.2f}x)" if dense else ""
                 cells.append(f"{e['throughput']:,.1f}{speedup}")
             lines.append(f"| {shape} | " + " | ".join(cells) + " |")
         lines += ["", "| shape | variant | ms | mode | linear share of kernel time | outside linears: largest kernels (ms) |",
@@ -616,11 +618,19 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python " + shlex.join(["bench/e2e.py", *(sys.argv[1:] if argv is None else argv)])
 
+    dense_now: dict[tuple[str, str, str], float] = {}  # dense throughput measured by this invocation
+
     def save(new: dict[str, dict]) -> None:
         for entry in new.values():  # a variant that now ran replaces its earlier failure
             entry["command"] = command
             for phase in ("check", "error"):
                 data["entries"].pop(f"{entry['model']}/{phase}/-/{entry['variant']}", None)
+            if "throughput" in entry:  # a speedup is against the dense of the same run, kept with the entry
+                key = (entry["model"], entry["phase"], entry["shape"])
+                if entry["variant"] == "dense":
+                    dense_now[key] = entry["throughput"]
+                elif key in dense_now:
+                    entry["dense_throughput"] = dense_now[key]
         data["entries"].update(new)
         stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
         stem.with_suffix(".md").write_text(markdown(data))
