@@ -55,6 +55,25 @@ def check(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> 
     assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.0e}"
 
 
+def check_kernel_graph_replay(ext, kernel, t, x: torch.Tensor, ksplit: int, expected: torch.Tensor, what: str) -> None:
+    """One table entry captured in a CUDA graph on its own stream (split-k counters and workspace as a server's
+    graphs use them): each of two replays over a NaN-poisoned output must give `expected` bit for bit."""
+    p = packed_layout(t, x.device)
+    R, C = t.shape
+    args = (x, p.a_vals, p.a_meta, p.cols, None, R, C, t.pattern.V, kernel.index, ksplit, None, p.window)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ext.run(*args)  # warm-up off the graph
+        with torch.cuda.graph(graph, stream=stream):
+            y = ext.run(*args)
+    for _ in range(2):
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, expected), what
+
+
 def check_graph_replay(t, N: int, what: str) -> None:
     """ops.linear on a static (N, C) bf16 input captured in a CUDA graph: each replay on new data must be right."""
     C = t.shape[1]

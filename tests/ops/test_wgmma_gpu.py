@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opshelp import DTYPES, check, check_graph_replay, fp64_reference, random_vnm, rel_err, run_kernel
+from opshelp import DTYPES, check, check_graph_replay, check_kernel_graph_replay, fp64_reference, random_vnm, rel_err, run_kernel
 
-from vnmsparse.ops import packed_layout, variants
+from vnmsparse.ops import variants
 from vnmsparse.ops.variants import STREAM_K
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -78,19 +78,7 @@ def test_stream_k_is_deterministic_and_matches(ext, R, N):
         y1, y2 = run_kernel(ext, kernel, t, x, ksplit=STREAM_K), run_kernel(ext, kernel, t, x, ksplit=STREAM_K)
         assert torch.equal(y1, y2), kernel.name
         check(y1, fp64_reference(x, t), dtype, f"{kernel.name} stream-K R={R} N={N}")
-    # Under CUDA-graph replay (counters and workspace as a server's graphs use them): the same bits, twice.
-    p = packed_layout(t, x.device)
-    graph, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        ext.run(x, p.a_vals, p.a_meta, p.cols, None, R, 4096, 64, kernel.index, STREAM_K)  # warm-up off the graph
-        with torch.cuda.graph(graph, stream=s):
-            y_graph = ext.run(x, p.a_vals, p.a_meta, p.cols, None, R, 4096, 64, kernel.index, STREAM_K)
-    for _ in range(2):
-        y_graph.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y_graph, y1), f"{kernel.name} stream-K graph replay R={R} N={N}"
+    check_kernel_graph_replay(ext, kernel, t, x, STREAM_K, y1, f"{kernel.name} stream-K graph replay R={R} N={N}")
 
 
 def test_cuda_graph_replay_with_wgmma(wgmma_on_small):
