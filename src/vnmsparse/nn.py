@@ -7,7 +7,8 @@ allocates nothing that lasts); the canonical `VNMTensor` is rebuilt from it (`op
 `state_dict`, `weight` and moves elsewhere. Everywhere else the copy is the canonical tensors themselves.
 
 A layer built with `two_four_copy=True` also holds a second layout there, a V:2:4 copy of its V:2:8 weight, that
-large-N calls (prefill) on sm_90 multiply with the window kernel: faster, for about three times the layer's bytes.
+calls beyond decode on sm_90 multiply with the window kernel where it is faster (`ops.dispatch.uses_two_four_copy`:
+serving batches and prefill), for about three times the layer's bytes.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class VNMLinear(nn.Module):
     Value dtypes are those of `VNMTensor` (fp32, fp16, bf16): `.double()` is refused before anything changes.
 
     two_four_copy: also hold the weight's 2:4 copy wherever it can run (packed on an sm_90 GPU; built on the move
-    there), for faster prefill at more memory (`holds_two_four_copy`, `held_nbytes`). Only unpermuted V:2:8 weights
+    there), for faster serving batches and prefill at more memory (`holds_two_four_copy`, `held_nbytes`). Only unpermuted V:2:8 weights
     with V <= 64 can have one: others raise ValueError. The flag is saved (extra state), the copy never (derived).
     """
 

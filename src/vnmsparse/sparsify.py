@@ -72,7 +72,7 @@ class SparsifyConfig:
     exclude:    regexes (full match) of layer names left dense unless named in `layers`.
     calib_batch_size: rows per forward when `calib` is one tensor.
     two_four_copy: every pruned layer also holds a 2:4 copy of its weight where the copy runs (packed on an sm_90
-                GPU): faster prefill for about three times the layer's bytes (`VNMLinear`). Needs V:2:8 patterns
+                GPU): faster serving batches and prefill for about three times the layer's bytes (`VNMLinear`). Needs V:2:8 patterns
                 with V <= 64 and permute=False (checked before any weight is touched); for some layers only, set
                 `VNMLinear.two_four_copy` on them after sparsify.
     """

@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="calibrate block by block on the already-pruned model (default: one pass of the dense model)")
     p.add_argument("--permute", action="store_true", help="reorder channels before pruning (free at inference)")
     p.add_argument("--two-four-copy", action="store_true",
-                   help="every pruned layer also holds a 2:4 copy of its weight, which prefill runs on sm_90 GPUs: faster, "
+                   help="every pruned layer also holds a 2:4 copy of its weight, which serving batches and prefill run on sm_90 GPUs: faster, "
                    "for about three times the layer's bytes (V:2:8 with V <= 64, no --permute)")
     add_text_arguments(p, "calib", "calibration")
     p.add_argument("--calib-chunks", type=positive_int, default=8, help="calibration chunks of --seq-len tokens (default 8)")

@@ -175,8 +175,8 @@ def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None, *, two_
 
     The kernel layout is built on the first call on a device and cached on `tensor` (`pack.packed_layout`), beside the
     canonical tensors; `VNMLinear` instead keeps only its packed layout on a GPU and calls `linear_packed`.
-    two_four_copy: large calls on sm_90 run on the weight's 2:4 copy (built on the first such call, cached beside the
-    layout: more memory, faster prefill); a weight that can have none is refused (`check_two_four_copy`).
+    two_four_copy: calls on sm_90 that `dispatch.uses_two_four_copy` gives the copy (serving batches, prefill) run on the
+    weight's 2:4 copy (built on the first such call, cached beside the layout: more memory); a weight that can have none is refused (`check_two_four_copy`).
     """
     if not isinstance(tensor, VNMTensor):
         raise TypeError(f"tensor must be a VNMTensor, got {type(tensor).__name__}")

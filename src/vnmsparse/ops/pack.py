@@ -22,7 +22,7 @@ With R x C logical, G = ceil(C/M) groups, Rt = ceil(R/16) row tiles, Kc = ceil(G
 Padding rows and groups hold zero values and the valid metadata nibble 0b0100 (slots 0 and 1).
 
 `two_four_tensor` re-expresses an unpermuted V:2:8 weight as V:2:4 (twice the values), whose pack has window = 32:
-the optional 2:4 copy the window kernel multiplies at large N (`VNMLinear(two_four_copy=True)`, or per call
+the optional 2:4 copy the window kernel multiplies beyond decode (`VNMLinear(two_four_copy=True)`, or per call
 `ops.linear(..., two_four_copy=True)`).
 
 The same arrays feed the sm_90a sparse-wgmma kernel (vnm_wgmma.cuh) unchanged: a 16-row record is exactly the
