@@ -22,6 +22,7 @@ import math
 
 from . import tuned
 from .config import OpsConfig, config
+from .pack import packed_chunks
 from .variants import DECODE_MAX_N, KERNELS, STREAM_K, Decode, Gemm, Kernel, Wgmma, WgmmaWindow
 
 _BY_NAME = {k.name: k for k in KERNELS}
@@ -61,17 +62,12 @@ def _uses_two_four_copy(N: int, R: int, C: int, V: int, M: int, window: int, dty
         return False
     if cfg.wgmma and arch == (9, 0):
         table = tuned.load(gpu)
-        copy = tuned.lookup(table, N, R, V, _chunks(C, 4), TWO_FOUR_WINDOW)
-        own = tuned.lookup(table, N, R, V, _chunks(C, M), window)
+        copy = tuned.lookup(table, N, R, V, packed_chunks(C, 4), TWO_FOUR_WINDOW)
+        own = tuned.lookup(table, N, R, V, packed_chunks(C, M), window)
         if copy is not None and own is not None and copy.N == own.N:  # both timed at the token count this call is given
             return copy.us < own.us
     kernel = _choose(N, R, V, dtype, sm_count, arch, cfg, TWO_FOUR_WINDOW)
     return isinstance(kernel.variant, WgmmaWindow)
-
-
-def _chunks(C: int, M: int) -> int:
-    """Packed chunks (k = 32 kept columns: 8 groups of M) of C input columns."""
-    return math.ceil(math.ceil(C / M) / 8)
 
 
 def candidates(N: int, V: int, dtype: str, arch: tuple[int, int] | None = None, window: int = 0) -> list[Kernel]:

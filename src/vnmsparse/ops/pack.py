@@ -103,6 +103,11 @@ def packed_layout(tensor: VNMTensor, device: torch.device | str, two_four: bool 
     return packed
 
 
+def packed_chunks(C: int, M: int) -> int:
+    """Kc: the packed layout's chunks (k = 32 steps of 8 groups of M columns) over C input columns."""
+    return -(-(-(-C // M)) // 8)
+
+
 def pack_for_device(tensor: VNMTensor, device: torch.device | str) -> PackedVNM:
     """Build the kernel layout of a `VNMTensor` on `device` (`packed_layout` caches it on the tensor)."""
     V, M = tensor.pattern.V, tensor.pattern.M
@@ -110,7 +115,7 @@ def pack_for_device(tensor: VNMTensor, device: torch.device | str) -> PackedVNM:
     device = torch.device(device)
     R, C = tensor.shape
     G = tensor.groups
-    Rt, Kc = -(-R // 16), -(-G // 8)
+    Rt, Kc = -(-R // 16), packed_chunks(C, M)
     Gp = 8 * Kc
     Bn = -(-R // V)
 
