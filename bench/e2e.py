@@ -47,7 +47,7 @@ from vnmsparse.nn import VNMLinear
 from vnmsparse.sparsify import SparsifyConfig, plan_layers, sparsify
 
 PARTS = ("llama-prefill", "llama-decode", "deit")
-VARIANTS = ("dense", "64:2:5", "64:2:8", "64:2:8+copy", "2:4")
+VARIANTS = ("dense", "64:2:5", "64:2:5+copy", "64:2:8", "64:2:8+copy", "2:4")
 COPY = "+copy"  # the pattern, its layers built with two_four_copy=True (sm_90, large N: a 2:4 copy, more memory)
 MODES = ("compile", "graph", "eager")  # the first that runs: torch.compile(reduce-overhead) is the fastest dense
 TWO_FOUR = VNMPattern(V=1, M=4)

@@ -170,7 +170,7 @@ def run(args) -> list[dict]:
             packed = packed_layout(t, dev)
             Wref = t.to_dense().to(torch.float64)
             M = t.pattern.M
-            copy = args.two_four_copy and dispatch.two_four_copy_refusal(t.pattern.V, M, packed.window) is None
+            copy = args.two_four_copy and dispatch.two_four_copy_refusal(t.pattern.V, M) is None
             ts = None
             for N, x in xs.items():
                 window = packed.window
@@ -331,7 +331,7 @@ def main(argv=None) -> None:
                    help="tensor-core path: auto (dispatch default, VNMSPARSE_WGMMA), mma_sp, or wgmma (sm_90a; own JSON)")
     p.add_argument("--no-cslt", action="store_true")
     p.add_argument("--two-four-copy", action="store_true",
-                   help="weights that can have a 2:4 copy (unpermuted V:2:8, V <= 64) run large N on it: "
+                   help="weights that can have a 2:4 copy (V:2:M, 5 <= M <= 8, V <= 64) run large N on it: "
                    "ops.linear(..., two_four_copy=True) (own JSON, -two-four)")
     p.add_argument("--permute", action="store_true",
                    help="fold a random input permutation into each weight (as channel permutation does): no chunk windows")

@@ -8,8 +8,8 @@
 
 `tune` times every compiled kernel that can run a case, at every k-split worth trying (stream-K included: ks0),
 calling the extension directly, and writes the fastest per case as the GPU's measured dispatch table
-(`vnmsparse.ops.tuned`). A pattern written `64:2:8+copy` stands for the weight's per-layer 2:4 copy: `tune` times
-the window kernels on the copy's pack (the table then says, case by case, whether the copy beats the weight's own
+(`vnmsparse.ops.tuned`). A pattern written `64:2:8+copy` (or `64:2:5+copy`) stands for the weight's per-layer 2:4
+copy: `tune` times the window kernels on the copy's pack, its x gather included where it has one (the table then says, case by case, whether the copy beats the weight's own
 pack: `dispatch.uses_two_four_copy`), `sweep` times `ops.linear(..., two_four_copy=True)` and records which layout
 ran.
 `merge` folds a sweep of some cases (a later run, e.g. after a kernel change) into the full sweep: each record
@@ -30,6 +30,7 @@ device copy (bytes read + written) and cuBLAS bf16 at 8192^3.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 import vnmsparse as vs
 from vnmsparse import ops
 from vnmsparse.ops import dispatch, packed_layout, tuned, variants
+from vnmsparse.ops.pack import copy_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel import copies_for, gpu_slug, graph_ms  # noqa: E402
@@ -88,8 +90,8 @@ class Case:
         self.pattern = self.tensor.pattern
         self.packed = packed_layout(self.tensor, torch.device("cuda"), two_four=self.two_four)
         self.copies = [self.packed] + [
-            type(self.packed)(self.packed.a_vals.clone(), self.packed.a_meta.clone(), self.packed.cols.clone(),
-                              self.packed.shape, self.packed.V, self.packed.M, self.packed.window)
+            dataclasses.replace(self.packed, a_vals=self.packed.a_vals.clone(), a_meta=self.packed.a_meta.clone(),
+                                cols=self.packed.cols.clone())
             for _ in range(copies_for(self.packed.nbytes) - 1)
         ]
         self.reference = self.tensor.to_dense().to(torch.float64)
@@ -112,8 +114,12 @@ class Case:
         return err <= TOL
 
     def run(self, ext, packed, x: torch.Tensor, kernel: int, ksplit: int, out=None) -> torch.Tensor:
-        return ext.run(x, packed.a_vals, packed.a_meta, packed.cols, None, self.R, self.C, self.pattern.V, kernel, ksplit,
-                       out, packed.window)
+        """One kernel on one of the packs, x's columns gathered first where the pack reads others (a 2:4 copy's
+        `inputs`, as `ops.linear` does: the gather is part of what the copy costs)."""
+        if packed.inputs is not None:
+            x = copy_inputs(x, packed.inputs)
+        return ext.run(x, packed.a_vals, packed.a_meta, packed.cols, None, self.R, packed.shape[1], self.pattern.V, kernel,
+                       ksplit, out, packed.window)
 
 
 def ksplits(kernel: variants.Kernel, N: int, R: int, Kc: int, sms: int) -> list[int]:

@@ -26,7 +26,7 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
 @pytest.fixture(scope="module")
 def saved_llama(tmp_path_factory):
     model = tiny_llama()
-    sparsify(model, SparsifyConfig("16:2:8", layers={"model.layers.1.mlp.down_proj": "32:2:5"}), calib=token_ids(),
+    sparsify(model, SparsifyConfig("16:2:8", layers={"model.layers.1.mlp.down_proj": "32:2:16"}), calib=token_ids(),
              progress=False)
     folder = tmp_path_factory.mktemp("llama")
     save_pretrained(model, folder)
@@ -39,7 +39,7 @@ def test_llama_reloads_identical(saved_llama):
     assert type(loaded) is type(model)
     assert_same_state(model, loaded)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    assert str(loaded.model.layers[1].mlp.down_proj.pattern) == "32:2:5"
+    assert str(loaded.model.layers[1].mlp.down_proj.pattern) == "32:2:16"
     ids = token_ids()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
@@ -53,7 +53,7 @@ def test_config_records_the_sparsity(saved_llama):
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
     assert sparsity["version"] == "1" and sparsity["method"] == "ria" and sparsity["calibration"] == "one-shot"
     assert sparsity["layers"]["model.layers.0.self_attn.q_proj"] == "16:2:8"
-    assert sparsity["layers"]["model.layers.1.mlp.down_proj"] == "32:2:5"
+    assert sparsity["layers"]["model.layers.1.mlp.down_proj"] == "32:2:16"
     assert len(sparsity["layers"]) == 14
 
 
@@ -259,12 +259,12 @@ def test_a_damaged_two_four_copy_record_is_refused(saved_with_copies, tmp_path, 
 
 
 def test_a_copy_asked_for_a_weight_that_cannot_have_one_is_refused_before_the_model_changes(saved_llama, tmp_path):
-    # The fixture's down_proj of block 1 is 32:2:5: a flag edited in (the config checksum aside) must not pass.
+    # The fixture's down_proj of block 1 is 32:2:16: a flag edited in (the config checksum aside) must not pass.
     _, folder = saved_llama
     target = tiny_llama(seed=5)
     before = {k: v.clone() for k, v in target.state_dict().items()}
     edit = lambda c: c["sparsity_config"]["two_four_copy"].update({"model.layers.1.mlp.down_proj": True})  # noqa: E731
-    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj.*two_four_copy needs a V:2:8 pattern"):
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj.*two_four_copy needs a V:2:M pattern with 5 <= M <= 8"):
         load_pretrained(_copy_with_config(folder, tmp_path, edit), model=target)
     assert not any(isinstance(m, VNMLinear) for m in target.modules())
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())

@@ -318,7 +318,7 @@ def test_packed_layer_refuses_an_input_on_another_device(packs_on_cpu):
 # --- the 2:4 copy: a per-layer choice ------------------------------------------------------------------------------
 
 def permuted(weight):
-    """`weight` with the reversal of its inputs folded in: every group's kept columns in descending order (no 2:4 copy)."""
+    """`weight` with the reversal of its inputs folded in: every group's kept columns in descending order."""
     from vnmsparse import fold_input_permutation
 
     return fold_input_permutation(weight, torch.arange(weight.shape[1]).flip(0))
@@ -352,14 +352,13 @@ def test_two_four_copy_must_be_a_bool(value):
 @given(V=st.sampled_from([1, 16, 32, 64, 128]), M=st.integers(4, 17), permute=st.booleans(),
        rows=st.integers(1, 70), cols=st.integers(17, 60))
 def test_two_four_copy_on_a_weight_that_cannot_have_one_is_a_value_error(V, M, permute, rows, cols):
-    # The rule (dispatch.two_four_copy_refusal): V:2:8 with V <= 64, kept columns in their own groups, in order.
+    # The rule (dispatch.two_four_copy_refusal): V:2:M with 5 <= M <= 8 and V <= 64, permuted or not.
     weight = compress(torch.randn(rows, cols), f"{V}:2:{M}")
     weight = permuted(weight) if permute else weight
-    can = M == 8 and V <= 64 and not permute
-    if can:
+    if 5 <= M <= 8 and V <= 64:
         assert VNMLinear(weight, two_four_copy=True).two_four_copy
         return
-    rule = "a V:2:8 pattern with V <= 64" if M != 8 or V > 64 else "an unpermuted weight"
+    rule = "a V:2:M pattern with 5 <= M <= 8 and V <= 64"
     with pytest.raises(ValueError, match=f"two_four_copy needs {rule}"):
         VNMLinear(weight, two_four_copy=True)
     layer = VNMLinear(weight)
@@ -379,12 +378,15 @@ def copies_on_cpu(packs_on_cpu, monkeypatch):
     monkeypatch.setattr(ops, "two_four_copy_pays", lambda packed: True)
 
 
-def test_a_packed_layer_holds_the_copy_it_asks_for_and_setting_the_flag_builds_or_drops_it(copies_on_cpu):
+@pytest.mark.parametrize("pattern, reversed_inputs", [("32:2:8", False), ("32:2:5", False), ("32:2:7", True)])
+def test_a_packed_layer_holds_the_copy_it_asks_for_and_setting_the_flag_builds_or_drops_it(copies_on_cpu, pattern,
+                                                                                           reversed_inputs):
     from vnmsparse import ops
 
     dense = linear(50, 37)
-    canonical = VNMLinear.from_linear(dense, "32:2:8").weight.to(dtype=torch.bfloat16)
-    copy_bytes = ops.pack_for_device(ops.two_four_tensor(canonical), "cpu").nbytes
+    canonical = VNMLinear.from_linear(dense, pattern).weight.to(dtype=torch.bfloat16)
+    canonical = permuted(canonical) if reversed_inputs else canonical
+    copy_bytes = ops.pack_two_four(canonical, "cpu").nbytes
     plain = VNMLinear(canonical, dense.bias.detach().to(torch.bfloat16))
     layer = VNMLinear(canonical, dense.bias.detach().to(torch.bfloat16), two_four_copy=True)
     assert layer.holds_two_four_copy and not plain.holds_two_four_copy
@@ -447,12 +449,11 @@ def test_a_damaged_flag_is_refused_and_the_layer_left_untouched(flag):
     assert target.weight == before and not target.two_four_copy
 
 
-def test_a_state_asking_a_copy_of_a_permuted_weight_is_refused_before_anything_changes():
-    target = VNMLinear.from_linear(linear(seed=1), "16:2:8")
+def test_a_state_asking_a_copy_of_a_pattern_that_has_none_is_refused_before_anything_changes():
+    target = VNMLinear.from_linear(linear(seed=1), "16:2:16")
     before = target.weight
-    source = VNMLinear(permuted(VNMLinear.from_linear(linear(seed=0), "16:2:8").weight))
-    state = source.state_dict()
+    state = VNMLinear.from_linear(linear(seed=0), "16:2:16").state_dict()
     state["_extra_state"] = {**state["_extra_state"], "two_four_copy": True}
-    with pytest.raises(ValueError, match="two_four_copy needs an unpermuted weight"):
+    with pytest.raises(ValueError, match="two_four_copy needs a V:2:M pattern with 5 <= M <= 8"):
         target.load_state_dict(state)
     assert target.weight == before and not target.two_four_copy

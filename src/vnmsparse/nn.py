@@ -6,9 +6,9 @@ moved or loaded there, never inside a forward (so a CUDA graph or `torch.compile
 allocates nothing that lasts); the canonical `VNMTensor` is rebuilt from it (`ops.unpack_tensor`) for
 `state_dict`, `weight` and moves elsewhere. Everywhere else the copy is the canonical tensors themselves.
 
-A layer built with `two_four_copy=True` also holds a second layout there, a V:2:4 copy of its V:2:8 weight, that
-calls beyond decode on sm_90 multiply with the window kernel where it is faster (`ops.dispatch.uses_two_four_copy`:
-serving batches and prefill), for about three times the layer's bytes.
+A layer built with `two_four_copy=True` also holds a second layout there, a V:2:4 copy of its V:2:M weight
+(`ops.two_four_tensor`), that calls beyond decode on sm_90 multiply with the window kernel where it is faster
+(`ops.dispatch.uses_two_four_copy`: serving batches and prefill), for 2.5-3 times the layer's bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .pattern import VNMPattern
 
 _CANONICAL = ("values", "columns", "positions")  # the VNMTensor, what state_dict holds
 _PACKED = ("packed_vals", "packed_meta", "packed_cols", "padding")  # kernel layout + the padding slots it drops
-_COPY = ("copy_vals", "copy_meta", "copy_cols")  # the optional 2:4 copy (`VNMLinear.two_four_copy`)
+_COPY = ("copy_vals", "copy_meta", "copy_cols", "copy_inputs")  # the optional 2:4 copy (`VNMLinear.two_four_copy`)
 _EXTRA_STATE = "_extra_state"
 
 
@@ -39,8 +39,9 @@ class VNMLinear(nn.Module):
     Value dtypes are those of `VNMTensor` (fp32, fp16, bf16): `.double()` is refused before anything changes.
 
     two_four_copy: also hold the weight's 2:4 copy wherever it can run (packed on an sm_90 GPU; built on the move
-    there), for faster serving batches and prefill at more memory (`holds_two_four_copy`, `held_nbytes`). Only unpermuted V:2:8 weights
-    with V <= 64 can have one: others raise ValueError. The flag is saved (extra state), the copy never (derived).
+    there), for faster serving batches and prefill at more memory (`holds_two_four_copy`, `held_nbytes`). Only V:2:M
+    weights with 5 <= M <= 8 and V <= 64 can have one: others raise ValueError. The flag is saved (extra state), the
+    copy never (derived).
     """
 
     def __init__(self, weight: VNMTensor, bias: torch.Tensor | None = None, two_four_copy: bool = False) -> None:
@@ -104,9 +105,10 @@ class VNMLinear(nn.Module):
         is packed (`ops.two_four_copy_pays`); else none."""
         copy = None
         if self._two_four_copy and self._packed is not None and ops.two_four_copy_pays(self._packed):
-            copy = ops.pack_for_device(ops.two_four_tensor(weight), weight.device)
+            copy = ops.pack_two_four(weight, weight.device)
         self._copy = copy
-        self.copy_vals, self.copy_meta, self.copy_cols = (None,) * 3 if copy is None else (copy.a_vals, copy.a_meta, copy.cols)
+        parts = (None,) * 4 if copy is None else (copy.a_vals, copy.a_meta, copy.cols, copy.inputs)
+        self.copy_vals, self.copy_meta, self.copy_cols, self.copy_inputs = parts
 
     @property
     def two_four_copy(self) -> bool:
@@ -129,11 +131,18 @@ class VNMLinear(nn.Module):
     @property
     def two_four_copy_nbytes(self) -> int:
         """Bytes of the 2:4 copy wherever the layer holds it, held now or not, counted as `VNMTensor.nbytes` counts
-        (the V:2:4 form of the weight); 0 without `two_four_copy`."""
+        (the V:2:4 form of the weight, every group's columns laid out: a permuted weight's copy may be narrower),
+        with the x column of each where it gathers them; 0 without `two_four_copy`."""
         if not self._two_four_copy:
             return 0
-        copy = VNMPattern(V=self.pattern.V, M=4)
-        return VNMTensor.zeros((self.out_features, self.in_features), copy, self._held().dtype, "meta").nbytes
+        if self._packed is not None:
+            window = self._packed.window
+        else:  # a skeleton on the meta device counts as unpermuted
+            window = None if self._weight.columns.is_meta else ops.pack_window(self._weight)
+        width = ops.two_four_width(self.in_features, self.pattern.M, permuted=window == 0)
+        copy = VNMTensor.zeros((self.out_features, width), VNMPattern(V=self.pattern.V, M=4), self._held().dtype, "meta")
+        gathered = width != self.in_features or window == 0  # the layout is not x's own columns: their indices too
+        return copy.nbytes + (8 * width if gathered else 0)
 
     @staticmethod
     def _packs(weight: VNMTensor) -> bool:
@@ -143,7 +152,8 @@ class VNMLinear(nn.Module):
     def _buffer_layout(self, prefix: str, source: ops.PackedVNM) -> ops.PackedVNM:
         """`source` over this module's own buffers (what torch.compile must see, so that they stay static)."""
         vals, meta, cols = (getattr(self, f"{prefix}_{part}") for part in ("vals", "meta", "cols"))
-        return ops.PackedVNM(vals, meta, cols, source.shape, source.V, source.M, source.window)
+        inputs = getattr(self, f"{prefix}_inputs", None)
+        return ops.PackedVNM(vals, meta, cols, source.shape, source.V, source.M, source.window, inputs)
 
     @property
     def weight(self) -> VNMTensor:

@@ -72,9 +72,9 @@ class SparsifyConfig:
     exclude:    regexes (full match) of layer names left dense unless named in `layers`.
     calib_batch_size: rows per forward when `calib` is one tensor.
     two_four_copy: every pruned layer also holds a 2:4 copy of its weight where the copy runs (packed on an sm_90
-                GPU): faster serving batches and prefill for about three times the layer's bytes (`VNMLinear`). Needs V:2:8 patterns
-                with V <= 64 and permute=False (checked before any weight is touched); for some layers only, set
-                `VNMLinear.two_four_copy` on them after sparsify.
+                GPU): faster serving batches and prefill for 2.5-3 times the layer's bytes (`VNMLinear`). Needs V:2:M
+                patterns with 5 <= M <= 8 and V <= 64 (checked before any weight is touched); for some layers only,
+                set `VNMLinear.two_four_copy` on them after sparsify.
     """
 
     pattern: VNMPattern | str | None = "64:2:8"
@@ -172,18 +172,17 @@ def plan_layers(model: nn.Module, config: SparsifyConfig, filter_fn: FilterFn | 
         raise ValueError("no nn.Linear layer is selected by this config and filter_fn")
     _check_servable(model, linears, plan)
     if config.two_four_copy:
-        _check_two_four_copy(plan, config.permute)
+        _check_two_four_copy(plan)
     return plan
 
 
-def _check_two_four_copy(plan: Mapping[str, VNMPattern], permute: bool) -> None:
-    """Every planned layer can have the 2:4 copy the config asks for (`dispatch.two_four_copy_refusal`; permuted
-    weights never can), so that `VNMLinear` will not refuse it halfway through."""
+def _check_two_four_copy(plan: Mapping[str, VNMPattern]) -> None:
+    """Every planned layer's pattern can have the 2:4 copy the config asks for (`dispatch.two_four_copy_refusal`), so
+    that `VNMLinear` will not refuse it halfway through."""
     for name, pattern in plan.items():
-        why = dispatch.two_four_copy_refusal(pattern.V, pattern.M, 0 if permute else None)
+        why = dispatch.two_four_copy_refusal(pattern.V, pattern.M)
         if why is not None:
-            raise ValueError(f"layer {name!r}: SparsifyConfig.two_four_copy needs {why}"
-                             f"{' (permute=True folds one into every layer)' if permute else ''}")
+            raise ValueError(f"layer {name!r}: SparsifyConfig.two_four_copy needs {why}")
 
 
 def _check_servable(model: nn.Module, linears: Mapping[str, nn.Linear], plan: Mapping[str, VNMPattern]) -> None:

@@ -96,9 +96,8 @@ def test_pattern_errors_keep_their_reason_and_2_4_is_accepted(capsys):
     (["--model", "no-such-model"], "no-such-model"),
     (["--device", "tpu"], "--device"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device"),
-    (["--two-four-copy", "--pattern", "64:2:5"], "--two-four-copy needs a V:2:8 pattern with V <= 64"),
+    (["--two-four-copy", "--pattern", "64:2:16"], "--two-four-copy needs a V:2:M pattern with 5 <= M <= 8 and V <= 64"),
     (["--two-four-copy", "--pattern", "128:2:8"], "not 128:2:8"),
-    (["--two-four-copy", "--permute"], "--two-four-copy needs an unpermuted weight"),
 ])
 def test_inputs_are_checked_before_the_model_loads(monkeypatch, capsys, flags, match):
     import vnmsparse.app.models

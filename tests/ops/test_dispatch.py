@@ -69,33 +69,36 @@ def test_unpermuted_m4_takes_the_window_kernel_on_sm90_only(wgmma_on, V):
 
 
 def test_two_four_copy_only_where_it_pays(wgmma_on):
-    # (N, R, V, M, window, dtype, SMs, arch): unpermuted V:2:8 with V <= 64, where the window kernel runs.
+    # (N, R, C, V, M, window, dtype, SMs, arch): V:2:M with 5 <= M <= 8 and V <= 64, where the window kernel runs.
     use = dispatch.uses_two_four_copy
     assert use(2048, 4096, 4096, 64, 8, 64, "bf16", 132, H100)
     assert use(2048, 4096, 4096, 16, 8, 64, "fp16", 132, H100)
+    assert use(2048, 4096, 4096, 64, 5, 40, "bf16", 132, H100)  # M = 5: laid out in quads, 1.2x the columns
+    assert use(2048, 4096, 4096, 64, 8, 0, "bf16", 132, H100)  # permuted: its columns gathered into the layout
     assert not use(16, 4096, 4096, 64, 8, 64, "bf16", 132, H100)  # decode: the V:2:8 layout moves half the bytes
-    assert not use(2048, 4096, 4096, 64, 8, 0, "bf16", 132, H100)  # permuted: kept columns anywhere, not 2:4
     assert not use(2048, 4096, 4096, 128, 8, 64, "bf16", 132, H100)  # V = 128: the gather is as fast on large shapes
     assert not use(2048, 4096, 4096, 64, 16, 128, "bf16", 132, H100)  # M = 16: the gather is faster, the copy 4x
-    assert not use(2048, 4096, 4096, 64, 5, 40, "bf16", 132, H100)  # M = 5: not 2:4
+    assert not use(2048, 4096, 4096, 64, 4, 32, "bf16", 132, H100)  # M = 4: the weight is its own copy
     assert not use(2048, 4096, 4096, 64, 8, 64, "bf16", 108, (8, 0))  # no window kernel before sm_90
     assert not use(256, 64, 4096, 64, 8, 64, "bf16", 132, H100)  # below half a wave of window tiles
+    # A copy that gathers x's columns (M = 5-7, permuted weights) pays the gather per call: unmeasured, only on many rows.
+    assert use(8192, 4096, 768, 64, 5, 40, "bf16", 132, H100) and use(8192, 4096, 768, 64, 8, 0, "bf16", 132, H100)
+    assert not use(8192, 3072, 768, 64, 5, 40, "bf16", 132, H100) and not use(8192, 768, 3072, 64, 8, 0, "bf16", 132, H100)
+    assert use(8192, 768, 3072, 64, 8, 64, "bf16", 132, H100)  # unpermuted V:2:8: x as it is, no gather
     with configure(wgmma=False):
         assert not use(2048, 4096, 4096, 64, 8, 64, "bf16", 132, H100)  # the window kernel is a sparse-wgmma kernel
 
 
 @pytest.mark.parametrize("V", limits.SUPPORTED_V)
-@pytest.mark.parametrize("M", [4, 5, 8, 16])
-@pytest.mark.parametrize("window", [None, 0, 32, 64])
+@pytest.mark.parametrize("M", [4, 5, 6, 7, 8, 9, 16])
+@pytest.mark.parametrize("window", [0, 32, 64])
 def test_the_two_four_copy_rule_is_the_one_the_dispatch_reads(wgmma_on, V, M, window):
-    # A weight can have a copy exactly when a large call on sm_90 would run on it; an unknown window (a weight on the
-    # meta device) is judged by V and M alone.
-    refusal = dispatch.two_four_copy_refusal(V, M, window)
-    assert (refusal is None) == (M == 8 and V <= 64 and window in (None, 64))
-    if window is not None:
-        assert dispatch.uses_two_four_copy(8192, 8192, 8192, V, M, window, "bf16", 132, H100) == (refusal is None)
+    # A pattern can have a copy exactly when a large call on sm_90 would run on it, permuted (window 0) or not.
+    refusal = dispatch.two_four_copy_refusal(V, M)
+    assert (refusal is None) == (5 <= M <= 8 and V <= 64)
+    assert dispatch.uses_two_four_copy(8192, 8192, 8192, V, M, window, "bf16", 132, H100) == (refusal is None)
     if refusal is not None:
-        assert (f"not {V}:2:{M}" in refusal) or "unpermuted" in refusal
+        assert f"a V:2:M pattern with 5 <= M <= 8 and V <= 64 (the ones it pays for), not {V}:2:{M}" == refusal
 
 
 # ---- the rules on any GPU ----------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from opshelp import fp64_reference, random_vnm, rel_err
 
 import vnmsparse as vs
-from vnmsparse.ops import check_packable, pack_for_device, pack_window, packed_layout, two_four_tensor, unpack_dense
+from vnmsparse.ops import (check_packable, pack_for_device, pack_window, packed_layout, two_four_tensor, two_four_width,
+                           unpack_dense)
+from vnmsparse.ops.pack import two_four_slots
 from vnmsparse.ops.limits import SUPPORTED_V
 
 SHAPES_PATTERNS = [
@@ -149,30 +151,48 @@ def test_window_is_set_exactly_when_columns_stay_in_their_group(R, C, pattern):
     for t in (plain_t, permuted_t, swapped):  # read from the canonical columns without packing: the same answer
         assert pack_window(t) == pack_for_device(t, "cpu").window
 
-@settings(max_examples=40, deadline=None)
-@given(V=st.sampled_from(SUPPORTED_V), M=st.sampled_from([4, 8, 12, 16]), R=st.integers(1, 150), C=st.integers(1, 140),
-       seed=st.integers(0, 2**16))
-def test_two_four_copy_is_the_same_weight_as_v24(V, M, R, C, seed):
-    # Unpermuted V:2:M with M a multiple of 4: at most 2 stored weights in each aligned quad of columns, so the
-    # weight is also V:2:4, and its pack is one the window kernel takes (window = 32).
-    t = random_vnm(R, C, f"{V}:2:{M}", seed=seed)
-    copy = two_four_tensor(t)
-    assert copy.pattern == vs.VNMPattern(V=V, M=4) and copy.shape == t.shape and copy.dtype == t.dtype
-    assert torch.equal(copy.to_dense(), t.to_dense())
+@settings(max_examples=60, deadline=None)
+@given(V=st.sampled_from(SUPPORTED_V), M=st.integers(4, 16), R=st.integers(1, 150), C=st.integers(1, 140),
+       permute=st.booleans(), seed=st.integers(0, 2**16))
+def test_two_four_copy_is_the_same_weight_as_v24_over_its_inputs(V, M, R, C, permute, seed):
+    # Every V:2:M weight, permuted or not, is V:2:4 over its columns laid out in whole quads (two_four_slots): the
+    # copy is a valid V:2:4 tensor (compress checks every row's quads) and, its columns read from x through `inputs`,
+    # exactly the same weight. Its pack is one the window kernel takes (window = 32), gathered x rows 128-byte aligned.
+    t = random_vnm(R, C, f"{V}:2:{M}", permute=permute, seed=seed)
+    copy, inputs = two_four_tensor(t)
+    assert copy.pattern == vs.VNMPattern(V=V, M=4) and copy.shape[0] == R and copy.dtype == t.dtype
+    width = copy.shape[1]
+    if inputs is None:
+        assert width == C  # x's own columns in order: M a multiple of 4, or groups whose slots happen to be theirs
+        inputs = torch.arange(C)
+    else:
+        assert inputs.shape == (width,) and width % 64 == 0 and int(inputs.min()) >= 0 and int(inputs.max()) < C
+    back = torch.zeros(R, C, dtype=torch.float64).index_add_(1, inputs, copy.to_dense().to(torch.float64))
+    assert torch.equal(back, t.to_dense().to(torch.float64))
+    assert (copy.to_dense() != 0).sum() == (t.to_dense() != 0).sum()  # every stored weight once, nothing added
+    if not permute:  # all M columns of every group laid out, as dispatch assumes
+        assert width == two_four_width(C, M)
     p = pack_for_device(copy, "cpu")
     assert p.window == 32
-    assert torch.equal(unpack_dense(p.a_vals, p.a_meta, p.cols, R, C, V), t.to_dense())
+    assert torch.equal(unpack_dense(p.a_vals, p.a_meta, p.cols, R, width, V), copy.to_dense())
 
 
-def test_two_four_copy_refuses_weights_that_are_not_2_4():
-    # 16:2:5 keeping columns 3, 4 (group 0) and 5, 6 (group 1) in every row: 3 stored weights in columns 4..7.
-    mask = torch.zeros(16, 10, dtype=torch.bool)
-    mask[:, [3, 4, 5, 6]] = True
-    t = vs.compress(torch.randn(16, 10), "16:2:5", mask=mask)
-    with pytest.raises(ValueError, match="2:4 copy of this 16:2:5 weight does not exist.*columns 4..7"):
-        two_four_tensor(t)
-    with pytest.raises(TypeError, match="VNMTensor"):
-        two_four_tensor(t.to_dense())
+@pytest.mark.parametrize("M,C,width", [(8, 4096, 4096), (8, 4095, 4095), (5, 4096, 4928), (5, 10, 64), (6, 4096, 5504),
+                                       (7, 4096, 4736), (4, 100, 100), (16, 4096, 4096)])
+def test_two_four_width_of_whole_groups(M, C, width):
+    # M = 5: two groups' tails of one column share a quad (12 slots per 10 columns: 4920 at C = 4096, padded to 64);
+    # M = 6: a tail of two has a quad of its own (8 per 6); M = 7: 8 per 7; M a multiple of 4: x's own columns.
+    assert two_four_width(C, M) == width
+    t = vs.compress(torch.randn(3 * 64, C), f"64:2:{M}")
+    copy, inputs = two_four_tensor(t)
+    assert copy.shape[1] == width and (inputs is None) == (M % 4 == 0)
+
+
+def test_two_four_slots_put_at_most_two_stored_weights_of_a_row_in_a_quad():
+    head, tail = two_four_slots([5, 5, 5, 6, 7, 4, 5, 1])
+    assert head == [0, 8, 12, 20, 28, 36, 40, 44]
+    # tails of one share a quad (groups 0+1, 2+6; 7's is open at the end); of two and three, a quad each; none: unused
+    assert tail == [4, 5, 16, 24, 32, 40, 17, 44]
 
 
 def test_two_four_copy_is_cached_beside_the_pack():

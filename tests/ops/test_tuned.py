@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vnmsparse.ops import configure, dispatch, tuned, variants
+from vnmsparse.ops import configure, dispatch, tuned, two_four_width, variants
 
 H200 = (9, 0)
 
@@ -112,7 +112,7 @@ def test_the_copy_is_taken_where_it_was_measured_faster(monkeypatch):
         assert not use(100)  # 25 us on the copy against 20 on its own pack
         assert use(300) and use(512)  # 40 against 60
         assert use(8192)  # beyond the table: the rules' window kernel
-        assert not use(300, window=0)  # permuted: no copy exists
+        assert use(300, window=0)  # permuted: its copy gathers x's columns into its layout; no permuted own pack measured
         with configure(wgmma=False):
             assert not use(300)
     finally:
@@ -127,7 +127,7 @@ def test_a_table_with_an_impossible_split_is_refused(entry):
 
 
 def test_a_two_four_copy_call_runs_the_window_kernel_whenever_the_copy_is_taken():
-    # The copy (an unpermuted V:2:8 weight as V:2:4, pack window 32) is taken where its window kernel was measured
+    # The copy (a V:2:M weight as V:2:4, pack window 32) is taken where its window kernel was measured
     # faster than the weight's own pack, or beyond the table where the rules run the window kernel. The gather on the
     # copy (twice the values, twice the rows of x^T) must never run: every choice for the copy is a window kernel.
     dispatch._plan.cache_clear()
@@ -178,8 +178,10 @@ def test_committed_sweep_ran_what_dispatch_picks_now():
             on_copy = dispatch.uses_two_four_copy(r["N"], r["R"], r["C"], V, M, 8 * M, "bf16", 132, H200, "nvidia-h200")
             if on_copy != (r["layout"] == "two_four"):
                 stale.append((r["R"], r["C"], r["N"], r["pattern"], r["layout"], "copy now" if on_copy else "own pack now"))
-            M = 4 if on_copy else M
-        Kc = math.ceil(math.ceil(r["C"] / M) / 8)
+            width, M = (two_four_width(r["C"], M), 4) if on_copy else (r["C"], M)
+        else:
+            width = r["C"]
+        Kc = math.ceil(math.ceil(width / M) / 8)
         index, ks = dispatch.plan(r["N"], r["R"], V, Kc, "bf16", 132, H200, 8 * M, "nvidia-h200")
         if (variants.KERNELS[index].name, ks) != (r["kernel"], r["ksplit"]):
             stale.append((r["R"], r["C"], r["N"], r["pattern"], r["kernel"], r["ksplit"], variants.KERNELS[index].name, ks))

@@ -7,7 +7,8 @@ the zero-filled TMA tail, a last stage with one chunk), N = 1, 3, 17, 100, 257, 
 wrap-around), bias or not, both dtypes, x as it comes and x that TMA cannot read in place (a column-offset view:
 the binding copies it), split-k (3 slices, more than some shapes' stages) and stream-K. Then stream-K's
 determinism, also under CUDA-graph replay. Then the public path: unpermuted M = 4 weights take the window kernel,
-permuted ones and M = 8 the gathering kernel (or, asked for, their 2:4 copy: per call and per layer); leading dims,
+permuted ones and M = 8 the gathering kernel (or, asked for, their 2:4 copy: per call and per layer, M = 5-8,
+permuted or not); leading dims,
 CUDA-graph replay, bitwise repeatability, and the refusal of a pack without the window. Skipped unless the GPU is sm_90 (tools/gpu_check.sh runs them, once under compute-sanitizer).
 """
 
@@ -25,6 +26,9 @@ SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 (Hopper) GPU")]
 
 WINDOW_KERNELS = [k for k in variants.KERNELS if k.variant.kind == "wgmma_window"]
+# Rows of the 2:4 copy tests: no tile's multiple, and enough that a copy which gathers x's columns runs beyond the
+# measured table (dispatch.GATHERED_COPY_MIN_R).
+ROWS = 4100
 
 
 def _shapes():
@@ -114,42 +118,48 @@ def test_cuda_graph_replay_with_the_window_kernel(wgmma_on_small):
     check_graph_replay(t, 512, "graph replay")
 
 
-@pytest.mark.parametrize("pattern", ["64:2:8", "16:2:8"])
-def test_public_linear_on_the_two_four_copy(wgmma_on_small, pattern):
+@pytest.mark.parametrize("pattern, permute", [("64:2:8", False), ("16:2:8", False), ("64:2:5", False), ("32:2:6", False),
+                                            ("64:2:7", True), ("64:2:8", True)])
+def test_public_linear_on_the_two_four_copy(wgmma_on_small, pattern, permute):
     # ops.linear(..., two_four_copy=True): calls that the dispatch gives the copy (serving N where the GPU's table
     # measured it faster, large N beyond the table) run the window kernel on the weight's 2:4 copy (built on first
-    # use, cached beside the V:2:8 layout); decode calls keep the V:2:8 layout.
-    t = random_vnm(1000, 1001, pattern, device="cuda", seed=4)  # C % 8 != 0: a partial group and a short last quad
-    bias = torch.randn(1000, device="cuda").to(torch.bfloat16)
+    # use, cached beside the V:2:M layout; x's columns gathered into its layout where that is not x's own: M = 5-7,
+    # folded permutations); decode calls keep the V:2:M layout.
+    t = random_vnm(ROWS, 1001, pattern, device="cuda", permute=permute, seed=4)  # C % 8 != 0: partial group and quad
+    bias = torch.randn(ROWS, device="cuda").to(torch.bfloat16)
     props = torch.cuda.get_device_properties(0)
+    window = packed_layout(t, "cuda").window
     built = False
     for N in (1, 300, 2048):
         x = torch.randn(N, 1001, device="cuda").to(torch.bfloat16)
         y = ops.linear(x, t, bias, two_four_copy=True)
         check(y, fp64_reference(x, t, bias), torch.bfloat16, f"{pattern} two-four copy N={N}")
-        built |= dispatch.uses_two_four_copy(N, 1000, 1001, t.pattern.V, 8, 64, "bf16", props.multi_processor_count,
-                                             (9, 0), tuned.gpu_slug(props.name))
+        built |= dispatch.uses_two_four_copy(N, ROWS, 1001, t.pattern.V, t.pattern.M, window, "bf16",
+                                             props.multi_processor_count, (9, 0), tuned.gpu_slug(props.name))
         assert ((x.device, "2:4") in t.layouts) == built
         assert built == (N > 16) or N == 300  # decode never; beyond the table (2048) the rules' window kernel
-    plain = random_vnm(1000, 1001, pattern, device="cuda", seed=5)
+    copy = t.layouts[(x.device, "2:4")]
+    assert (copy.inputs is None) == (t.pattern.M == 8 and not permute) and copy.window == 32
+    plain = random_vnm(ROWS, 1001, pattern, device="cuda", seed=5)
     ops.linear(x, plain)  # without the flag: no copy, whatever the size
     assert (x.device, "2:4") not in plain.layouts
-    permuted = random_vnm(1000, 1001, pattern, device="cuda", permute=True, seed=4)
-    with pytest.raises(ValueError, match="two_four_copy needs an unpermuted weight"):
-        ops.linear(x, permuted, two_four_copy=True)  # kept columns anywhere: no 2:4 copy exists
-    assert (x.device, "2:4") not in permuted.layouts
+    wide = random_vnm(ROWS, 1001, "64:2:16", device="cuda", seed=4)
+    with pytest.raises(ValueError, match="two_four_copy needs a V:2:M pattern with 5 <= M <= 8"):
+        ops.linear(x, wide, two_four_copy=True)  # 4x the V:2:16 values: never worth it
+    assert (x.device, "2:4") not in wide.layouts
 
 
-def test_layer_with_the_two_four_copy(wgmma_on_small):
+@pytest.mark.parametrize("pattern", ["64:2:8", "64:2:5"])
+def test_layer_with_the_two_four_copy(wgmma_on_small, pattern):
     # VNMLinear(two_four_copy=True) on sm_90 holds the copy beside its packed layout (counted in held_nbytes, never
-    # saved), runs large calls on it and decode on the V:2:8 layout; setting the flag drops and rebuilds it.
+    # saved), runs large calls on it and decode on the V:2:M layout; setting the flag drops and rebuilds it.
     from vnmsparse.nn import VNMLinear
 
-    t = random_vnm(1000, 1001, "64:2:8", device="cuda", seed=6)
-    bias = torch.randn(1000, device="cuda").to(torch.bfloat16)
+    t = random_vnm(ROWS, 1001, pattern, device="cuda", seed=6)
+    bias = torch.randn(ROWS, device="cuda").to(torch.bfloat16)
     layer = VNMLinear(t, bias, two_four_copy=True)
     plain = VNMLinear(t, bias)
-    copy = ops.pack_for_device(ops.two_four_tensor(t), "cuda")
+    copy = ops.pack_two_four(t, "cuda")
     assert layer.holds_two_four_copy and not plain.holds_two_four_copy
     assert layer.held_nbytes == plain.held_nbytes + copy.nbytes
     assert set(layer.state_dict()) == set(plain.state_dict()) and layer.state_dict()["_extra_state"]["two_four_copy"]
@@ -169,12 +179,14 @@ def test_layer_with_the_two_four_copy(wgmma_on_small):
         check(layer(x), fp64_reference(x, t, bias), torch.bfloat16, "VNMLinear two-four copy after a round trip")
 
 
-def test_layer_with_the_two_four_copy_compiles_whole(wgmma_on_small):
+@pytest.mark.parametrize("pattern", ["64:2:8", "64:2:5"])
+def test_layer_with_the_two_four_copy_compiles_whole(wgmma_on_small, pattern):
     # torch.compile(fullgraph=True) of a layer holding the copy: the per-call choice of pack is folded while tracing
-    # (no graph break), and the compiled layer runs the same pack as eager at decode and serving N.
+    # (no graph break), the copy's x gather traced with it, and the compiled layer runs the same pack as eager at
+    # decode and serving N.
     from vnmsparse.nn import VNMLinear
 
-    t = random_vnm(1000, 1001, "64:2:8", device="cuda", seed=7)
+    t = random_vnm(ROWS, 1001, pattern, device="cuda", seed=7)
     layer = VNMLinear(t, None, two_four_copy=True)
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     for N in (1, 300, 2048):

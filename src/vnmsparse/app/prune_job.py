@@ -44,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--permute", action="store_true", help="reorder channels before pruning (free at inference)")
     p.add_argument("--two-four-copy", action="store_true",
                    help="every pruned layer also holds a 2:4 copy of its weight, which serving batches and prefill run on sm_90 GPUs: faster, "
-                   "for about three times the layer's bytes (V:2:8 with V <= 64, no --permute)")
+                   "for 2.5-3 times the layer's bytes (V:2:M with 5 <= M <= 8 and V <= 64)")
     add_text_arguments(p, "calib", "calibration")
     p.add_argument("--calib-chunks", type=positive_int, default=8, help="calibration chunks of --seq-len tokens (default 8)")
     p.add_argument("--eval-chunks", type=positive_int, default=16, help="evaluation chunks of --seq-len tokens (default 16)")
@@ -259,12 +259,12 @@ def table(columns: list[Column], linears: int, total_seconds: float) -> str:
     return "\n".join(lines)
 
 
-def check_two_four_copy(pattern: VNMPattern, permute: bool, two_four_copy: bool) -> None:
-    """--two-four-copy needs a pattern and weights that can have the copy (`dispatch.two_four_copy_refusal`): checked
+def check_two_four_copy(pattern: VNMPattern, two_four_copy: bool) -> None:
+    """--two-four-copy needs a pattern whose weights can have the copy (`dispatch.two_four_copy_refusal`): checked
     before the model loads."""
-    why = dispatch.two_four_copy_refusal(pattern.V, pattern.M, 0 if permute else None) if two_four_copy else None
+    why = dispatch.two_four_copy_refusal(pattern.V, pattern.M) if two_four_copy else None
     if why is not None:
-        raise ValueError(f"--two-four-copy needs {why}{' (--permute folds one into every layer)' if permute else ''}")
+        raise ValueError(f"--two-four-copy needs {why}")
 
 
 def check_out(out: str | None) -> None:
@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model_path(args.model)
     check_out(args.out)
-    check_two_four_copy(args.pattern, args.permute, args.two_four_copy)
+    check_two_four_copy(args.pattern, args.two_four_copy)
     calib_text, eval_texts = read_texts(args.calib, args.eval)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     dense, tokenizer = load_causal_lm(args.model, dtype=dtype, device=device)

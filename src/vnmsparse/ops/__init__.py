@@ -14,14 +14,15 @@ from .config import OpsConfig, config, configure, set_config
 from .dispatch import choose
 from .limits import check_packable
 from .op import check_two_four_copy, kernel_unavailable_reason, linear, linear_packed, two_four_copy_pays
-from .pack import (PackedVNM, pack_for_device, pack_window, packed_layout, padding_columns, two_four_tensor,
-                   unpack_dense, unpack_tensor)
+from .pack import (PackedVNM, TwoFourCopy, pack_for_device, pack_two_four, pack_window, packed_layout, padding_columns,
+                   two_four_tensor, two_four_width, unpack_dense, unpack_tensor)
 from .variants import KERNELS
 
 __all__ = [
     "KERNELS",
     "OpsConfig",
     "PackedVNM",
+    "TwoFourCopy",
     "check_packable",
     "check_two_four_copy",
     "choose",
@@ -32,11 +33,13 @@ __all__ = [
     "linear",
     "linear_packed",
     "pack_for_device",
+    "pack_two_four",
     "pack_window",
     "packed_layout",
     "padding_columns",
     "two_four_copy_pays",
     "two_four_tensor",
+    "two_four_width",
     "unavailable_reason",
     "unpack_dense",
     "unpack_tensor",

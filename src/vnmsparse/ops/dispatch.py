@@ -10,9 +10,10 @@ Rules. Decode (N <= DECODE_MAX_N): the memory-bound kernel with the fewest 8-tok
 half a wave; for weights whose kept columns stay in their own groups of M = 4 (pack `window` = 32) the window
 kernel, which reads x's tiles by TMA. Otherwise the mma.sp gemm tile of best `rank`, or the smallest tile when
 that would not fill one wave. `rank`, tile sizes and everything else about a kernel come from `variants`.
-Unpermuted V:2:8 weights (V <= 64) that hold a 2:4 copy run on it where the window kernel on the copy was
+V:2:M weights (5 <= M <= 8, V <= 64) that hold a 2:4 copy run on it where the window kernel on the copy was
 measured faster than the weight's own pack, or without a measurement where the rules run the window kernel
-(`uses_two_four_copy`). The rules never split the window kernel's k range (unmeasured on GPUs without a table).
+(`uses_two_four_copy`) and, for a copy that gathers x's columns (M = 5-7, permuted weights), on GATHERED_COPY_MIN_R
+rows or more. The rules never split the window kernel's k range (unmeasured on GPUs without a table).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 
 from . import tuned
 from .config import OpsConfig, config
-from .pack import packed_chunks
+from .pack import packed_chunks, two_four_width
 from .variants import DECODE_MAX_N, KERNELS, STREAM_K, Decode, Gemm, Kernel, Wgmma, WgmmaWindow
 
 _BY_NAME = {k.name: k for k in KERNELS}
@@ -30,19 +31,19 @@ _BY_NAME = {k.name: k for k in KERNELS}
 WGMMA_MIN_N = 256  # below it the mma.sp gemm kept every H100 case the rules see (the H200 has a measured table)
 WGMMA_MIN_WAVES = 0.5  # sparse wgmma only where its tiles fill half a wave
 SMALL_BELOW_WAVES = 1.0  # the smallest gemm tile where the preferred one would not fill a wave
-TWO_FOUR_COPY_M = 8  # the 2:4 copy pays for M = 8 only: at M = 16 it would hold 4x the values
+TWO_FOUR_COPY_M = (5, 8)  # M range of the 2:4 copy: 0.5-0.67 values per input column; at M = 16 it holds 4x V:2:16's
 TWO_FOUR_COPY_MAX_V = 64  # V = 128's gather is as fast on large shapes
 TWO_FOUR_WINDOW = 32  # the copy's pack window: V:2:4, every kept column in its own group of 4
+GATHERED_COPY_MIN_R = 4096  # unmeasured, a copy that gathers x's columns runs only on this many rows or more
 
 
-def two_four_copy_refusal(V: int, M: int, window: int | None) -> str | None:
-    """What a weight of block height V and M, packed with this `window` (None: not known yet), lacks for a 2:4 copy,
-    as the end of "two_four_copy needs ..."; None when it can have one. The one statement of the rule."""
-    if M != TWO_FOUR_COPY_M or V > TWO_FOUR_COPY_MAX_V:
-        return f"a V:2:{TWO_FOUR_COPY_M} pattern with V <= {TWO_FOUR_COPY_MAX_V} (the only ones it pays for), not {V}:2:{M}"
-    if window is not None and window != 8 * M:
-        return ("an unpermuted weight (every kept column inside its own group of M, ascending, as `compress` leaves "
-                "them); this one's are not, as after an input permutation was folded in")
+def two_four_copy_refusal(V: int, M: int) -> str | None:
+    """What a V:2:M pattern lacks for a 2:4 copy, as the end of "two_four_copy needs ..."; None when its weights can
+    have one (`pack.two_four_tensor`: any such weight, permuted or not). The one statement of the rule."""
+    low, high = TWO_FOUR_COPY_M
+    if not low <= M <= high or V > TWO_FOUR_COPY_MAX_V:
+        return (f"a V:2:M pattern with {low} <= M <= {high} and V <= {TWO_FOUR_COPY_MAX_V} (the ones it pays for), "
+                f"not {V}:2:{M}")
     return None
 
 
@@ -51,21 +52,25 @@ def uses_two_four_copy(N: int, R: int, C: int, V: int, M: int, window: int, dtyp
     """Whether a call on a weight with a 2:4 copy should run on it: a weight that can have one
     (`two_four_copy_refusal`), and where the GPU's measured table (`gpu`: its `tuned.gpu_slug`) timed both packs
     at the measured N this call is matched to, the copy's (window kernel) measured faster than the weight's own;
-    elsewhere where the rules would run the window kernel on it (sm_90, N >= WGMMA_MIN_N, half a wave)."""
+    elsewhere where the rules would run the window kernel on it (sm_90, N >= WGMMA_MIN_N, half a wave), and for a
+    copy that gathers x's columns first only on GATHERED_COPY_MIN_R rows or more (H200: at 4096 rows and more the
+    gathered 64:2:5 copy beat the own pack at N = 2048-8192; DeiT-base's 768-3072-row layers lost 8% with it)."""
     return _uses_two_four_copy(N, R, C, V, M, window, dtype, sm_count, None if arch is None else tuple(arch), config(), gpu)
 
 
 @functools.lru_cache(maxsize=4096)  # asked on every call of a layer that holds a copy
 def _uses_two_four_copy(N: int, R: int, C: int, V: int, M: int, window: int, dtype: str, sm_count: int, arch,
                         cfg: OpsConfig, gpu: str) -> bool:
-    if two_four_copy_refusal(V, M, window) is not None:
+    if two_four_copy_refusal(V, M) is not None:
         return False
     if cfg.wgmma and arch == (9, 0):
         table = tuned.load(gpu)
-        copy = tuned.lookup(table, N, R, V, packed_chunks(C, 4), TWO_FOUR_WINDOW)
+        copy = tuned.lookup(table, N, R, V, packed_chunks(two_four_width(C, M, permuted=not window), 4), TWO_FOUR_WINDOW)
         own = tuned.lookup(table, N, R, V, packed_chunks(C, M), window)
         if copy is not None and own is not None and copy.N == own.N:  # both timed at the token count this call is given
             return copy.us < own.us
+    if (M % 4 or not window) and R < GATHERED_COPY_MIN_R:  # the gather costs N x C, the saving N x R x C: too few rows
+        return False
     kernel = _choose(N, R, V, dtype, sm_count, arch, cfg, TWO_FOUR_WINDOW)
     return isinstance(kernel.variant, WgmmaWindow)
 

@@ -23,7 +23,7 @@ from ..reference import check_input, dense_linear, vnm_linear
 from . import build, dispatch, tuned
 from .config import config
 from .limits import TORCH_DTYPES, check_packable
-from .pack import PackedVNM, pack_window, packed_layout, unpack_dense
+from .pack import PackedVNM, copy_inputs, packed_layout, unpack_dense
 
 log = logging.getLogger("vnmsparse.ops")
 _logged: set = set()
@@ -154,18 +154,14 @@ def two_four_copy_pays(packed: PackedVNM) -> bool:
 
 
 def check_two_four_copy(flag: object, weight: VNMTensor | PackedVNM) -> None:
-    """TypeError unless `flag` is a bool; ValueError when it asks for a 2:4 copy of a `VNMTensor` or `PackedVNM` that
-    can have none (`dispatch.two_four_copy_refusal`). A weight on the meta device is judged by its pattern alone."""
+    """TypeError unless `flag` is a bool; ValueError when it asks for a 2:4 copy of a `VNMTensor` or `PackedVNM` whose
+    pattern can have none (`dispatch.two_four_copy_refusal`)."""
     if not isinstance(flag, bool):
         raise TypeError(f"two_four_copy must be a bool, got {flag!r}")
     if not flag:
         return
-    if isinstance(weight, PackedVNM):
-        V, M, window = weight.V, weight.M, weight.window
-    else:
-        V, M = weight.pattern.V, weight.pattern.M
-        window = None if weight.columns.is_meta else pack_window(weight)
-    why = dispatch.two_four_copy_refusal(V, M, window)
+    V, M = (weight.V, weight.M) if isinstance(weight, PackedVNM) else (weight.pattern.V, weight.pattern.M)
+    why = dispatch.two_four_copy_refusal(V, M)
     if why is not None:
         raise ValueError(f"two_four_copy needs {why}")
 
@@ -183,17 +179,16 @@ def linear(x: torch.Tensor, tensor, bias: Optional[torch.Tensor] = None, *, two_
     R, C = tensor.shape
     check_input(x, bias, R, C)
     V, M = tensor.pattern.V, tensor.pattern.M
+    check_two_four_copy(two_four_copy, tensor)
     reason = _unavailable(x.device, x.dtype, V, M, tensor.dtype)
     if reason is not None:
         level = logging.INFO if x.device.type == "cpu" else logging.WARNING
-        check_two_four_copy(two_four_copy, tensor)
         log_once(level, f"vnmsparse.ops.linear: {reason}; using the plain-torch reference vnm_linear")
         return vnm_linear(x, tensor, bias)
     packed = packed_layout(tensor, x.device)
-    check_two_four_copy(two_four_copy, packed)  # the pack's window: no pass over the columns per call
     if two_four_copy and _wants_two_four_copy(x, R, C, V, M, packed.window):
-        packed = packed_layout(tensor, x.device, two_four=True)  # V:2:4: same R, C, V; the op sees window = 32
-    return _run(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, V, packed.window)
+        packed = packed_layout(tensor, x.device, two_four=True)  # V:2:4 over its own input columns; window = 32
+    return _run_packed(x, packed, bias)
 
 
 def linear_packed(x: torch.Tensor, packed: PackedVNM, bias: Optional[torch.Tensor] = None,
@@ -211,6 +206,15 @@ def linear_packed(x: torch.Tensor, packed: PackedVNM, bias: Optional[torch.Tenso
         return _reference_from_packed(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, packed.V)
     if two_four is not None and _wants_two_four_copy(x, R, C, packed.V, packed.M, packed.window):
         packed = two_four
+    return _run_packed(x, packed, bias)
+
+
+def _run_packed(x: torch.Tensor, packed: PackedVNM, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y for a pack whose caller checked x against the layer's in_features; a 2:4 copy laid out over other columns
+    than x's (`PackedVNM.inputs`) gets them gathered first."""
+    if packed.inputs is not None:
+        x = copy_inputs(x, packed.inputs)
+    R, C = packed.shape
     return _run(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, packed.V, packed.window)
 
 

@@ -21,9 +21,11 @@ With R x C logical, G = ceil(C/M) groups, Rt = ceil(R/16) row tiles, Kc = ceil(G
 
 Padding rows and groups hold zero values and the valid metadata nibble 0b0100 (slots 0 and 1).
 
-`two_four_tensor` re-expresses an unpermuted V:2:8 weight as V:2:4 (twice the values), whose pack has window = 32:
-the optional 2:4 copy the window kernel multiplies beyond decode (`VNMLinear(two_four_copy=True)`, or per call
-`ops.linear(..., two_four_copy=True)`).
+`two_four_tensor` re-expresses a V:2:M weight (5 <= M <= 8, permuted or not) as V:2:4 over its input columns laid out
+in whole quads (`two_four_slots`), whose pack has window = 32: the optional 2:4 copy the window kernel multiplies
+beyond decode (`VNMLinear(two_four_copy=True)`, or per call `ops.linear(..., two_four_copy=True)`). Where that layout
+is not x's own column order (M not a multiple of 4, a folded input permutation), the pack's `inputs` say which x
+column each of its input columns reads, and a call gathers them first.
 
 The same arrays feed the sm_90a sparse-wgmma kernel (vnm_wgmma.cuh) unchanged: a 16-row record is exactly the
 register fragment warp w of a warpgroup supplies to `wgmma.mma_async.sp.m64nNk32` for rows 16w..16w+15 of an
@@ -34,12 +36,12 @@ this against the ISA's layouts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
-from ..format import VNMTensor, compress, nibbles_from_slots
-from ..masks import check_vnm
+from ..format import VNMTensor, compress, nibbles_from_slots, slots_from_nibbles
 from ..pattern import VNMPattern
 from .limits import check_packable
 
@@ -57,6 +59,7 @@ class PackedVNM:
     V: int
     M: int
     window: int = 0  # 8*M if every group's kept columns lie in its own M input columns (ascending), else 0
+    inputs: torch.Tensor | None = None  # (C,) int64 x column of each input column (a 2:4 copy's layout); None: x's own
 
     @property
     def dtype(self) -> torch.dtype:
@@ -68,39 +71,148 @@ class PackedVNM:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a_vals, self.a_meta, self.cols))
+        parts = (self.a_vals, self.a_meta, self.cols) if self.inputs is None else (self.a_vals, self.a_meta, self.cols, self.inputs)
+        return sum(t.numel() * t.element_size() for t in parts)
 
 
-def two_four_tensor(tensor: VNMTensor) -> VNMTensor:
-    """The same weight as a V:2:4 `VNMTensor` (every group of 4 input columns kept, 2 stored weights per row in
-    each): what the sm_90 window kernel multiplies with x's tiles directly, no gather. Exists when every row has
-    at most 2 stored weights in each aligned group of 4 input columns, as unpermuted V:2:M weights with M a
-    multiple of 4 always do; costs M/4 times the values of the V:2:M form. Raises ValueError otherwise."""
+class TwoFourCopy(NamedTuple):
+    """A weight re-expressed as V:2:4 (`two_four_tensor`): y = x[..., inputs] @ tensor^T, or x @ tensor^T without inputs."""
+
+    tensor: VNMTensor  # V:2:4, R x (its input columns)
+    inputs: torch.Tensor | None  # (its input columns,) int64: the x column each reads; None: x's own columns, in order
+
+
+def two_four_slots(counts: list[int]) -> tuple[list[int], list[int]]:
+    """Where the 2:4 copy puts each group's input columns, for groups of `counts[g]` columns: (head, tail).
+
+    A row stores at most 2 weights per group, so a quad of columns holds at most 2 stored weights of every row when
+    its columns all come from one group, or when it holds one column of each of two groups. So group g's first
+    4 * (counts[g] // 4) columns fill whole quads from slot head[g], and the rest (its tail) go from slot tail[g]:
+    a tail of one column shares a quad with the next such tail, a tail of 2 or 3 has a quad of its own, the other
+    slots padding. At M = 8 the slots are the columns themselves; at M = 5, 12 slots hold two groups' 10 columns."""
+    head, tail, width, shared = [], [], 0, None
+    for count in counts:
+        head.append(width)
+        width += 4 * (count // 4)
+        rest = count % 4
+        if rest == 1 and shared is not None:
+            tail.append(shared + 1)
+            shared = None
+            continue
+        tail.append(width)
+        if rest == 1:
+            shared = width
+        width += 4 if rest else 0
+    return head, tail
+
+
+def two_four_width(C: int, M: int, permuted: bool = False) -> int:
+    """Input columns of the 2:4 copy of an R x C V:2:M weight whose every group keeps all its columns somewhere (as
+    unpermuted weights and almost every permuted one with more than one row block do; `permuted`: an input
+    permutation is folded in, so the layout is never x's own order): what dispatch matches measured cases by."""
+    G = -(-C // M)
+    counts = [M] * (G - 1) + [C - M * (G - 1)]
+    head, tail = two_four_slots(counts)
+    own_order = all(h == g * M and (c % 4 == 0 or t == h + c - c % 4) for g, (h, t, c) in enumerate(zip(head, tail, counts)))
+    return _copy_width(_slots_used(head, tail, counts), identity=own_order and not permuted)
+
+
+def _slots_used(head: list[int], tail: list[int], counts: list[int]) -> int:
+    """One past the last slot `two_four_slots` gives a column."""
+    return max((max(h + 4 * (c // 4), t + c % 4 if c % 4 else 0) for h, t, c in zip(head, tail, counts)), default=0)
+
+
+def _copy_width(used: int, identity: bool) -> int:
+    """The copy's input columns from the slots it uses: as many where it reads x's own columns, else padded to a
+    multiple of 64, so that every row of the gathered x starts a 128-byte line: the window kernel's TMA boxes are
+    64 columns wide, and rows that straddle lines cost it about half its speed."""
+    return used if identity else -(-used // 64) * 64
+
+
+def two_four_tensor(tensor: VNMTensor) -> TwoFourCopy:
+    """The same weight as a V:2:4 `VNMTensor` over its input columns laid out in whole quads (`two_four_slots`; a group's
+    columns are those any row block keeps, and all M of an unpermuted weight's), with the x column each reads: what
+    the sm_90 window kernel multiplies with TMA tiles of x, no gather per row block. Every V:2:M weight has one; it
+    stores half a value per input column of the layout: C/2 per row at M = 8, 0.6 C at M = 5, 0.57 C at M = 7,
+    0.67 C at M = 6 (the V:2:M form: 2C/M). `inputs` is None where the layout is x's own columns in order
+    (unpermuted, M a multiple of 4)."""
     if not isinstance(tensor, VNMTensor):
         raise TypeError(f"tensor must be a VNMTensor, got {type(tensor).__name__}")
-    pattern = VNMPattern(V=tensor.pattern.V, M=4)
-    stored = tensor.mask()
-    try:
-        check_vnm(stored, pattern)
-    except ValueError as error:
-        raise ValueError(f"a 2:4 copy of this {tensor.pattern} weight does not exist: it needs at most 2 stored weights per "
-                         f"row in every aligned group of 4 input columns (unpermuted, M a multiple of 4): {error}") from None
-    return compress(tensor.to_dense(), pattern, mask=stored)
+    R, C = tensor.shape
+    V, G = tensor.pattern.V, tensor.groups
+    cols = tensor.columns.to(torch.int64)  # (Bn, G, 4); >= C: a padding slot (its values are zero)
+    real = cols < C
+    keys = torch.arange(G, device=cols.device).view(1, G, 1) * C + cols
+    members, member_slot, width, identity = _copy_layout(tensor)
+    inputs = torch.zeros(width, dtype=torch.int64, device=cols.device)  # padding slots read column 0 (zero weights)
+    inputs[member_slot] = members % C
+    # The copy's column of every (row block, group, kept slot) of the canonical form; padding slots stay -1 (dropped).
+    slot = torch.full_like(cols, -1)
+    slot[real] = member_slot[torch.searchsorted(members, keys[real])]
+    dense = torch.zeros(R, width, dtype=tensor.dtype, device=cols.device)
+    stored = torch.zeros(R, width, dtype=torch.bool, device=cols.device)
+    values = tensor.values.view(R, G, 2)
+    rows_per_step = max(V, (1 << 22) // max(G, 1) // V * V)  # bound the (rows, G, 4) temporaries
+    for r0 in range(0, R, rows_per_step):
+        r1 = min(R, r0 + rows_per_step)
+        block_slots = slot[r0 // V: -(-r1 // V)].repeat_interleave(V, dim=0)[: r1 - r0]
+        where = block_slots.gather(2, slots_from_nibbles(tensor.positions[r0:r1], G))  # (rows, G, 2)
+        keep = where >= 0
+        row = torch.arange(r0, r1, device=cols.device).view(-1, 1, 1).expand_as(where)
+        dense[row[keep], where[keep]] = values[r0:r1][keep]
+        stored[row[keep], where[keep]] = True
+    copy = compress(dense, VNMPattern(V=V, M=4), mask=stored)
+    return TwoFourCopy(copy, None if identity else inputs)
+
+
+def _copy_layout(tensor: VNMTensor) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """The 2:4 copy's input columns: (members, slots, width, identity). `members`, sorted, are every group's columns
+    as keys g * C + column: those any row block keeps, and all M of an unpermuted weight's; `slots` where the copy
+    puts each (`two_four_slots`); `width` its input columns; `identity` whether they are x's own, in order."""
+    C = tensor.shape[1]
+    M, G = tensor.pattern.M, tensor.groups
+    cols = tensor.columns.to(torch.int64)
+    keys = torch.arange(G, device=cols.device).view(1, G, 1) * C + cols
+    members = keys[cols < C]
+    if pack_window(tensor):
+        own = torch.arange(G * M, device=cols.device)
+        members = torch.cat((members, ((own // M) * C + own)[own < C]))
+    members = torch.unique(members)
+    member_group = members // C
+    counts = torch.bincount(member_group, minlength=G)
+    head, tail = (torch.tensor(v, dtype=torch.int64, device=cols.device) for v in two_four_slots(counts.tolist()))
+    rank = torch.arange(members.numel(), device=cols.device) - (torch.cumsum(counts, 0) - counts)[member_group]
+    whole = 4 * (counts[member_group] // 4)
+    slots = torch.where(rank < whole, head[member_group] + rank, tail[member_group] + rank - whole)
+    used = int(slots.max()) + 1
+    identity = used == C and bool((slots == members % C).all())
+    return members, slots, _copy_width(used, identity), identity
 
 
 def packed_layout(tensor: VNMTensor, device: torch.device | str, two_four: bool = False) -> PackedVNM:
     """The kernel layout of `tensor` on `device`, built once (`pack_for_device`) and cached on the tensor
-    (`VNMTensor.layouts`). two_four: the layout of the same weight as V:2:4 (`two_four_tensor`: M/4 times the
-    values), a separate entry. Called per matmul by `ops.linear`: the common case is one dict lookup."""
+    (`VNMTensor.layouts`). two_four: the layout of its 2:4 copy (`pack_two_four`), a separate entry. Called per matmul by `ops.linear`: the common case is one dict lookup."""
     key = (device, "2:4") if two_four else device
     packed = tensor.layouts.get(key)
     if packed is None:
         device = torch.device(device)
         key = (device, "2:4") if two_four else device
         if key not in tensor.layouts:
-            tensor.layouts[key] = pack_for_device(two_four_tensor(tensor) if two_four else tensor, device)
+            tensor.layouts[key] = pack_two_four(tensor, device) if two_four else pack_for_device(tensor, device)
         packed = tensor.layouts[key]
     return packed
+
+
+def copy_inputs(x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """x's columns in the order a 2:4 copy's layout reads them (`PackedVNM.inputs`): x[..., inputs], contiguous."""
+    return x.index_select(-1, inputs)
+
+
+def pack_two_four(tensor: VNMTensor, device: torch.device | str) -> PackedVNM:
+    """The kernel layout of `tensor`'s 2:4 copy (`two_four_tensor`) on `device`, with the x columns it reads."""
+    copy = two_four_tensor(tensor)
+    packed = pack_for_device(copy.tensor, device)
+    return packed if copy.inputs is None else replace(packed, inputs=copy.inputs.to(packed.device))
 
 
 def packed_chunks(C: int, M: int) -> int:
