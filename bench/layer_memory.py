@@ -34,7 +34,7 @@ from kernel import gpu_slug  # noqa: E402
 from serving import semi_structured  # noqa: E402
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "14336x4096", "4096x14336", "8192x28672"]
-PATTERNS = ["64:2:5", "64:2:8", "128:2:8", "64:2:16", "64:2:8+copy"]
+PATTERNS = ["64:2:5", "64:2:8", "128:2:8", "64:2:16", "64:2:8+copy", "64:2:5+copy"]
 TOKENS = (16, 4096)
 COPY = "+copy"
 

@@ -134,6 +134,28 @@ def test_linear_takes_the_two_four_copy_per_call_where_the_weight_can_have_one(V
             ops.linear(x, t, two_four_copy=True)
 
 
+@pytest.mark.parametrize("pattern, permute", [("16:2:5", False), ("32:2:8", True), ("16:2:7", False)])
+def test_a_copy_laid_out_over_other_columns_is_given_x_gathered_into_them(monkeypatch, pattern, permute):
+    # The op's path onto a 2:4 copy whose columns are not x's own (M = 5-7, permuted weights): x, any leading dims,
+    # gathered into the copy's layout, the kernel told the copy's width. The kernel is replaced by the reference
+    # computed from the packed parts it is handed, so this runs on the CPU; the GPU tests run the real kernel.
+    t = random_vnm(70, 53, pattern, permute=permute, seed=3)
+    copy = ops.pack_two_four(t, "cpu")
+    assert copy.inputs is not None and copy.shape == (70, copy.inputs.numel()) and copy.inputs.numel() % 64 == 0
+    handed = []
+
+    def kernel(x, a_vals, a_meta, cols, bias, R, C, V, window):
+        handed.append((tuple(x.shape), C, window))
+        return op._reference_from_packed(x, a_vals, a_meta, cols, bias, R, C, V)
+
+    monkeypatch.setattr(op, "_run", kernel)
+    x = torch.randn(2, 3, 53).to(torch.bfloat16)
+    bias = torch.randn(70).to(torch.bfloat16)
+    y = op._run_packed(x, copy, bias)
+    assert handed == [((2, 3, copy.shape[1]), copy.shape[1], 32)] and y.shape == (2, 3, 70)
+    assert rel_err(y.reshape(-1, 70), fp64_reference(x.reshape(-1, 53), t, bias)) < 1e-2
+
+
 def test_linear_two_four_copy_must_be_a_bool():
     t = random_vnm(40, 50, "16:2:8")
     with pytest.raises(TypeError, match="two_four_copy must be a bool, got 'yes'"):
