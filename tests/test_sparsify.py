@@ -203,17 +203,24 @@ def test_two_four_copy_is_passed_to_every_layer_and_reported_with_its_bytes(patt
     report = sparsify(model, SparsifyConfig(pattern, two_four_copy=True, permute=permute), progress=False)
     layers = sparse_layers(model)
     assert all(m.two_four_copy and not m.holds_two_four_copy for m in layers.values())  # on the CPU: asked, not held
+    # Unpermuted V:2:8 reads x as it is: every layer holds its copy on sm_90. At V:2:5 or permuted, the copy gathers x
+    # first, which no call takes on layers this small (dispatch.GATHERED_COPY_MIN_R): none is held, none counted.
+    held = pattern == "16:2:8" and not permute
     for layer in report.layers:
-        # What the copy will add where it is held: the weight as V:2:4 over its columns laid out in quads (twice the
-        # values of the V:2:8 form, 1.5x at V:2:5), and where that layout is not x's own, the x column of each.
+        # What the copy adds where it is held: the weight as V:2:4 over its columns laid out in quads (twice the
+        # values of the V:2:8 form).
         copy, inputs = two_four_tensor(layers[layer.name].weight)
-        copy_bytes = copy.nbytes + (0 if inputs is None else inputs.numel() * 8)
-        if not permute:  # a permuted layer may leave columns of a group unused: its layout can be narrower
-            assert layer.copy_bytes == copy_bytes
-        assert layer.two_four_copy and copy_bytes <= layer.copy_bytes == layers[layer.name].two_four_copy_nbytes
+        assert inputs is None or not held
+        copy_bytes = copy.nbytes if held else 0
+        assert layer.two_four_copy and layer.copy_bytes == copy_bytes == layers[layer.name].two_four_copy_nbytes
         assert layer.held_bytes == layer.compressed_bytes + layer.copy_bytes
-    assert report.copy_bytes == sum(r.copy_bytes for r in report.layers) and report.held_bytes > 2 * report.compressed_bytes
-    assert f"2:4 copies of {len(report.layers)} layers, held on sm_90 GPUs" in str(report)
+    assert report.copy_bytes == sum(r.copy_bytes for r in report.layers)
+    if held:
+        assert report.held_bytes > 2 * report.compressed_bytes
+        assert f"2:4 copies of {len(report.layers)} layers, held on sm_90 GPUs" in str(report)
+    else:
+        assert report.held_bytes == report.compressed_bytes
+        assert f"({len(report.layers)} layers asked for a 2:4 copy no call would run" in str(report)
     again = SparsifyReport.of_model(model)
     assert [(r.two_four_copy, r.copy_bytes) for r in again.layers] == [(r.two_four_copy, r.copy_bytes) for r in report.layers]
     plain = sparsify(tiny_llama(), SparsifyConfig("16:2:8"), progress=False)

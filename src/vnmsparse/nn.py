@@ -130,15 +130,18 @@ class VNMLinear(nn.Module):
 
     @property
     def two_four_copy_nbytes(self) -> int:
-        """Bytes of the 2:4 copy wherever the layer holds it, held now or not, counted as `VNMTensor.nbytes` counts
-        (the V:2:4 form of the weight, every group's columns laid out: a permuted weight's copy may be narrower),
-        with the x column of each where it gathers them; 0 without `two_four_copy`."""
+        """Bytes of the 2:4 copy wherever the layer holds it (sm_90 GPUs, `ops.dispatch.two_four_copy_runs`), held now
+        or not, counted as `VNMTensor.nbytes` counts (the V:2:4 form of the weight, every group's columns laid out: a
+        permuted weight's copy may be narrower), with the x column of each where it gathers them; 0 without
+        `two_four_copy` or where no call would run the copy (one that gathers, on fewer than 4096 rows)."""
         if not self._two_four_copy:
             return 0
         if self._packed is not None:
             window = self._packed.window
         else:  # a skeleton on the meta device counts as unpermuted
-            window = None if self._weight.columns.is_meta else ops.pack_window(self._weight)
+            window = 8 * self.pattern.M if self._weight.columns.is_meta else ops.pack_window(self._weight)
+        if not ops.dispatch.two_four_copy_runs(self.out_features, self.in_features, self.pattern.V, self.pattern.M, window):
+            return 0
         width = ops.two_four_width(self.in_features, self.pattern.M, permuted=window == 0)
         copy = VNMTensor.zeros((self.out_features, width), VNMPattern(V=self.pattern.V, M=4), self._held().dtype, "meta")
         gathered = width != self.in_features or window == 0  # the layout is not x's own columns: their indices too

@@ -337,9 +337,12 @@ class SparsifyReport:
 
     def __str__(self) -> str:
         permuted = f", permutation kept score {self.kept_score[0]:.3f} -> {self.kept_score[1]:.3f}" if self.kept_score else ""
-        copies = sum(layer.two_four_copy for layer in self.layers)
+        copies = sum(1 for layer in self.layers if layer.copy_bytes)
+        idle = sum(layer.two_four_copy for layer in self.layers) - copies
         copy = (f" (+{self.copy_bytes / 2**20:.1f} MiB: the 2:4 copies of {copies} layers, held on sm_90 GPUs)"
                 if copies else "")
+        if idle:  # asked for, but no call would run it (ops.dispatch.two_four_copy_runs): never held
+            copy += f" ({idle} layers asked for a 2:4 copy no call would run: too few rows for its x gather)"
         return (f"{len(self.layers)} layers pruned ({self.method}, {self.calibration or 'no calibration'}): "
                 f"sparsity {self.sparsity:.2%} of {self.params:,} weights ({self.model_sparsity:.2%} of the model), "
                 f"{self.dense_bytes / 2**20:.1f} -> {self.compressed_bytes / 2**20:.1f} MiB{copy}, {self.seconds:.1f} s{permuted}")

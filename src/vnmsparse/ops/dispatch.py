@@ -58,6 +58,12 @@ def uses_two_four_copy(N: int, R: int, C: int, V: int, M: int, window: int, dtyp
     return _uses_two_four_copy(N, R, C, V, M, window, dtype, sm_count, None if arch is None else tuple(arch), config(), gpu)
 
 
+def two_four_copy_runs(R: int, C: int, V: int, M: int, window: int) -> bool:
+    """Whether an sm_90 GPU would ever run this weight's 2:4 copy: the largest calls (beyond any measured table)
+    take it. What decides whether a layer that asks for the copy holds one there."""
+    return _uses_two_four_copy(1 << 16, R, C, V, M, window, "bf16", 132, (9, 0), config(), "")
+
+
 @functools.lru_cache(maxsize=4096)  # asked on every call of a layer that holds a copy
 def _uses_two_four_copy(N: int, R: int, C: int, V: int, M: int, window: int, dtype: str, sm_count: int, arch,
                         cfg: OpsConfig, gpu: str) -> bool:

@@ -148,9 +148,9 @@ def two_four_copy_pays(packed: PackedVNM) -> bool:
     `VNMLinear` asked for one builds it only then, when it packs, never inside a forward."""
     if packed.device.type != "cuda" or packed.dtype not in _DTYPE_TAGS:
         return False
-    _, _, sms, arch, gpu = _device_info(packed.device.index if packed.device.index is not None else torch.cuda.current_device())
+    arch = _device_info(packed.device.index if packed.device.index is not None else torch.cuda.current_device())[3]
     R, C = packed.shape
-    return dispatch.uses_two_four_copy(1 << 16, R, C, packed.V, packed.M, packed.window, _DTYPE_TAGS[packed.dtype], sms, arch, gpu)
+    return tuple(arch) == (9, 0) and dispatch.two_four_copy_runs(R, C, packed.V, packed.M, packed.window)
 
 
 def check_two_four_copy(flag: object, weight: VNMTensor | PackedVNM) -> None:
