@@ -151,3 +151,7 @@ def test_two_four_copy_is_asked_for_on_every_pruned_layer_counted_and_saved(tiny
     assert copied.bytes == plain.bytes + report.copy_bytes
     loaded = load_pretrained(out)
     assert all(m.two_four_copy for m in loaded.modules() if isinstance(m, VNMLinear))
+    # A copy that would gather x (16:2:5) runs on no layer this small: the table says so instead of counting bytes.
+    assert main([*argv, "--pattern", "16:2:5", "--no-reference", "--two-four-copy"]) == 0
+    table = capsys.readouterr().out
+    assert "+2:4 copy bytes" not in table and "16:2:5 magnitude +2:4 copy: 14 of 14 layers hold no 2:4 copy" in table

@@ -256,6 +256,11 @@ def table(columns: list[Column], linears: int, total_seconds: float) -> str:
         lines.append("2:4 bytes: values + a 2-bit index each (the cuSPARSELt layout)")
     if any(c.report and c.report.copy_bytes for c in columns):
         lines.append("+2:4 copy bytes: the pruned layers' weights and their 2:4 copies (held where the copy runs: sm_90)")
+    for c in columns:
+        idle = [layer for layer in (c.report.layers if c.report else []) if layer.two_four_copy and not layer.copy_bytes]
+        if idle:
+            lines.append(f"{c.title}: {len(idle)} of {len(c.report.layers)} layers hold no 2:4 copy: theirs would gather x "
+                         "(M = 5-7, or permuted), which runs only on layers of 4096 rows or more")
     return "\n".join(lines)
 
 
