@@ -144,7 +144,7 @@ class VNMLinear(nn.Module):
             return 0
         width = ops.two_four_width(self.in_features, self.pattern.M, permuted=window == 0)
         copy = VNMTensor.zeros((self.out_features, width), VNMPattern(V=self.pattern.V, M=4), self._held().dtype, "meta")
-        gathered = width != self.in_features or window == 0  # the layout is not x's own columns: their indices too
+        gathered = ops.two_four_gathers(self.in_features, self.pattern.M, permuted=window == 0)  # x columns kept too
         return copy.nbytes + (8 * width if gathered else 0)
 
     @staticmethod

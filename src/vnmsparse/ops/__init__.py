@@ -15,7 +15,7 @@ from .dispatch import choose
 from .limits import check_packable
 from .op import check_two_four_copy, kernel_unavailable_reason, linear, linear_packed, two_four_copy_pays
 from .pack import (PackedVNM, TwoFourCopy, pack_for_device, pack_two_four, pack_window, packed_layout, padding_columns,
-                   two_four_tensor, two_four_width, unpack_dense, unpack_tensor)
+                   two_four_gathers, two_four_tensor, two_four_width, unpack_dense, unpack_tensor)
 from .variants import KERNELS
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "packed_layout",
     "padding_columns",
     "two_four_copy_pays",
+    "two_four_gathers",
     "two_four_tensor",
     "two_four_width",
     "unavailable_reason",

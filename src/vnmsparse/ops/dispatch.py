@@ -23,7 +23,7 @@ import math
 
 from . import tuned
 from .config import OpsConfig, config
-from .pack import packed_chunks, two_four_width
+from .pack import packed_chunks, two_four_gathers, two_four_width
 from .variants import DECODE_MAX_N, KERNELS, STREAM_K, Decode, Gemm, Kernel, Wgmma, WgmmaWindow
 
 _BY_NAME = {k.name: k for k in KERNELS}
@@ -75,7 +75,7 @@ def _uses_two_four_copy(N: int, R: int, C: int, V: int, M: int, window: int, dty
         own = tuned.lookup(table, N, R, V, packed_chunks(C, M), window)
         if copy is not None and own is not None and copy.N == own.N:  # both timed at the token count this call is given
             return copy.us < own.us
-    if (M % 4 or not window) and R < GATHERED_COPY_MIN_R:  # the gather costs N x C, the saving N x R x C: too few rows
+    if R < GATHERED_COPY_MIN_R and two_four_gathers(C, M, permuted=not window):  # gather: N x C; saving: N x R x C
         return False
     kernel = _choose(N, R, V, dtype, sm_count, arch, cfg, TWO_FOUR_WINDOW)
     return isinstance(kernel.variant, WgmmaWindow)

@@ -110,11 +110,23 @@ def two_four_width(C: int, M: int, permuted: bool = False) -> int:
     """Input columns of the 2:4 copy of an R x C V:2:M weight whose every group keeps all its columns somewhere (as
     unpermuted weights and almost every permuted one with more than one row block do; `permuted`: an input
     permutation is folded in, so the layout is never x's own order): what dispatch matches measured cases by."""
+    used, identity = _whole_group_layout(C, M, permuted)
+    return _copy_width(used, identity)
+
+
+def two_four_gathers(C: int, M: int, permuted: bool = False) -> bool:
+    """Whether such a weight's 2:4 copy reads other columns than x's own, in order, so that each call gathers x
+    first (`PackedVNM.inputs`): M = 5-7 (unless one group spans C), or a folded input permutation."""
+    return not _whole_group_layout(C, M, permuted)[1]
+
+
+def _whole_group_layout(C: int, M: int, permuted: bool) -> tuple[int, bool]:
+    """(slots used, whether they are x's own columns in order) of the copy of a weight whose groups keep all M."""
     G = -(-C // M)
     counts = [M] * (G - 1) + [C - M * (G - 1)]
     head, tail = two_four_slots(counts)
     own_order = all(h == g * M and (c % 4 == 0 or t == h + c - c % 4) for g, (h, t, c) in enumerate(zip(head, tail, counts)))
-    return _copy_width(_slots_used(head, tail, counts), identity=own_order and not permuted)
+    return _slots_used(head, tail, counts), own_order and not permuted
 
 
 def _slots_used(head: list[int], tail: list[int], counts: list[int]) -> int:
@@ -142,13 +154,13 @@ def two_four_tensor(tensor: VNMTensor) -> TwoFourCopy:
     V, G = tensor.pattern.V, tensor.groups
     cols = tensor.columns.to(torch.int64)  # (Bn, G, 4); >= C: a padding slot (its values are zero)
     real = cols < C
-    keys = torch.arange(G, device=cols.device).view(1, G, 1) * C + cols
-    members, member_slot, width, identity = _copy_layout(tensor)
+    kept = (torch.arange(G, device=cols.device).view(1, G, 1) * C + cols)[real]  # (group, column) as one sortable key
+    members, member_slot, width, identity = _copy_layout(tensor, kept)
     inputs = torch.zeros(width, dtype=torch.int64, device=cols.device)  # padding slots read column 0 (zero weights)
     inputs[member_slot] = members % C
     # The copy's column of every (row block, group, kept slot) of the canonical form; padding slots stay -1 (dropped).
     slot = torch.full_like(cols, -1)
-    slot[real] = member_slot[torch.searchsorted(members, keys[real])]
+    slot[real] = member_slot[torch.searchsorted(members, kept)]
     dense = torch.zeros(R, width, dtype=tensor.dtype, device=cols.device)
     stored = torch.zeros(R, width, dtype=torch.bool, device=cols.device)
     values = tensor.values.view(R, G, 2)
@@ -165,23 +177,23 @@ def two_four_tensor(tensor: VNMTensor) -> TwoFourCopy:
     return TwoFourCopy(copy, None if identity else inputs)
 
 
-def _copy_layout(tensor: VNMTensor) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
-    """The 2:4 copy's input columns: (members, slots, width, identity). `members`, sorted, are every group's columns
-    as keys g * C + column: those any row block keeps, and all M of an unpermuted weight's; `slots` where the copy
-    puts each (`two_four_slots`); `width` its input columns; `identity` whether they are x's own, in order."""
+def _copy_layout(tensor: VNMTensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """The 2:4 copy's input columns: (members, slots, width, identity). `kept` are the keys g * C + column of the
+    columns its row blocks keep; `members`, sorted, every group's columns as keys: those kept anywhere, and all M of
+    an unpermuted weight's; `slots` where the copy puts each (`two_four_slots`); `width` its input columns;
+    `identity` whether they are x's own, in order."""
     C = tensor.shape[1]
     M, G = tensor.pattern.M, tensor.groups
-    cols = tensor.columns.to(torch.int64)
-    keys = torch.arange(G, device=cols.device).view(1, G, 1) * C + cols
-    members = keys[cols < C]
+    device = kept.device
+    members = kept
     if pack_window(tensor):
-        own = torch.arange(G * M, device=cols.device)
+        own = torch.arange(G * M, device=device)
         members = torch.cat((members, ((own // M) * C + own)[own < C]))
     members = torch.unique(members)
     member_group = members // C
     counts = torch.bincount(member_group, minlength=G)
-    head, tail = (torch.tensor(v, dtype=torch.int64, device=cols.device) for v in two_four_slots(counts.tolist()))
-    rank = torch.arange(members.numel(), device=cols.device) - (torch.cumsum(counts, 0) - counts)[member_group]
+    head, tail = (torch.tensor(v, dtype=torch.int64, device=device) for v in two_four_slots(counts.tolist()))
+    rank = torch.arange(members.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[member_group]
     whole = 4 * (counts[member_group] // 4)
     slots = torch.where(rank < whole, head[member_group] + rank, tail[member_group] + rank - whole)
     used = int(slots.max()) + 1
