@@ -7,6 +7,7 @@ import torch
 
 import vnmsparse as vs
 from vnmsparse.ops import packed_layout
+from vnmsparse.ops.variants import STREAM_K
 from vnmsparse import ops
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -72,6 +73,20 @@ def check_kernel_graph_replay(ext, kernel, t, x: torch.Tensor, ksplit: int, expe
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, expected), what
+
+
+def check_stream_k(ext, kernels, R: int, N: int, pattern: str) -> None:
+    """Each kernel at stream-K on a fresh R x 4096 `pattern` weight and N tokens: two runs equal bit for bit (the
+    partials meet in k order whichever CTA arrives last) and right against float64; the last kernel also replayed
+    in a CUDA graph."""
+    for kernel in kernels:
+        dtype = DTYPES[kernel.dtype]
+        t = random_vnm(R, 4096, pattern, dtype=dtype, device="cuda", seed=R + N)
+        x = torch.randn(N, 4096, device="cuda").to(dtype)
+        y1, y2 = run_kernel(ext, kernel, t, x, ksplit=STREAM_K), run_kernel(ext, kernel, t, x, ksplit=STREAM_K)
+        assert torch.equal(y1, y2), kernel.name
+        check(y1, fp64_reference(x, t), dtype, f"{kernel.name} stream-K R={R} N={N}")
+    check_kernel_graph_replay(ext, kernel, t, x, STREAM_K, y1, f"{kernel.name} stream-K graph replay R={R} N={N}")
 
 
 def check_graph_replay(t, N: int, what: str) -> None:

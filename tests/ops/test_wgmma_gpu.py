@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opshelp import DTYPES, check, check_graph_replay, check_kernel_graph_replay, fp64_reference, random_vnm, rel_err, run_kernel
+from opshelp import DTYPES, check, check_graph_replay, check_stream_k, fp64_reference, random_vnm, rel_err, run_kernel
 
 from vnmsparse.ops import variants
 from vnmsparse.ops.variants import STREAM_K
@@ -71,14 +71,7 @@ def test_stream_k_is_deterministic_and_matches(ext, R, N):
     # Stream-K over 132 SMs: 144 tiles of 128 x 256 (each split between two CTAs at uneven k), 86 tiles (fewer
     # than SMs: up to three CTAs per tile), many small tiles (a CTA runs several). The partials meet in k order
     # whichever CTA arrives last, so two runs agree bit for bit; both dtypes' results match float64.
-    for kernel in (k for k in WGMMA_KERNELS if k.V == 64):
-        dtype = DTYPES[kernel.dtype]
-        t = random_vnm(R, 4096, "64:2:8", dtype=dtype, device="cuda", seed=R + N)
-        x = torch.randn(N, 4096, device="cuda").to(dtype)
-        y1, y2 = run_kernel(ext, kernel, t, x, ksplit=STREAM_K), run_kernel(ext, kernel, t, x, ksplit=STREAM_K)
-        assert torch.equal(y1, y2), kernel.name
-        check(y1, fp64_reference(x, t), dtype, f"{kernel.name} stream-K R={R} N={N}")
-    check_kernel_graph_replay(ext, kernel, t, x, STREAM_K, y1, f"{kernel.name} stream-K graph replay R={R} N={N}")
+    check_stream_k(ext, [k for k in WGMMA_KERNELS if k.V == 64], R, N, "64:2:8")
 
 
 def test_cuda_graph_replay_with_wgmma(wgmma_on_small):

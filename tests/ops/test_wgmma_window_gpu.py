@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opshelp import DTYPES, check, check_graph_replay, check_kernel_graph_replay, fp64_reference, random_vnm, run_kernel
+from opshelp import DTYPES, check, check_graph_replay, check_stream_k, fp64_reference, random_vnm, run_kernel
 
 from vnmsparse import ops
 from vnmsparse.ops import dispatch, packed_layout, tuned, variants
@@ -66,14 +66,7 @@ def test_window_stream_k_is_deterministic_and_matches(ext, R, N):
     # Stream-K over the SMs: tiles split at uneven stages (96 tiles of 128 x 256 or 192 of 128 x 128 at 6144 x 384;
     # 32 tiles at 4096 x 128, up to five CTAs a tile) and many tiles per CTA (N = 4095). The partials meet in k
     # order, so two runs agree bit for bit, also replayed in a CUDA graph.
-    for kernel in WINDOW_KERNELS:
-        dtype = DTYPES[kernel.dtype]
-        t = random_vnm(R, 4096, "64:2:4", dtype=dtype, device="cuda", seed=R + N)
-        x = torch.randn(N, 4096, device="cuda").to(dtype)
-        y1, y2 = run_kernel(ext, kernel, t, x, ksplit=STREAM_K), run_kernel(ext, kernel, t, x, ksplit=STREAM_K)
-        assert torch.equal(y1, y2), kernel.name
-        check(y1, fp64_reference(x, t), dtype, f"{kernel.name} stream-K R={R} N={N}")
-    check_kernel_graph_replay(ext, kernel, t, x, STREAM_K, y1, f"{kernel.name} stream-K graph replay R={R} N={N}")
+    check_stream_k(ext, WINDOW_KERNELS, R, N, "64:2:4")
 
 
 def test_window_kernel_refuses_a_pack_without_the_window(ext):
