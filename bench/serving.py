@@ -44,7 +44,6 @@ import torch.nn.functional as F
 import vnmsparse as vs
 from vnmsparse import ops
 from vnmsparse.ops import dispatch, packed_layout, tuned, variants
-from vnmsparse.ops.pack import copy_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel import copies_for, gpu_slug, graph_ms  # noqa: E402
@@ -114,12 +113,10 @@ class Case:
         return err <= TOL
 
     def run(self, ext, packed, x: torch.Tensor, kernel: int, ksplit: int, out=None) -> torch.Tensor:
-        """One kernel on one of the packs, x's columns gathered first where the pack reads others (a 2:4 copy's
-        `inputs`, as `ops.linear` does: the gather is part of what the copy costs)."""
-        if packed.inputs is not None:
-            x = copy_inputs(x, packed.inputs)
+        """One kernel on one of the packs; a pack that reads other columns than x's (a 2:4 copy's `inputs`) has the
+        binding gather them first, as `ops.linear` does: the gather is part of what the copy costs."""
         return ext.run(x, packed.a_vals, packed.a_meta, packed.cols, None, self.R, packed.shape[1], self.pattern.V, kernel,
-                       ksplit, out, packed.window)
+                       ksplit, out, packed.window, inputs=packed.inputs)
 
 
 def ksplits(kernel: variants.Kernel, N: int, R: int, Kc: int, sms: int) -> list[int]:

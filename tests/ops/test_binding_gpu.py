@@ -27,6 +27,8 @@ CASES = {
     "wgmma_control": "returned (300, 256)",
     "gemm_stream_k": "is for the sparse-wgmma kernels only",
     "negative_ksplit": "ksplit must be in 1..4096, or 0 (stream-K)",
+    "inputs_wrong_length": "inputs must be (256,) int64",
+    "inputs_int32": "inputs must be (256,) int64",
 }
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -59,8 +61,10 @@ def run_case(case: str) -> None:
         x = x.half()
     index = 10_000 if case == "decode_bad_index" else kernel.index
     ksplit = {"gemm_stream_k": variants.STREAM_K, "negative_ksplit": -1}.get(case, 1)
+    inputs = {"inputs_wrong_length": torch.arange(255, device="cuda"),
+              "inputs_int32": torch.arange(256, device="cuda", dtype=torch.int32)}.get(case)
     try:
-        y = ext.run(x, p.a_vals, p.a_meta, p.cols, None, 256, 256, v, index, ksplit, None)
+        y = ext.run(x, p.a_vals, p.a_meta, p.cols, None, 256, 256, v, index, ksplit, None, inputs=inputs)
         torch.cuda.synchronize()
         print(f"returned {tuple(y.shape)}")
     except RuntimeError as error:

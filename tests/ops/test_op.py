@@ -135,25 +135,27 @@ def test_linear_takes_the_two_four_copy_per_call_where_the_weight_can_have_one(V
 
 
 @pytest.mark.parametrize("pattern, permute", [("16:2:5", False), ("32:2:8", True), ("16:2:7", False)])
-def test_a_copy_laid_out_over_other_columns_is_given_x_gathered_into_them(monkeypatch, pattern, permute):
-    # The op's path onto a 2:4 copy whose columns are not x's own (M = 5-7, permuted weights): x, any leading dims,
-    # gathered into the copy's layout, the kernel told the copy's width. The kernel is replaced by the reference
-    # computed from the packed parts it is handed, so this runs on the CPU; the GPU tests run the real kernel.
+def test_a_copy_laid_out_over_other_columns_reads_x_gathered_into_them(pattern, permute):
+    # A 2:4 copy whose columns are not x's own (M = 5-7, permuted weights): the op is handed x as it is, any leading
+    # dims, with the copy's `inputs`, and gathers them itself. Here the op's CPU implementation (the reference) does;
+    # the GPU tests run the binding's gather kernel.
     t = random_vnm(70, 53, pattern, permute=permute, seed=3)
     copy = ops.pack_two_four(t, "cpu")
-    assert copy.inputs is not None and copy.shape == (70, copy.inputs.numel()) and copy.inputs.numel() % 64 == 0
-    handed = []
-
-    def kernel(x, a_vals, a_meta, cols, bias, R, C, V, window):
-        handed.append((tuple(x.shape), C, window))
-        return op._reference_from_packed(x, a_vals, a_meta, cols, bias, R, C, V)
-
-    monkeypatch.setattr(op, "_run", kernel)
+    R, C = copy.shape
+    assert copy.inputs is not None and (R, C) == (70, copy.inputs.numel()) and C % 64 == 0
     x = torch.randn(2, 3, 53).to(torch.bfloat16)
     bias = torch.randn(70).to(torch.bfloat16)
-    y = op._run_packed(x, copy, bias)
-    assert handed == [((2, 3, copy.shape[1]), copy.shape[1], 32)] and y.shape == (2, 3, 70)
+    y = torch.ops.vnmsparse.linear(x, copy.a_vals, copy.a_meta, copy.cols, bias, R, C, copy.V, copy.window, copy.inputs)
+    assert y.shape == (2, 3, 70)
     assert rel_err(y.reshape(-1, 70), fp64_reference(x.reshape(-1, 53), t, bias)) < 1e-2
+    with torch._subclasses.FakeTensorMode() as mode:  # what torch.compile traces: the same shape rule
+        fake = torch.ops.vnmsparse.linear(mode.from_tensor(x), *(mode.from_tensor(a) for a in (copy.a_vals, copy.a_meta, copy.cols)),
+                                          None, R, C, copy.V, copy.window, mode.from_tensor(copy.inputs))
+    assert fake.shape == (2, 3, 70)
+    with pytest.raises(ValueError, match=f"inputs must name the weight's C={C} x columns"):
+        torch.ops.vnmsparse.linear(x, copy.a_vals, copy.a_meta, copy.cols, bias, R, C, copy.V, copy.window, copy.inputs[:-1])
+    with pytest.raises(ValueError, match=f"x's last dim must be in_features={C}"):
+        torch.ops.vnmsparse.linear(x, copy.a_vals, copy.a_meta, copy.cols, bias, R, C, copy.V, copy.window)
 
 
 def test_linear_two_four_copy_must_be_a_bool():

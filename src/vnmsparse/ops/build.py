@@ -26,8 +26,9 @@ from . import codegen, variants
 log = logging.getLogger("vnmsparse.ops")
 
 CSRC = Path(__file__).resolve().parent / "csrc"
+_COMPILED_SOURCES = ("vnm_binding.cpp", "vnm_transpose.cu", "vnm_gather.cu")  # beside the generated units
 _STATIC_SOURCES = (
-    "vnm_params.h", "vnm_common.cuh", "vnm_decode.cuh", "vnm_gemm.cuh", "vnm_transpose.cu", "vnm_binding.cpp",
+    *_COMPILED_SOURCES, "vnm_params.h", "vnm_common.cuh", "vnm_decode.cuh", "vnm_gemm.cuh",
     "vnm_sm90.cuh", "vnm_sm90_layout.h", "vnm_wgmma.cuh", "vnm_wgmma_window.cuh",
 )
 MIN_CAPABILITY = (8, 0)  # mma.sp with ordered metadata: Ampere and newer
@@ -118,7 +119,7 @@ def _build(device: torch.device) -> tuple[ModuleType | None, str | None]:
     try:
         module = cpp_extension.load(
             name=name,
-            sources=[str(CSRC / "vnm_binding.cpp"), str(CSRC / "vnm_transpose.cu"), *map(str, cu_files)],
+            sources=[*(str(CSRC / source) for source in _COMPILED_SOURCES), *map(str, cu_files)],
             extra_include_paths=[str(CSRC), str(gen_dir)],
             extra_cflags=["-O2"],
             extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo", *arch_flags(capability)],

@@ -1,6 +1,7 @@
 """The `vnmsparse::linear` op (registered once with the dispatcher, with a fake impl) and its wrapper `linear`.
 
-    torch.ops.vnmsparse.linear(x, a_vals, a_meta, cols, bias, R, C, V, window=0) -> y   (packed parts, pack.py)
+    torch.ops.vnmsparse.linear(x, a_vals, a_meta, cols, bias, R, C, V, window=0, inputs=None) -> y   (packed parts,
+        pack.py; `inputs`: the x columns a 2:4 copy reads, gathered inside the op)
     vnmsparse.ops.linear(x, tensor: VNMTensor, bias=None, two_four_copy=False) -> y   (packs once, caches per device)
 
 y = x @ W^T + bias with nn.Linear semantics and any leading dims of x, fp32 accumulation. On CUDA the
@@ -44,19 +45,29 @@ def _reference_from_packed(x, a_vals, a_meta, cols, bias, R: int, C: int, V: int
 # the torch.library.custom_op wrapper adds, which matters for decode, where the kernel takes only microseconds.
 _LIB = torch.library.Library("vnmsparse", "DEF")
 _LIB.define(
-    "linear(Tensor x, Tensor a_vals, Tensor a_meta, Tensor cols, Tensor? bias, int R, int C, int V, int window=0) -> Tensor"
+    "linear(Tensor x, Tensor a_vals, Tensor a_meta, Tensor cols, Tensor? bias, int R, int C, int V, int window=0,"
+    " Tensor? inputs=None) -> Tensor"
 )
 
 
-def _linear_reference(x, a_vals, a_meta, cols, bias, R: int, C: int, V: int, window: int = 0):
+def _check_width(x: torch.Tensor, C: int, inputs: Optional[torch.Tensor]) -> None:
+    """x must have the weight's C columns, or, with `inputs` (a 2:4 copy's), inputs must name C of x's columns."""
+    if inputs is None and x.shape[-1] != C:
+        raise ValueError(f"vnmsparse::linear: x's last dim must be in_features={C}, got {tuple(x.shape)}")
+    if inputs is not None and tuple(inputs.shape) != (C,):
+        raise ValueError(f"vnmsparse::linear: inputs must name the weight's C={C} x columns, got shape {tuple(inputs.shape)}")
+
+
+def _linear_reference(x, a_vals, a_meta, cols, bias, R: int, C: int, V: int, window: int = 0, inputs=None):
     # Devices without a kernel (CPU, ...): the reference, computed from the packed parts.
     log_once(logging.INFO, f"vnmsparse::linear: no kernel for device type {x.device.type!r}; using the plain-torch reference")
+    _check_width(x, C, inputs)
+    x = x if inputs is None else copy_inputs(x, inputs)
     return _reference_from_packed(x, a_vals, a_meta, cols, bias, R, C, V)
 
 
-def _linear_fake(x, a_vals, a_meta, cols, bias, R, C, V, window=0):
-    if x.shape[-1] != C:
-        raise ValueError(f"vnmsparse::linear: x's last dim must be in_features={C}, got {tuple(x.shape)}")
+def _linear_fake(x, a_vals, a_meta, cols, bias, R, C, V, window=0, inputs=None):
+    _check_width(x, C, inputs)
     return x.new_empty((*x.shape[:-1], R))
 
 
@@ -73,19 +84,20 @@ def _device_info(index: int):
 _DTYPE_TAGS = TORCH_DTYPES
 
 
-def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V, window=0):
+def _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V, window=0, inputs=None):
     # Also the eager fast path of `linear`: every Python-level step here costs microseconds per layer in decode,
-    # so the binding flattens x's leading dims itself and one cached lookup picks the kernel.
-    if x.shape[-1] != C:
-        raise ValueError(f"vnmsparse::linear: x's last dim must be in_features={C}, got {tuple(x.shape)}")
+    # so the binding flattens x's leading dims (and gathers a copy's inputs) itself and one cached lookup picks the kernel.
+    _check_width(x, C, inputs)
     ext, why, sms, arch, gpu = _device_info(x.get_device())
     if ext is None or x.dtype not in _DTYPE_TAGS:
         log_once(logging.WARNING, f"vnmsparse::linear: {why or f'x dtype {x.dtype} has no kernel'}; using the plain-torch reference")
+        x = x if inputs is None else copy_inputs(x, inputs)
         return _reference_from_packed(x, a_vals, a_meta, cols, bias, R, C, V)
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
-    kernel, ksplit = dispatch.plan(x.numel() // C, R, V, a_vals.shape[1], _DTYPE_TAGS[x.dtype], sms, arch, window, gpu)
-    return ext.run(x, a_vals, a_meta, cols, bias, R, C, V, kernel, ksplit, None, window, config().pdl)
+    N = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    kernel, ksplit = dispatch.plan(N, R, V, a_vals.shape[1], _DTYPE_TAGS[x.dtype], sms, arch, window, gpu)
+    return ext.run(x, a_vals, a_meta, cols, bias, R, C, V, kernel, ksplit, None, window, config().pdl, inputs)
 
 
 def _runs_eagerly(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -211,14 +223,9 @@ def linear_packed(x: torch.Tensor, packed: PackedVNM, bias: Optional[torch.Tenso
 
 def _run_packed(x: torch.Tensor, packed: PackedVNM, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """y for a pack whose caller checked x against the layer's in_features; a 2:4 copy laid out over other columns
-    than x's (`PackedVNM.inputs`) gets them gathered first."""
-    if packed.inputs is not None:
-        x = copy_inputs(x, packed.inputs)
+    than x's reads them gathered (`PackedVNM.inputs`), inside the op."""
     R, C = packed.shape
-    return _run(x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, packed.V, packed.window)
-
-
-def _run(x, a_vals, a_meta, cols, bias, R: int, C: int, V: int, window: int) -> torch.Tensor:
+    args = (x, packed.a_vals, packed.a_meta, packed.cols, bias, R, C, packed.V, packed.window, packed.inputs)
     if _runs_eagerly(x, bias):  # same kernels and result as the op below, without the dispatcher's cost
-        return _linear_cuda(x, a_vals, a_meta, cols, bias, R, C, V, window)
-    return torch.ops.vnmsparse.linear.default(x, a_vals, a_meta, cols, bias, R, C, V, window)
+        return _linear_cuda(*args)
+    return torch.ops.vnmsparse.linear.default(*args)

@@ -95,15 +95,27 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 
 // y = x @ W^T + bias with W given by its packed parts; x is (..., C) with any leading dims (nn.Linear's rule),
 // y is (..., R). Flattening here rather than in Python keeps two tensor ops per call off the eager decode path.
+// With `inputs` (a 2:4 copy laid out over other columns than x's, pack.PackedVNM.inputs: C int64 x columns), x
+// has any number of columns and the kernel reads x[..., inputs], gathered here first (vnm_gather.cu).
 at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tensor& a_meta, const at::Tensor& cols,
                const c10::optional<at::Tensor>& bias, int64_t R, int64_t C, int64_t V, int64_t kernel,
-               int64_t ksplit, const c10::optional<at::Tensor>& out, int64_t window, bool pdl) {
+               int64_t ksplit, const c10::optional<at::Tensor>& out, int64_t window, bool pdl,
+               const c10::optional<at::Tensor>& inputs) {
   VNM_CHECK(x_in.dim() >= 1, kOp, ": x must have at least 1 dim, got a scalar");
-  VNM_CHECK(x_in.size(-1) == C, kOp, ": x has ", x_in.size(-1), " columns but the weight has in_features=", C);
   VNM_CHECK(x_in.is_cuda(), kOp, ": x must be a CUDA tensor");
-  // (N, C) with contiguous rows: a 2-D x with a row stride >= C as it is (no copy), anything else flattened.
-  const bool rows_ok = x_in.dim() == 2 && x_in.stride(1) == 1 && (x_in.size(0) <= 1 || x_in.stride(0) >= C);
-  const at::Tensor x = rows_ok ? x_in : x_in.contiguous().view({-1, C});
+  const int64_t Cx = x_in.size(-1);
+  if (inputs.has_value()) {
+    check_cuda_contiguous(*inputs, "inputs", x_in);
+    VNM_CHECK(inputs->scalar_type() == at::kLong && inputs->dim() == 1 && inputs->size(0) == C, kOp,
+              ": inputs must be (", C, ",) int64 (the x column of each weight column), got ", inputs->sizes(), " ",
+              inputs->scalar_type());
+    VNM_CHECK(Cx < (int64_t(1) << 31), kOp, ": x has too many columns to gather");
+  } else {
+    VNM_CHECK(Cx == C, kOp, ": x has ", Cx, " columns but the weight has in_features=", C);
+  }
+  // (N, Cx) with contiguous rows: a 2-D x with a row stride >= Cx as it is (no copy), anything else flattened.
+  const bool rows_ok = x_in.dim() == 2 && x_in.stride(1) == 1 && (x_in.size(0) <= 1 || x_in.stride(0) >= Cx);
+  at::Tensor x = rows_ok ? x_in : x_in.contiguous().view({-1, Cx});
   const vnm::ElemType et = elem_type(x);
   check_cuda_contiguous(a_vals, "a_vals", x);
   check_cuda_contiguous(a_meta, "a_meta", x);
@@ -163,6 +175,14 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& a_vals, const at::Tenso
   if (N == 0) return y;
 
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+  if (inputs.has_value()) {  // rows padded to 8 columns: 16-byte aligned, as every kernel's fast path wants them
+    const at::Tensor gathered = at::empty({N, (C + 7) / 8 * 8}, x.options());
+    const cudaError_t err = vnm::launch_gather_columns(x.data_ptr(), N > 1 ? x.stride(0) : Cx, static_cast<int>(N),
+                                                       static_cast<int>(Cx), inputs->data_ptr<int64_t>(), static_cast<int>(C),
+                                                       gathered.data_ptr(), gathered.stride(0), stream.stream());
+    VNM_CHECK(err == cudaSuccess, kOp, ": gathering x's columns failed: ", cudaGetErrorString(err));
+    x = gathered.narrow(1, 0, C);
+  }
   // The window kernels read x by TMA: 16-byte aligned rows. Otherwise they get a copy with rows padded to 8
   // (checked for those kernels only: decode calls skip it).
   at::Tensor x_tma;
@@ -249,6 +269,7 @@ std::vector<std::tuple<std::string, int, int, int, int64_t, int, int>> table() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run, "V:N:M linear with a chosen kernel (see vnmsparse.ops)", py::arg("x"), py::arg("a_vals"),
         py::arg("a_meta"), py::arg("cols"), py::arg("bias"), py::arg("R"), py::arg("C"), py::arg("V"),
-        py::arg("kernel"), py::arg("ksplit") = 1, py::arg("out") = py::none(), py::arg("window") = 0, py::arg("pdl") = true);
+        py::arg("kernel"), py::arg("ksplit") = 1, py::arg("out") = py::none(), py::arg("window") = 0, py::arg("pdl") = true,
+        py::arg("inputs") = py::none());
   m.def("table", &table, "the compiled kernel table");
 }

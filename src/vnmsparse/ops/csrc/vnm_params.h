@@ -70,6 +70,11 @@ struct KernelEntry {
 // x (N, C) -> p.xt (C, Np), zero-padded; defined in vnm_transpose.cu.
 cudaError_t launch_transpose(const VnmParams& p, cudaStream_t stream);
 
+// xg (N, Cg; rows ldg apart, ldg a multiple of 8 and >= Cg, xg 16-byte aligned) = x (N, Cx; rows ldx apart)[:, idx],
+// zero where an index is outside 0..Cx-1 and in columns Cg..ldg-1; 2-byte elements. Defined in vnm_gather.cu.
+cudaError_t launch_gather_columns(const void* x, int64_t ldx, int N, int Cx, const int64_t* idx, int Cg, void* xg,
+                                  int64_t ldg, cudaStream_t stream);
+
 // Defined in the generated vnm_table.cu.
 const KernelEntry* kernel_table(int* count);
 
