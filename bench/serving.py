@@ -74,6 +74,7 @@ def ceilings() -> dict:
     return {"copy_tbps": round(2 * src.numel() * 2 / (copy * 1e-6) / 1e12, 2), "cublas_tflops": round(2 * 8192**3 / (mm * 1e-6) / 1e12, 1)}
 
 
+SMALLEST_BN = {kind: min(k.variant.BN for k in variants.KERNELS if k.variant.kind == kind) for kind in ("wgmma", "wgmma_window")}
 COPY = "+copy"  # pattern suffix: the weight's per-layer 2:4 copy (`ops.linear(..., two_four_copy=True)`)
 
 
@@ -155,8 +156,8 @@ def tune(args) -> dict:
                 x = torch.randn(N, C, device="cuda", generator=gen).to(torch.bfloat16)
                 timed = []
                 for kernel in dispatch.candidates(N, case.pattern.V, "bf16", arch, case.packed.window):
-                    if kernel.variant.kind.startswith("wgmma") and N < kernel.variant.BN // 2:
-                        continue  # a tile more than half empty: never competitive
+                    if kernel.variant.kind in SMALLEST_BN and SMALLEST_BN[kernel.variant.kind] < kernel.variant.BN > 2 * N:
+                        continue  # a tile more than half empty where a smaller one exists: never competitive
                     if case.two_four and not kernel.window:
                         continue  # the copy serves the window kernel; elsewhere the weight's own pack runs
                     if args.kernels and f"{kernel.variant.kind}_{kernel.variant.tag}" not in args.kernels:
