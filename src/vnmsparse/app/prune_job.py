@@ -260,7 +260,7 @@ def table(columns: list[Column], linears: int, total_seconds: float) -> str:
         idle = [layer for layer in (c.report.layers if c.report else []) if layer.two_four_copy and not layer.copy_bytes]
         if idle:
             lines.append(f"{c.title}: {len(idle)} of {len(c.report.layers)} layers hold no 2:4 copy: theirs would gather x "
-                         "(M = 5-7, or permuted), which runs only on layers of 4096 rows or more")
+                         f"(M = 5-7, or permuted), which runs only on layers of {dispatch.GATHERED_COPY_MIN_R} rows or more")
     return "\n".join(lines)
 
 
