@@ -133,7 +133,8 @@ class VNMLinear(nn.Module):
         """Bytes of the 2:4 copy wherever the layer holds it (sm_90 GPUs, `ops.dispatch.two_four_copy_runs`), held now
         or not, counted as `VNMTensor.nbytes` counts (the V:2:4 form of the weight, every group's columns laid out: a
         permuted weight's copy may be narrower), with the x column of each where it gathers them; 0 without
-        `two_four_copy` or where no call would run the copy (one that gathers, on fewer rows than `ops.dispatch.GATHERED_COPY_MIN_R`)."""
+        `two_four_copy` or where no call would run the copy (one that gathers, on fewer rows than
+        `ops.dispatch.GATHERED_COPY_MIN_R`)."""
         if not self._two_four_copy:
             return 0
         if self._packed is not None:
