@@ -75,6 +75,13 @@ def ceilings() -> dict:
 
 
 SMALLEST_BN = {kind: min(k.variant.BN for k in variants.KERNELS if k.variant.kind == kind) for kind in ("wgmma", "wgmma_window")}
+
+
+def worth_timing(kernel: variants.Kernel, N: int) -> bool:
+    """False for a sparse-wgmma tile more than half empty at N tokens where its kind has a narrower tile: never
+    competitive. The narrowest tile of a kind is timed at any N (at N = 24 it beat the 32-token decode tiles)."""
+    kind, BN = kernel.variant.kind, getattr(kernel.variant, "BN", 0)
+    return kind not in SMALLEST_BN or BN == SMALLEST_BN[kind] or 2 * N >= BN
 COPY = "+copy"  # pattern suffix: the weight's per-layer 2:4 copy (`ops.linear(..., two_four_copy=True)`)
 
 
@@ -156,8 +163,8 @@ def tune(args) -> dict:
                 x = torch.randn(N, C, device="cuda", generator=gen).to(torch.bfloat16)
                 timed = []
                 for kernel in dispatch.candidates(N, case.pattern.V, "bf16", arch, case.packed.window):
-                    if kernel.variant.kind in SMALLEST_BN and SMALLEST_BN[kernel.variant.kind] < kernel.variant.BN > 2 * N:
-                        continue  # a tile more than half empty where a smaller one exists: never competitive
+                    if not worth_timing(kernel, N):
+                        continue
                     if case.two_four and not kernel.window:
                         continue  # the copy serves the window kernel; elsewhere the weight's own pack runs
                     if args.kernels and f"{kernel.variant.kind}_{kernel.variant.tag}" not in args.kernels:

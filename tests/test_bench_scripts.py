@@ -40,3 +40,17 @@ def test_serving_merge_replaces_the_cases_measured_again():
     assert f"run {runs}: 2026-12-04" in text and "2 records now from it" in text
     again = serving.merge(merged, {**new, "date": "2026-12-05T00:00:00+00:00", "records": new["records"][:1]})
     assert [r["run"] for r in again["records"]].count(runs + 1) == 1 and len(again["runs"]) == runs + 2
+
+
+def test_the_tuner_times_each_wgmma_kind_narrowest_tile_at_any_n():
+    sys.path.insert(0, str(BENCH))
+    import serving
+    from vnmsparse.ops import variants
+
+    for kind, narrowest in serving.SMALLEST_BN.items():
+        tiles = [k for k in variants.KERNELS if k.variant.kind == kind]
+        assert all(serving.worth_timing(k, 24) == (k.variant.BN == narrowest) for k in tiles)
+        assert all(serving.worth_timing(k, k.variant.BN // 2) for k in tiles)  # half full: timed
+        assert not any(serving.worth_timing(k, k.variant.BN // 2 - 1) for k in tiles if k.variant.BN > narrowest)
+    decode = next(k for k in variants.KERNELS if k.variant.kind == "decode")
+    assert serving.worth_timing(decode, 1)  # the rule is for sparse-wgmma tiles only
