@@ -14,6 +14,7 @@ of it may come from L2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -41,22 +42,18 @@ def measure(shapes: list[str], tokens: list[int]) -> list[dict]:
         R, C = (int(v) for v in shape.split("x"))
         case = Case(R, C, "64:2:5+copy", gen)
         p = case.packed
+        bare = [dataclasses.replace(q, inputs=None) for q in case.copies]  # the same packs, handed gathered x
         for N in tokens:
-            k = kernels["wgmma_window_bf16_m4_c2m1n128s6" if N <= 256 else "wgmma_window_bf16_m4_c2m1n256s4"]
+            k = kernels["wgmma_window_bf16_m4_c2m1n128s6" if N <= 256 else "wgmma_window_bf16_m4_c2m1n256s4"].index
             x = torch.randn(N, C, device="cuda", generator=gen).to(torch.bfloat16)
             xg = copy_inputs(x, p.inputs).contiguous()
-
-            def run(q, xx, inputs):
-                return ext.run(xx, q.a_vals, q.a_meta, q.cols, None, R, q.shape[1], q.V, k.index, 1, None, q.window,
-                               inputs=inputs)
-
-            equal = bool(torch.equal(run(p, x, p.inputs), run(p, xg, None)))
-            inside = graph_us([lambda q=q: run(q, x, q.inputs) for q in case.copies])
-            before = graph_us([lambda q=q: run(q, xg, None) for q in case.copies])
-            old = graph_us([lambda q=q: run(q, copy_inputs(x, q.inputs), None) for q in case.copies])
+            equal = bool(torch.equal(case.run(ext, p, x, k, 1), case.run(ext, bare[0], xg, k, 1)))
+            inside = graph_us([lambda q=q: case.run(ext, q, x, k, 1) for q in case.copies])
+            before = graph_us([lambda q=q: case.run(ext, q, xg, k, 1) for q in bare])
+            old = graph_us([lambda q=q, b=b: case.run(ext, b, copy_inputs(x, q.inputs), k, 1) for q, b in zip(case.copies, bare)])
             select = graph_us([lambda: copy_inputs(x, p.inputs)] * 8)
             moved = N * (C + p.shape[1]) * 2
-            rec = {"shape": shape, "N": N, "kernel": k.name, "equal": equal, "with_inputs_us": round(inside, 2),
+            rec = {"shape": shape, "N": N, "kernel": variants.KERNELS[k].name, "equal": equal, "with_inputs_us": round(inside, 2),
                    "pregathered_us": round(before, 2), "index_select_then_run_us": round(old, 2),
                    "index_select_alone_us": round(select, 2), "gather_us": round(inside - before, 2),
                    "gather_tbps": round(moved / max(inside - before, 1e-3) / 1e6, 2),
