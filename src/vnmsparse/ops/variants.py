@@ -216,14 +216,17 @@ def _wgmma_window_variants() -> list[WgmmaWindow]:
     # N (history/kernel-h100-window-smem.json). Serving batches (N = 48..1024) get narrower tiles with the work split
     # (split-k, stream-K): 256 x 128 reads x once for four m64 tiles (the fewest x bytes per FLOP), 128 x 128 and
     # 128 x 64 give more CTAs; their stages are small, so more of them are in flight. 128 x 192 fits N = 192 and 384
-    # in whole tiles (the others leave a third of a tile empty there); the rules rank it last (measured only in tables). M = 8 (records expanded in
-    # registers) and 2-CTA clusters sharing x were slower (docs/kernels.md).
+    # in whole tiles (the others leave a third of a tile empty there). 256 x 64 reads each x tile once for four m64
+    # tiles: at N <= 64 on large shapes, x read again by every 128-row tile is as many bytes as the weights. The rules
+    # rank the last two last (measured only in tables). M = 8 (records expanded in registers), 2-CTA clusters sharing
+    # x and two CTAs per SM were slower (docs/kernels.md).
     return [
         WgmmaWindow(M=4, consumers=2, wg_m=1, BN=256, stages=4, rank=0),
         WgmmaWindow(M=4, consumers=2, wg_m=2, BN=128, stages=5, rank=1),
         WgmmaWindow(M=4, consumers=2, wg_m=1, BN=128, stages=6, rank=2),
         WgmmaWindow(M=4, consumers=2, wg_m=1, BN=64, stages=8, rank=3),
         WgmmaWindow(M=4, consumers=2, wg_m=1, BN=192, stages=6, rank=4),
+        WgmmaWindow(M=4, consumers=2, wg_m=2, BN=64, stages=6, rank=5),
     ]
 
 
