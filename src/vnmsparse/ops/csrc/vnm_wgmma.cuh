@@ -70,11 +70,8 @@ __device__ __forceinline__ void consume_ring(float (&acc)[Ring::kWgM][Ring::kBN 
   uint4 a_reg[2][kRecs][kWgM];  // stage ks's wgmmas read a_reg[ks % 2] until stage ks + 1's wait retires them
   uint32_t e_reg[2][kRecs][kWgM];
   const int steps = (chunks + kRecs - 1) / kRecs;
-  // One wgmma per stage: unroll the stage pairs twice more, as nvcc did for the gather kernel's own loop before this
-  // function served both (without it, 1-1.5% slower at 28672x8192, N = 8192; with it the SASS is the old one).
-  constexpr int kUnroll = kRecs * kWgM == 1 ? 2 : 1;
-
-#pragma unroll kUnroll
+  // The stage pairs stay rolled: unrolled further, ptxas serializes the wgmmas of one-m64-tile consumers (C7515).
+#pragma unroll 1
   for (int k0 = 0; k0 < steps; k0 += 2) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
