@@ -5,6 +5,7 @@
     python bench/serving.py plot  bench/results/serving-<gpu>.json            # the picture again, from the JSON
     python bench/serving.py tables bench/results/serving-<gpu>.json           # -> src/vnmsparse/tables/speed-<gpu>-n*.json
     python bench/serving.py merge bench/results/serving-<gpu>.json NEW.json   # NEW's cases replace the same cases
+    python bench/serving.py compare BASE.json NEW.json                        # two `tune` tables of one kernel change
 
 `tune` times every compiled kernel that can run a case, at every k-split worth trying (stream-K included: ks0),
 calling the extension directly, and writes the fastest per case as the GPU's measured dispatch table
@@ -14,6 +15,9 @@ pack: `dispatch.uses_two_four_copy`), `sweep` times `ops.linear(..., two_four_co
 ran.
 `merge` folds a sweep of some cases (a later run, e.g. after a kernel change) into the full sweep: each record
 keeps the run it came from (its own cuBLAS and 2:4 times are from that same run), and the markdown lists the runs.
+`compare` reads two `tune` tables of the same cases and kernels (before and after a kernel change, timed in one
+session) and prints, per case, the best time over the candidates both timed, as a base / new ratio: per N, per
+kernel, with the cases each side won by more than 0.5%. Timing the base twice gives the noise to read it against.
 `tables` turns a sweep into the speed tables `vnm select` reads for that GPU, at the token counts of decode, serving
 and prefill: per pattern, the sum of cuBLAS times over the sweep's shapes divided by the sum of ours (so the larger
 layers weigh more, as in a model). `sweep` times the public path (`vnmsparse.ops.linear`: the op, dispatch, kernel) beside cuBLAS dense
@@ -34,6 +38,7 @@ import dataclasses
 import datetime
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -288,6 +293,42 @@ def merge(base: dict, new: dict) -> dict:
     return {**base, "runs": [*runs, _run_of(new)], "records": records}
 
 
+def table_key(entry: dict) -> tuple:
+    """The case a dispatch-table entry measured: (V, M, R, C, window, N)."""
+    return entry["V"], entry["M"], entry["R"], entry["C"], entry["window"], entry["N"]
+
+
+def compare(base: dict, new: dict) -> str:
+    """Markdown: base / new time per case (> 1: new faster), best over the candidates both tables timed, and per
+    kernel over its k-splits; summarised per N and per kernel (median, range, cases won by more than 0.5%)."""
+    a, b = ({table_key(e): e["candidates_us"] for e in t["entries"] if e.get("candidates_us")} for t in (base, new))
+    cases = sorted(a.keys() & b.keys())
+    if not cases:
+        raise ValueError("compare: the two tables have no case in common that both timed (candidates_us)")
+    by_n: dict[int, list[float]] = {}
+    by_kernel: dict[str, list[float]] = {}
+    for case in cases:
+        both = a[case].keys() & b[case].keys()
+        if not both:
+            continue
+        by_n.setdefault(case[5], []).append(min(a[case][c] for c in both) / min(b[case][c] for c in both))
+        for c in both:
+            by_kernel.setdefault(c.split("/")[0], []).append(a[case][c] / b[case][c])
+
+    def row(label: str, ratios: list[float]) -> str:
+        return (f"| {label} | {len(ratios)} | {statistics.median(ratios):.4f} | {min(ratios):.3f}-{max(ratios):.3f} | "
+                f"{sum(r > 1.005 for r in ratios)} | {sum(r < 0.995 for r in ratios)} |")
+
+    head = "| {} | cases | median base / new | range | new faster | base faster |\n| --- | ---: | ---: | --- | ---: | ---: |"
+    lines = [f"Base: `{base.get('command', '?')}` ({base.get('date', '?')}); new: `{new.get('command', '?')}` "
+             f"({new.get('date', '?')}). Ratio > 1: new faster; a side wins a case by more than 0.5%.", "",
+             "Best time per case (over the kernel x k-split candidates both timed):", "", head.format("N"),
+             *(row(str(n), by_n[n]) for n in sorted(by_n)), row("all", [r for v in by_n.values() for r in v]), "",
+             "Per kernel (each k-split both timed):", "", head.format("kernel"),
+             *(row(k, by_kernel[k]) for k in sorted(by_kernel))]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict) -> str:
     recs = result["records"]
     patterns = list(dict.fromkeys(r["pattern"] for r in recs))
@@ -385,9 +426,10 @@ def speed_tables(result: dict, tokens: list[int], out_dir: Path) -> list[Path]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("tune", "sweep", "plot", "tables", "merge"))
-    parser.add_argument("json", nargs="?", type=Path, help="plot, tables, merge: the sweep JSON to read")
-    parser.add_argument("new_json", nargs="?", type=Path, help="merge: the sweep whose cases replace the same cases")
+    parser.add_argument("mode", choices=("tune", "sweep", "plot", "tables", "merge", "compare"))
+    parser.add_argument("json", nargs="?", type=Path, help="plot, tables, merge: the sweep JSON to read; compare: the base table")
+    parser.add_argument("new_json", nargs="?", type=Path,
+                        help="merge: the sweep whose cases replace the same cases; compare: the new table")
     parser.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")], default=[16, 256, 2048],
                         help="tables: token counts (decode, serving, prefill) to write tables for")
     parser.add_argument("--shapes", type=lambda s: s.split(","), default=LLAMA_SHAPES, help="RxC list, comma-separated")
@@ -407,6 +449,11 @@ def main(argv=None) -> None:
         result = merge(json.loads(args.json.read_text()), json.loads(args.new_json.read_text()))
         _write_sweep(result, args.json)
         return
+    if args.mode == "compare":
+        if not (args.json and args.json.is_file() and args.new_json and args.new_json.is_file()):
+            parser.error("compare needs two existing tune tables (JSON): the base, then the new one")
+        print(compare(json.loads(args.json.read_text()), json.loads(args.new_json.read_text())), end="")
+        return
     if args.mode in ("plot", "tables"):
         if args.json is None or not args.json.is_file():
             parser.error(f"{args.mode} needs the sweep JSON (an existing file), got {args.json}")
@@ -424,10 +471,9 @@ def main(argv=None) -> None:
         out = (args.out or TABLES) / tuned.table_name(tuned.gpu_slug(gpu))
         out.parent.mkdir(parents=True, exist_ok=True)
         if args.merge and out.exists():  # keep the cases this run did not measure
-            key = lambda e: (e["V"], e["M"], e["R"], e["C"], e["window"], e["N"])  # noqa: E731
-            fresh = {key(e) for e in table["entries"]}
-            kept = [e for e in json.loads(out.read_text())["entries"] if key(e) not in fresh]
-            table["entries"] = sorted(kept + table["entries"], key=key)
+            fresh = {table_key(e) for e in table["entries"]}
+            kept = [e for e in json.loads(out.read_text())["entries"] if table_key(e) not in fresh]
+            table["entries"] = sorted(kept + table["entries"], key=table_key)
         out.write_text(json.dumps(table, indent=1) + "\n")
         print(f"wrote {out} ({len(table['entries'])} cases)")
     else:

@@ -54,3 +54,22 @@ def test_the_tuner_times_each_wgmma_kind_narrowest_tile_at_any_n():
         assert not any(serving.worth_timing(k, k.variant.BN // 2 - 1) for k in tiles if k.variant.BN > narrowest)
     decode = next(k for k in variants.KERNELS if k.variant.kind == "decode")
     assert serving.worth_timing(decode, 1)  # the rule is for sparse-wgmma tiles only
+
+
+def test_serving_compare_ratios_best_common_candidates():
+    sys.path.insert(0, str(BENCH))
+    import serving
+
+    def table(us_a, us_b, extra=None):
+        case = {"V": 64, "M": 8, "R": 4096, "C": 4096, "window": 64}
+        cands = {"wgmma_v64_c2m1n64s8/4": us_a, "wgmma_v64_c2m1n128s8/2": us_b, **(extra or {})}
+        return {"command": "tune", "date": "d", "entries": [{**case, "N": 64, "candidates_us": cands},
+                                                            {**case, "N": 128, "candidates_us": {}}]}
+
+    # best over candidates both timed: base 10, new 8 -> 1.25; the new-only 1 us candidate is left out
+    text = serving.compare(table(10.0, 12.0), table(8.0, 12.0, {"wgmma_v64_c2m1n256s4/1": 1.0}))
+    assert "| 64 | 1 | 1.2500 | 1.250-1.250 | 1 | 0 |" in text
+    assert "| wgmma_v64_c2m1n64s8 | 1 | 1.2500 |" in text and "| wgmma_v64_c2m1n128s8 | 1 | 1.0000 |" in text
+    assert "| 128 |" not in text  # a case without candidates is not compared
+    with pytest.raises(ValueError, match="no case in common"):
+        serving.compare(table(1.0, 1.0), {"entries": []})
