@@ -1,7 +1,7 @@
 """The sparse-wgmma units of the generated list compile for sm_90a as the kernel expects (nvcc; no GPU needed).
 
-Per unit: nvcc and ptxas print no warning, ptxas
-does not serialize the wgmmas (its C7515 "Potential Performance Loss" note), and nothing spills; where a cuobjdump is found (the CUDA toolkit's, or the one Triton ships), the SASS holds the sparse wgmma
+Per unit: nvcc and ptxas print no warning and nothing
+spills; where a cuobjdump is found (the CUDA toolkit's, or the one Triton ships), the SASS holds the sparse wgmma
 (HGMMA.SP, B transposed for the gather kernels, not for the window kernels), both register reallocations
 (USETMAXREG), no local-memory traffic (LDL/STL), and each role stays under its setmaxnreg limit (consumers 232,
 producers 40). The device probes in tools/ are compiled too, so they keep up with the headers they include.
@@ -87,7 +87,6 @@ def test_wgmma_unit_compiles_without_spills(built, name):
     rc, log, _ = built[name]
     assert rc == 0, log[-3000:]
     assert "warning" not in log.lower(), log
-    assert "C7515" not in log and "Performance Loss" not in log, log
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
     assert spills and max(spills) == 0, log
 

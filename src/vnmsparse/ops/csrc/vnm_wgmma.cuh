@@ -70,8 +70,11 @@ __device__ __forceinline__ void consume_ring(float (&acc)[Ring::kWgM][Ring::kBN 
   uint4 a_reg[2][kRecs][kWgM];  // stage ks's wgmmas read a_reg[ks % 2] until stage ks + 1's wait retires them
   uint32_t e_reg[2][kRecs][kWgM];
   const int steps = (chunks + kRecs - 1) / kRecs;
-  // The stage pairs stay rolled: unrolled further, ptxas serializes the wgmmas of one-m64-tile consumers (C7515).
-#pragma unroll 1
+  // One wgmma per stage: unroll the stage pairs twice more. ptxas then notes these wgmmas serialized (C7515), yet
+  // the unrolled loop is the faster one at V = 128 (docs/kernels.md, "Designs measured and dropped").
+  constexpr int kUnroll = kRecs * kWgM == 1 ? 2 : 1;
+
+#pragma unroll kUnroll
   for (int k0 = 0; k0 < steps; k0 += 2) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
