@@ -74,9 +74,12 @@ def ceilings() -> dict:
     kernel that reads and writes the same bytes on the SMs, as the kernels measured against it do."""
     src = torch.empty(2**29, dtype=torch.int16, device="cuda").random_()
     dst = torch.empty_like(src)
-    tbps = lambda us: round(2 * src.numel() * 2 / (us * 1e-6) / 1e12, 2)
-    memcpy = tbps(graph_us([lambda: dst.copy_(src)] * 4))
-    kernel = tbps(graph_us([lambda: torch.bitwise_not(src, out=dst)] * 4))
+
+    def tbps(call) -> float:
+        return round(2 * src.numel() * 2 / (graph_us([call] * 4) * 1e-6) / 1e12, 2)
+
+    memcpy = tbps(lambda: dst.copy_(src))
+    kernel = tbps(lambda: torch.bitwise_not(src, out=dst))
     a = torch.randn(8192, 8192, device="cuda").to(torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda").to(torch.bfloat16)
     mm = graph_us([lambda: a @ b] * 4)
@@ -305,20 +308,24 @@ def table_key(entry: dict) -> tuple:
 
 def compare(base: dict, new: dict) -> str:
     """Markdown: base / new time per case (> 1: new faster), best over the candidates both tables timed, and per
-    kernel over its k-splits; summarised per N and per kernel (median, range, cases won by more than 0.5%)."""
+    candidate; summarised per N, per kernel and per k-split (median, range, cases won by more than 0.5%). A change
+    that only split calls run sees the unsplit candidates as its control."""
     a, b = ({table_key(e): e["candidates_us"] for e in t["entries"] if e.get("candidates_us")} for t in (base, new))
     cases = sorted(a.keys() & b.keys())
     if not cases:
         raise ValueError("compare: the two tables have no case in common that both timed (candidates_us)")
     by_n: dict[int, list[float]] = {}
     by_kernel: dict[str, list[float]] = {}
+    by_split: dict[int, list[float]] = {}
     for case in cases:
         both = a[case].keys() & b[case].keys()
         if not both:
             continue
         by_n.setdefault(case[5], []).append(min(a[case][c] for c in both) / min(b[case][c] for c in both))
         for c in both:
-            by_kernel.setdefault(c.split("/")[0], []).append(a[case][c] / b[case][c])
+            kernel, ks = c.split("/")
+            by_kernel.setdefault(kernel, []).append(a[case][c] / b[case][c])
+            by_split.setdefault(int(ks), []).append(a[case][c] / b[case][c])
 
     def row(label: str, ratios: list[float]) -> str:
         return (f"| {label} | {len(ratios)} | {statistics.median(ratios):.4f} | {min(ratios):.3f}-{max(ratios):.3f} | "
@@ -330,7 +337,9 @@ def compare(base: dict, new: dict) -> str:
              "Best time per case (over the kernel x k-split candidates both timed):", "", head.format("N"),
              *(row(str(n), by_n[n]) for n in sorted(by_n)), row("all", [r for v in by_n.values() for r in v]), "",
              "Per kernel (each k-split both timed):", "", head.format("kernel"),
-             *(row(k, by_kernel[k]) for k in sorted(by_kernel))]
+             *(row(k, by_kernel[k]) for k in sorted(by_kernel)), "",
+             "Per k-split (every kernel timed at it; 0 = stream-K):", "", head.format("k-split"),
+             *(row(str(ks), by_split[ks]) for ks in sorted(by_split))]
     return "\n".join(lines) + "\n"
 
 

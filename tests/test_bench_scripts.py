@@ -70,6 +70,7 @@ def test_serving_compare_ratios_best_common_candidates():
     text = serving.compare(table(10.0, 12.0), table(8.0, 12.0, {"wgmma_v64_c2m1n256s4/1": 1.0}))
     assert "| 64 | 1 | 1.2500 | 1.250-1.250 | 1 | 0 |" in text
     assert "| wgmma_v64_c2m1n64s8 | 1 | 1.2500 |" in text and "| wgmma_v64_c2m1n128s8 | 1 | 1.0000 |" in text
+    assert "| 4 | 1 | 1.2500 |" in text and "| 2 | 1 | 1.0000 |" in text  # per k-split
     assert "| 128 |" not in text  # a case without candidates is not compared
     with pytest.raises(ValueError, match="no case in common"):
         serving.compare(table(1.0, 1.0), {"entries": []})
