@@ -309,12 +309,14 @@ def table_key(entry: dict) -> tuple:
 def compare(base: dict, new: dict) -> str:
     """Markdown: base / new time per case (> 1: new faster), best over the candidates both tables timed, and per
     candidate; summarised per N, per kernel and per k-split (median, range, cases won by more than 0.5%). A change
-    that only split calls run sees the unsplit candidates as its control."""
+    that only split calls run sees the unsplit candidates as its control. Where the builds timed different kernels
+    (one adds or drops some), also the best over each table's own candidates: what the change does to the pick."""
     a, b = ({table_key(e): e["candidates_us"] for e in t["entries"] if e.get("candidates_us")} for t in (base, new))
     cases = sorted(a.keys() & b.keys())
     if not cases:
         raise ValueError("compare: the two tables have no case in common that both timed (candidates_us)")
     by_n: dict[int, list[float]] = {}
+    by_n_own: dict[int, list[float]] = {}
     by_kernel: dict[str, list[float]] = {}
     by_split: dict[int, list[float]] = {}
     for case in cases:
@@ -322,6 +324,7 @@ def compare(base: dict, new: dict) -> str:
         if not both:
             continue
         by_n.setdefault(case[5], []).append(min(a[case][c] for c in both) / min(b[case][c] for c in both))
+        by_n_own.setdefault(case[5], []).append(min(a[case].values()) / min(b[case].values()))
         for c in both:
             kernel, ks = c.split("/")
             by_kernel.setdefault(kernel, []).append(a[case][c] / b[case][c])
@@ -336,6 +339,10 @@ def compare(base: dict, new: dict) -> str:
              f"({new.get('date', '?')}). Ratio > 1: new faster; a side wins a case by more than 0.5%.", "",
              "Best time per case (over the kernel x k-split candidates both timed):", "", head.format("N"),
              *(row(str(n), by_n[n]) for n in sorted(by_n)), row("all", [r for v in by_n.values() for r in v]), "",
+             *(["Best time per case over each table's own candidates (the builds timed different kernels):", "",
+                head.format("N"), *(row(str(n), by_n_own[n]) for n in sorted(by_n_own)),
+                row("all", [r for v in by_n_own.values() for r in v]), ""]
+               if any(a[case].keys() != b[case].keys() for case in cases) else []),
              "Per kernel (each k-split both timed):", "", head.format("kernel"),
              *(row(k, by_kernel[k]) for k in sorted(by_kernel)), "",
              "Per k-split (every kernel timed at it; 0 = stream-K):", "", head.format("k-split"),

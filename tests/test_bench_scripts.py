@@ -72,5 +72,8 @@ def test_serving_compare_ratios_best_common_candidates():
     assert "| wgmma_v64_c2m1n64s8 | 1 | 1.2500 |" in text and "| wgmma_v64_c2m1n128s8 | 1 | 1.0000 |" in text
     assert "| 4 | 1 | 1.2500 |" in text and "| 2 | 1 | 1.0000 |" in text  # per k-split
     assert "| 128 |" not in text  # a case without candidates is not compared
+    # the new build timed one more kernel: the best over each table's own candidates is 10 / 1 -> 10
+    assert "each table's own candidates" in text and "| 64 | 1 | 10.0000 | 10.000-10.000 | 1 | 0 |" in text
+    assert "own candidates" not in serving.compare(table(10.0, 12.0), table(8.0, 12.0))  # same kernels: not shown
     with pytest.raises(ValueError, match="no case in common"):
         serving.compare(table(1.0, 1.0), {"entries": []})
