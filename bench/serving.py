@@ -15,9 +15,10 @@ pack: `dispatch.uses_two_four_copy`), `sweep` times `ops.linear(..., two_four_co
 ran.
 `merge` folds a sweep of some cases (a later run, e.g. after a kernel change) into the full sweep: each record
 keeps the run it came from (its own cuBLAS and 2:4 times are from that same run), and the markdown lists the runs.
-`compare` reads two `tune` tables of the same cases and kernels (before and after a kernel change, timed in one
-session) and prints, per case, the best time over the candidates both timed, as a base / new ratio: per N, per
-kernel, with the cases each side won by more than 0.5%. Timing the base twice gives the noise to read it against.
+`compare` reads two `tune` tables of the same cases (before and after a kernel change, timed in one session) and
+prints, per case, the best time over the candidates both timed, as a base / new ratio: per N, per kernel and per
+k-split, with the cases each side won by more than 0.5%; where one build has kernels the other lacks, also the best
+over each table's own candidates. Timing the base twice gives the noise to read it against.
 `tables` turns a sweep into the speed tables `vnm select` reads for that GPU, at the token counts of decode, serving
 and prefill: per pattern, the sum of cuBLAS times over the sweep's shapes divided by the sum of ours (so the larger
 layers weigh more, as in a model). `sweep` times the public path (`vnmsparse.ops.linear`: the op, dispatch, kernel) beside cuBLAS dense
