@@ -125,13 +125,16 @@ def _whole_group_layout(C: int, M: int, permuted: bool) -> tuple[int, bool]:
     G = -(-C // M)
     counts = [M] * (G - 1) + [C - M * (G - 1)]
     head, tail = two_four_slots(counts)
-    own_order = all(h == g * M and (c % 4 == 0 or t == h + c - c % 4) for g, (h, t, c) in enumerate(zip(head, tail, counts)))
+    # Each column in its own slot: the whole quads from g * M (a group of fewer than 4 columns has none), the tail after them.
+    own_order = all((c < 4 or h == g * M) and (c % 4 == 0 or t == g * M + c - c % 4)
+                    for g, (h, t, c) in enumerate(zip(head, tail, counts)))
     return _slots_used(head, tail, counts), own_order and not permuted
 
 
 def _slots_used(head: list[int], tail: list[int], counts: list[int]) -> int:
-    """One past the last slot `two_four_slots` gives a column."""
-    return max((max(h + 4 * (c // 4), t + c % 4 if c % 4 else 0) for h, t, c in zip(head, tail, counts)), default=0)
+    """One past the last slot `two_four_slots` gives a column (a group of fewer than 4 columns has no whole quad)."""
+    return max((max(h + 4 * (c // 4) if c >= 4 else 0, t + c % 4 if c % 4 else 0) for h, t, c in zip(head, tail, counts)),
+               default=0)
 
 
 def _copy_width(used: int, identity: bool) -> int:
