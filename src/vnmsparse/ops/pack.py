@@ -122,19 +122,22 @@ def two_four_gathers(C: int, M: int, permuted: bool = False) -> bool:
 
 def _whole_group_layout(C: int, M: int, permuted: bool) -> tuple[int, bool]:
     """(slots used, whether they are x's own columns in order) of the copy of a weight whose groups keep all M."""
-    G = -(-C // M)
-    counts = [M] * (G - 1) + [C - M * (G - 1)]
-    head, tail = two_four_slots(counts)
-    # Each column in its own slot: the whole quads from g * M (a group of fewer than 4 columns has none), the tail after them.
-    own_order = all((c < 4 or h == g * M) and (c % 4 == 0 or t == g * M + c - c % 4)
-                    for g, (h, t, c) in enumerate(zip(head, tail, counts)))
-    return _slots_used(head, tail, counts), own_order and not permuted
+    columns = torch.arange(C)
+    _, used, identity = _member_slots(columns, columns // M, C)
+    return used, identity and not permuted
 
 
-def _slots_used(head: list[int], tail: list[int], counts: list[int]) -> int:
-    """One past the last slot `two_four_slots` gives a column (a group of fewer than 4 columns has no whole quad)."""
-    return max((max(h + 4 * (c // 4) if c >= 4 else 0, t + c % 4 if c % 4 else 0) for h, t, c in zip(head, tail, counts)),
-               default=0)
+def _member_slots(columns: torch.Tensor, groups: torch.Tensor, C: int) -> tuple[torch.Tensor, int, bool]:
+    """Where the copy puts each of its member columns (`two_four_slots`), with the slots used and whether every
+    column sits in its own slot (x's own columns, in order). Members come sorted by group, then column; `groups`
+    says each one's group, `columns` its column of x."""
+    counts = torch.bincount(groups)
+    head, tail = (torch.tensor(v, dtype=torch.int64, device=groups.device) for v in two_four_slots(counts.tolist()))
+    rank = torch.arange(groups.numel(), device=groups.device) - (torch.cumsum(counts, 0) - counts)[groups]
+    whole = 4 * (counts[groups] // 4)
+    slots = torch.where(rank < whole, head[groups] + rank, tail[groups] + rank - whole)
+    used = int(slots.max()) + 1
+    return slots, used, used == C and bool((slots == columns).all())
 
 
 def _copy_width(used: int, identity: bool) -> int:
@@ -193,14 +196,7 @@ def _copy_layout(tensor: VNMTensor, kept: torch.Tensor) -> tuple[torch.Tensor, t
         own = torch.arange(G * M, device=device)
         members = torch.cat((members, ((own // M) * C + own)[own < C]))
     members = torch.unique(members)
-    member_group = members // C
-    counts = torch.bincount(member_group, minlength=G)
-    head, tail = (torch.tensor(v, dtype=torch.int64, device=device) for v in two_four_slots(counts.tolist()))
-    rank = torch.arange(members.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[member_group]
-    whole = 4 * (counts[member_group] // 4)
-    slots = torch.where(rank < whole, head[member_group] + rank, tail[member_group] + rank - whole)
-    used = int(slots.max()) + 1
-    identity = used == C and bool((slots == members % C).all())
+    slots, used, identity = _member_slots(members % C, members // C, C)
     return members, slots, _copy_width(used, identity), identity
 
 
